@@ -1,0 +1,38 @@
+# labkit: `make report` and `make test` are the two quick-start commands; each sets up .venv itself.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch lies on this disk; a plain `torch` requirement would pull a multi-GB CUDA build.
+# On a GPU machine run `make TORCH_SPEC= test` to keep the torch you have.
+TORCH_SPEC ?= torch==2.13.0
+export LABKIT_CACHE ?= $(HOME)/.cache/labkit
+
+.PHONY: venv report test lab lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	test -z "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,lab]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+report: venv
+	$(BIN)/labkit fetch
+	for e in $$($(BIN)/python -c "from labkit.experiments import available; print(' '.join(available()))"); do \
+		$(BIN)/labkit run $$e --quick || exit 1; done
+	$(BIN)/labkit report
+	@echo "open reports/index.html"
+
+test: venv
+	LABKIT_QUICK=1 $(BIN)/python -m pytest tests --nbmake notebooks -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check labkit tests
+
+lab: venv
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

@@ -1,0 +1,130 @@
+"""``labkit doctor | fetch | run EXPERIMENT | report | serve | bench-serve``.
+
+User errors (:class:`labkit.LabkitError`) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from labkit import LabkitError
+
+
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from labkit import env
+
+    info = env.describe()
+    print(json.dumps(info, indent=2) if args.json else env.format_table(info))
+
+
+def _cmd_fetch(args: argparse.Namespace) -> None:
+    from labkit import zoo
+
+    for name, secs in zoo.fetch(args.names or None).items():
+        print(f"{name}: ready ({secs:.1f} s)")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from labkit import experiments
+    from labkit.results import ensure_writable
+
+    mod = experiments.get(args.experiment)
+    out = ensure_writable(args.out)  # fail before any work, not after
+    config = mod.Config.quick() if args.quick else mod.Config()
+    t0 = time.perf_counter()
+    rec = mod.run(config)
+    rec.config["quick"] = bool(args.quick)
+    rec.config["wall_s"] = round(time.perf_counter() - t0, 1)
+    path = rec.save(out)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:,.4g}".format):
+        print(rec.to_frame().drop(columns=["provenance"], errors="ignore").to_string(index=False))
+    print(f"\nwrote {path} ({rec.config['wall_s']} s)")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from labkit import report
+
+    print(f"wrote {report.build(args.results, args.out)}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from labkit.serve.server import serve
+
+    serve(model=args.model, host=args.host, port=args.port, block_size=args.block_size,
+          num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> None:
+    from labkit.serve.client import main_from_args
+
+    main_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="labkit", description="Inference optimization, measured honestly.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("doctor", help="what hardware and libraries are here")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(fn=_cmd_doctor)
+
+    f = sub.add_parser("fetch", help="pre-fetch the offline models")
+    f.add_argument("names", nargs="*", help="model names (default: all)")
+    f.set_defaults(fn=_cmd_fetch)
+
+    r = sub.add_parser("run", help="run an experiment and write DIR/EXPERIMENT.json")
+    r.add_argument("experiment")
+    r.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
+    r.add_argument("--out", default="results", help="output directory (default: results)")
+    r.set_defaults(fn=_cmd_run)
+
+    rep = sub.add_parser("report", help="render results/*.json into reports/index.html")
+    rep.add_argument("--results", default="results")
+    rep.add_argument("--out", default="reports/index.html")
+    rep.set_defaults(fn=_cmd_report)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server over labkit's paged engine")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--num-blocks", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=32)
+    s.set_defaults(fn=_cmd_serve)
+
+    b = sub.add_parser("bench-serve", help="load generator against any OpenAI-compatible server")
+    b.add_argument("--url", default="http://127.0.0.1:8000")
+    b.add_argument("--model", default=None)
+    b.add_argument("--num-requests", type=int, default=32)
+    b.add_argument("--request-rate", type=float, default=float("inf"))
+    b.add_argument("--prompt-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"))
+    b.add_argument("--output-len", type=int, nargs=2, default=[8, 128], metavar=("MIN", "MAX"))
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--slo-ttft-ms", type=float, default=None)
+    b.add_argument("--slo-tpot-ms", type=float, default=None)
+    b.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    b.set_defaults(fn=_cmd_bench_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except LabkitError as exc:
+        print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

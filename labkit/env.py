@@ -1,0 +1,145 @@
+"""What hardware and libraries are here: the facts every result record carries.
+
+``labkit doctor`` prints :func:`describe` as a table (or JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+_LIBS = ("torch", "transformers", "gguf", "numpy", "pandas", "bitsandbytes", "onnx", "onnxruntime",
+         "torch-pruning", "tensorrt", "triton", "vllm", "ipywidgets")
+
+
+def lib_version(name: str) -> str | None:
+    """Installed version of distribution ``name``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_device() -> torch.device:
+    """CUDA where there is one, else CPU. ``LABKIT_DEVICE`` overrides."""
+    forced = os.environ.get("LABKIT_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if has_cuda() else "cpu")
+
+
+def quick_mode() -> bool:
+    """True when ``LABKIT_QUICK=1``: notebooks and experiments shrink their sizes."""
+    return os.environ.get("LABKIT_QUICK", "0") not in ("", "0", "false", "False")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bf16_supported(device: torch.device | str | None = None) -> bool:
+    """Whether bf16 matmuls run natively on ``device`` (CPU always emulates them correctly, if slowly)."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+def bnb_backend() -> str | None:
+    """Which bitsandbytes backend would serve this machine: 'cuda', 'cpu', or None if unusable."""
+    if lib_version("bitsandbytes") is None:
+        return None
+    if has_cuda():
+        return "cuda"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return None
+    return "cpu" if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64") else None
+
+
+def ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except Exception:
+        return []
+    return list(ort.get_available_providers())
+
+
+@lru_cache(maxsize=1)
+def describe() -> dict[str, Any]:
+    """A JSON-serialisable description of this machine, attached to every result record."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(default_device()),
+        "gpu": None,
+        "colab": on_colab(),
+        "fp16_supported": has_cuda(),
+        "bf16_supported": bf16_supported(),
+        "bnb_backend": bnb_backend(),
+        "ort_providers": ort_providers(),
+        "tensorrt": lib_version("tensorrt") is not None,
+        "triton": lib_version("triton") is not None,
+        "vllm": lib_version("vllm") is not None,
+        "libraries": {name: lib_version(name) for name in _LIBS},
+    }
+    if has_cuda():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "count": torch.cuda.device_count(),
+        }
+    return info
+
+
+def hardware_label() -> str:
+    """Short label for tables: the GPU name if any, else the CPU and thread count."""
+    info = describe()
+    if info["gpu"]:
+        return info["gpu"]["name"]
+    return f"{info['cpu']} ({info['torch_threads']} threads)"
+
+
+def format_table(info: dict[str, Any] | None = None) -> str:
+    """Human-readable two-column table of :func:`describe`."""
+    info = info or describe()
+    rows: list[tuple[str, str]] = []
+    for key, value in info.items():
+        if key == "libraries":
+            continue
+        if key == "gpu":
+            value = "none" if not value else (
+                f"{value['name']}, {value['memory_gib']} GiB, cc {value['compute_capability']}")
+        rows.append((key, str(value)))
+    for name, ver in info["libraries"].items():
+        rows.append((f"  {name}", ver or "not installed"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

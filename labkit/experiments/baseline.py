@@ -1,0 +1,63 @@
+"""Baseline: the unmodified fp32 models every later technique is compared against."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from labkit import env, evaluate, measure, zoo
+from labkit.data import sentences
+from labkit.results import Record
+
+
+@dataclass
+class Config:
+    llm: str = "smollm2-135m"
+    encoder: str = "minilm-l6"
+    ppl_window: int = 512
+    ppl_stride: int = 256
+    ppl_max_windows: int | None = None
+    prefill_len: int = 128
+    decode_prompt_len: int = 32
+    decode_tokens: int = 64
+    repeats: int = 5
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=16, repeats=3)
+
+
+def run(config: Config | None = None, progress: bool = True) -> Record:
+    config = config or Config()
+    torch.manual_seed(0)
+    rec = Record("baseline", config=asdict(config), env=env.describe())
+    device = env.default_device()
+
+    model, tok = zoo.load_causal_lm(config.llm, device=device, progress=progress)
+    rec.add("fp32", **llm_metrics(model, tok, config, progress=progress), model=config.llm,
+            provenance=model.labkit_card.source)
+    del model
+
+    enc, etok = zoo.load_encoder(config.encoder, device=device)
+    sents = sentences()
+    batch = etok(sents, padding=True, return_tensors="pt").to(device)
+    n_tokens = int(batch["attention_mask"].sum())
+    t = measure.benchmark(lambda: evaluate.sentence_embeddings(enc, etok, sents), repeats=config.repeats * 2)
+    rec.add("fp32", model=config.encoder, params=measure.param_count(enc), weight_bytes=measure.weight_bytes(enc),
+            latency_ms_median=t.median_ms, latency_ms_iqr=t.iqr_ms, tokens_per_s=n_tokens / t.median_s,
+            batch_sentences=len(sents), provenance=enc.labkit_card.source)
+    return rec
+
+
+def llm_metrics(model: torch.nn.Module, tok, config: Config, progress: bool = False) -> dict:
+    """The shared LLM metrics (size, perplexity, prefill and decode speed) later experiments reuse."""
+    ppl = evaluate.perplexity(model, tok, window=config.ppl_window, stride=config.ppl_stride,
+                              max_windows=config.ppl_max_windows, progress=progress)
+    pre, pre_t = measure.prefill_tokens_per_s(model, seq_len=config.prefill_len, repeats=config.repeats)
+    dec, dec_t = measure.decode_tokens_per_s(model, prompt_len=config.decode_prompt_len,
+                                             new_tokens=config.decode_tokens, repeats=config.repeats)
+    return dict(params=measure.param_count(model), weight_bytes=measure.weight_bytes(model), perplexity=ppl,
+                prefill_tokens_per_s=pre, prefill_ms_iqr=pre_t.iqr_ms,
+                tokens_per_s=dec, latency_ms_median=dec_t.median_ms / config.decode_tokens,
+                latency_ms_iqr=dec_t.iqr_ms / config.decode_tokens)

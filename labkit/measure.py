@@ -1,0 +1,252 @@
+"""Measuring honestly: real bytes, peak memory, and timing with warm-up, repeats, median and spread.
+
+Rules this module enforces (DESIGN.md): time with warm-up and repeats, report median and IQR, and
+synchronise the device (``torch.utils.benchmark`` does) — the first call on a CPU can be 10x slower.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+from torch.utils import benchmark as tbench
+
+from labkit import LabkitError
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor's elements occupy (``numel * element_size``), whatever its dtype."""
+    return t.numel() * t.element_size()
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor views, so tied/shared tensors are counted once."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        ptr = id(t)
+    return (t.device.type, ptr, t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _extra_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Tensors a quantized layer keeps outside ``parameters()``/``buffers()`` (e.g. bitsandbytes' quant_state)."""
+    out: list[torch.Tensor] = []
+    for p in module.parameters(recurse=False):
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            out.extend(_quant_state_tensors(state))
+    return out
+
+
+def _quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    tensors = []
+    for name in ("absmax", "code", "offset"):
+        t = getattr(state, name, None)
+        if isinstance(t, torch.Tensor):
+            tensors.append(t)
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors.extend(_quant_state_tensors(nested))
+    return tensors
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Real storage of a model's parameters and buffers, in bytes.
+
+    Tied weights count once; packed quantized tensors and their constants (scales, zero points, code
+    books, bitsandbytes quant states, double-quantized absmax) count at their stored dtype.
+    Quantized layers may add tensors through an ``extra_weight_tensors()`` method.
+    """
+    seen: set[tuple] = set()
+    total = 0
+    tensors: list[torch.Tensor] = []
+    for module in model.modules():
+        tensors.extend(module.parameters(recurse=False))
+        tensors.extend(module.buffers(recurse=False))
+        tensors.extend(_extra_tensors(module))
+        if hasattr(module, "extra_weight_tensors"):
+            tensors.extend(module.extra_weight_tensors())
+    for t in tensors:
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor_bytes(t)
+    return total
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights once), as a model card would state it."""
+    seen: set[tuple] = set()
+    n = 0
+    for p in model.parameters():
+        key = _storage_key(p)
+        if key not in seen:
+            seen.add(key)
+            n += p.numel()
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a block: CUDA peak allocated on GPU, process RSS growth on CPU."""
+
+    device: str
+    peak_bytes: int = 0
+    kind: str = ""
+
+
+class track_peak_memory:
+    """Context manager: ``with track_peak_memory("cuda") as pm: ...; pm.peak_bytes``.
+
+    On CPU the number is the RSS growth sampled at exit (a lower bound of the true peak); on CUDA it
+    is ``torch.cuda.max_memory_allocated`` above the level at entry.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.result = PeakMemory(device=str(device))
+
+    def __enter__(self) -> PeakMemory:
+        dev = torch.device(self.result.device)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            self._start = torch.cuda.memory_allocated(dev)
+            self.result.kind = "cuda_max_allocated"
+        else:
+            self._start = psutil.Process(os.getpid()).memory_info().rss
+            self.result.kind = "rss_delta"
+        return self.result
+
+    def __exit__(self, *exc: object) -> None:
+        dev = torch.device(self.result.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            self.result.peak_bytes = max(0, torch.cuda.max_memory_allocated(dev) - self._start)
+        else:
+            self.result.peak_bytes = max(0, psutil.Process(os.getpid()).memory_info().rss - self._start)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+@dataclass
+class Timing:
+    """Result of :func:`benchmark`: median and interquartile range of per-call seconds."""
+
+    median_s: float
+    iqr_s: float
+    n: int
+    device: str
+    threads: int
+    times_s: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+    @property
+    def iqr_ms(self) -> float:
+        return self.iqr_s * 1e3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("times_s")
+        return d
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.3f} ms ± {self.iqr_ms:.3f} (IQR, n={self.n}, {self.device})"
+
+
+def benchmark(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, min_run_time: float | None = None,
+              device: torch.device | str | None = None, threads: int | None = None,
+              label: str = "") -> Timing:
+    """Time ``fn()`` with ``torch.utils.benchmark.Timer``: warm-up calls, then ``repeats`` timed calls.
+
+    ``torch.utils.benchmark`` synchronises CUDA around each measurement. With ``min_run_time`` it runs
+    ``blocked_autorange`` instead of a fixed number of repeats.
+    """
+    if repeats < 1:
+        raise LabkitError(f"repeats={repeats} must be at least 1")
+    if warmup < 0:
+        raise LabkitError(f"warmup={warmup} must be 0 or more")
+    dev = torch.device(device) if device is not None else _guess_device()
+    threads = threads or torch.get_num_threads()
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
+    if min_run_time is not None:
+        m = timer.blocked_autorange(min_run_time=min_run_time)
+        times = [t for t in m.times]
+    else:
+        times = [timer.timeit(1).times[0] for _ in range(repeats)]
+    return Timing(median_s=statistics.median(times), iqr_s=iqr(times), n=len(times), device=str(dev),
+                  threads=threads, times_s=list(times))
+
+
+def iqr(values: list[float]) -> float:
+    """Interquartile range (0 for fewer than 2 values)."""
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def _guess_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------- LM throughput helpers
+
+@torch.no_grad()
+def prefill_tokens_per_s(model: nn.Module, *, batch: int = 1, seq_len: int = 128, warmup: int = 2,
+                         repeats: int = 5, seed: int = 0) -> tuple[float, Timing]:
+    """Tokens/s of one forward pass over ``batch x seq_len`` prompt tokens (no KV cache kept)."""
+    dev = model_device(model)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed)).to(dev)
+    t = benchmark(lambda: model(input_ids=ids, use_cache=False), warmup=warmup, repeats=repeats, device=dev)
+    return batch * seq_len / t.median_s, t
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 32,
+                        warmup: int = 1, repeats: int = 3, seed: int = 0) -> tuple[float, Timing]:
+    """Tokens/s generating ``new_tokens`` greedily after a ``prompt_len`` prompt, KV cache on.
+
+    Times ``generate`` minus nothing: prefill is included but small next to ``new_tokens`` decode steps
+    for short prompts. ``min_new_tokens`` forces the full length so every run does the same work.
+    """
+    dev = model_device(model)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)).to(dev)
+    mask = torch.ones_like(ids)
+
+    def run() -> None:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    t = benchmark(run, warmup=warmup, repeats=repeats, device=dev)
+    return batch * new_tokens / t.median_s, t

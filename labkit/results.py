@@ -1,0 +1,113 @@
+"""Result records: one JSON file per experiment run, written atomically.
+
+A record is ``{"experiment", "variants": [{"name", "model", <metrics>}], "config", "env", "created_at",
+"labkit_version"}``. Metric names are shared across experiments (see DESIGN.md): ``params``,
+``weight_bytes``, ``perplexity``, ``accuracy``, ``cosine_to_reference``, ``latency_ms_median``,
+``latency_ms_iqr``, ``tokens_per_s``, ``output_tokens_per_s``, ``kv_waste_pct``, ``ttft_ms_p50``, ...
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from labkit import LabkitError, __version__
+
+
+@dataclass
+class Record:
+    experiment: str
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    labkit_version: str = __version__
+
+    def add(self, name: str, **metrics: Any) -> dict[str, Any]:
+        """Append a variant ``{"name": name, **metrics}`` and return it."""
+        if any(v["name"] == name and v.get("model") == metrics.get("model") for v in self.variants):
+            raise LabkitError(f"variant name={name!r} (model {metrics.get('model')!r}) is already in the record")
+        row = {"name": name, **metrics}
+        self.variants.append(row)
+        return row
+
+    def variant(self, name: str, model: str | None = None) -> dict[str, Any]:
+        for v in self.variants:
+            if v["name"] == name and (model is None or v.get("model") == model):
+                return v
+        names = sorted({v["name"] for v in self.variants})
+        raise LabkitError(f"no variant name={name!r} (model={model!r}); variants: {', '.join(names)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"experiment": self.experiment, "variants": self.variants, "config": self.config,
+                "env": self.env, "created_at": self.created_at, "labkit_version": self.labkit_version}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Record:
+        missing = [k for k in ("experiment", "variants") if k not in d]
+        if missing:
+            raise LabkitError(f"not a labkit record: missing keys {missing}")
+        return cls(experiment=d["experiment"], variants=list(d["variants"]), config=d.get("config", {}),
+                   env=d.get("env", {}), created_at=d.get("created_at", ""),
+                   labkit_version=d.get("labkit_version", ""))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per variant, columns ``model``, ``name`` then the metrics."""
+        df = pd.DataFrame(self.variants)
+        front = [c for c in ("model", "name") if c in df.columns]
+        return df[front + [c for c in df.columns if c not in front]]
+
+    def save(self, out_dir: str | Path = "results") -> Path:
+        """Write ``out_dir/<experiment>.json`` atomically (temp file in the same directory, then rename)."""
+        out = ensure_writable(out_dir)
+        path = out / f"{self.experiment}.json"
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.experiment}.", suffix=".json.tmp", dir=out)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2, default=_jsonable)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def load(path: str | Path) -> Record:
+    path = Path(path)
+    if not path.exists():
+        raise LabkitError(f"no record at {path}")
+    return Record.from_dict(json.loads(path.read_text()))
+
+
+def load_all(results_dir: str | Path = "results") -> list[Record]:
+    """Every record directly under ``results_dir`` (sorted by experiment name)."""
+    d = Path(results_dir)
+    return sorted((load(p) for p in d.glob("*.json")), key=lambda r: r.experiment) if d.is_dir() else []
+
+
+def ensure_writable(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and prove it is writable, before any work starts."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".labkit-write-check"):
+            pass
+    except OSError as exc:
+        raise LabkitError(f"output directory {str(out)!r} is not writable ({exc.strerror or exc})") from None
+    return out

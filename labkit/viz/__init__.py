@@ -1,0 +1,1 @@
+"""Figures (returned, never shown) and ipywidgets explorers over labkit results."""

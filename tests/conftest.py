@@ -1,0 +1,59 @@
+"""Shared fixtures: models are loaded once per session; the real SmolLM2 only where it matters."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("LABKIT_QUICK", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from labkit import zoo
+
+    return zoo.load_causal_lm("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from labkit import zoo
+
+    return zoo.load_encoder("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from labkit.zoo import _tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(_tokenizer_dir())
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A tiny random Llama (SmolLM2's vocabulary and head layout, 2 layers) for fast exact tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+               tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def tiny_lm():
+    return tiny_llama()

@@ -1,0 +1,75 @@
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from labkit import LabkitError, measure
+
+
+def test_weight_bytes_counts_dtypes_and_buffers():
+    m = nn.Linear(10, 20)  # 200 + 20 fp32
+    assert measure.weight_bytes(m) == 220 * 4
+    m.register_buffer("scale", torch.zeros(5, dtype=torch.float16))
+    assert measure.weight_bytes(m) == 220 * 4 + 10
+    assert measure.weight_bytes(m.half()) == 220 * 2 + 10
+
+
+def test_weight_bytes_counts_tied_weights_once():
+    emb = nn.Embedding(100, 8)
+    head = nn.Linear(8, 100, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    assert measure.weight_bytes(model) == 800 * 4
+    assert measure.param_count(model) == 800
+
+
+def test_weight_bytes_counts_packed_uint8_storage():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("codes", torch.zeros(64, 32, dtype=torch.uint8))  # 64x64 4-bit
+            self.register_buffer("scales", torch.zeros(64, 1, dtype=torch.float16))
+
+    assert measure.weight_bytes(Packed()) == 64 * 32 + 64 * 2
+
+
+def test_weight_bytes_sees_extra_tensors():
+    class WithExtra(nn.Module):
+        def extra_weight_tensors(self):
+            return [torch.zeros(7, dtype=torch.float32)]
+
+    assert measure.weight_bytes(WithExtra()) == 28
+
+
+def test_benchmark_on_a_known_sleep():
+    t = measure.benchmark(lambda: time.sleep(0.02), warmup=1, repeats=5)
+    assert t.n == 5 and t.device == "cpu"
+    assert 0.019 <= t.median_s < 0.2
+    assert t.iqr_s >= 0
+    assert "IQR" in str(t)
+
+
+def test_benchmark_rejects_bad_repeats():
+    with pytest.raises(LabkitError, match="repeats=0"):
+        measure.benchmark(lambda: None, repeats=0)
+
+
+def test_iqr_hand_computed():
+    assert measure.iqr([1, 2, 3, 4, 5]) == 2.0
+    assert measure.iqr([3.0]) == 0.0
+
+
+def test_peak_memory_sees_a_big_allocation():
+    with measure.track_peak_memory("cpu") as pm:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x += 1
+    assert pm.kind == "rss_delta"
+    assert pm.peak_bytes > 32 * 2**20
+
+
+def test_lm_throughput_helpers_return_positive(tiny_lm):
+    tps, t = measure.prefill_tokens_per_s(tiny_lm, seq_len=16, repeats=2)
+    assert tps > 0 and t.n == 2
+    tps, t = measure.decode_tokens_per_s(tiny_lm, prompt_len=4, new_tokens=4, repeats=2)
+    assert tps > 0

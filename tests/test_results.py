@@ -1,0 +1,73 @@
+import json
+import os
+
+import pytest
+
+from labkit import LabkitError, cli, report, results
+
+
+def _rec():
+    r = results.Record("demo", config={"k": 1}, env={"cpu": "x"})
+    r.add("fp32", model="m", weight_bytes=400, perplexity=10.0)
+    r.add("int8", model="m", weight_bytes=100, perplexity=10.1)
+    return r
+
+
+def test_record_roundtrip_and_frame(tmp_path):
+    path = _rec().save(tmp_path)
+    assert path.name == "demo.json"
+    d = json.loads(path.read_text())
+    assert set(d) == {"experiment", "variants", "config", "env", "created_at", "labkit_version"}
+    back = results.load(path)
+    df = back.to_frame()
+    assert list(df.columns[:2]) == ["model", "name"] and len(df) == 2
+    assert back.variant("int8")["weight_bytes"] == 100
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_duplicate_variant_rejected():
+    r = _rec()
+    with pytest.raises(LabkitError, match="already"):
+        r.add("fp32", model="m")
+
+
+def test_save_is_atomic_on_failure(tmp_path):
+    r = _rec()
+    r.save(tmp_path)
+    before = (tmp_path / "demo.json").read_text()
+    r.config["bad"] = object.__new__(type("Unjsonable", (), {"__str__": lambda s: 1 / 0}))
+    with pytest.raises(ZeroDivisionError):
+        r.save(tmp_path)
+    assert (tmp_path / "demo.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_dir_reported(tmp_path):
+    d = tmp_path / "ro"
+    d.mkdir(mode=0o500)
+    with pytest.raises(LabkitError, match="not writable"):
+        results.ensure_writable(d)
+
+
+def test_unwritable_dir_reported_before_work(capsys):
+    assert cli.main(["run", "baseline", "--out", "/proc/labkit"]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "Traceback" not in err
+
+
+def test_unknown_experiment_lists_known(capsys):
+    assert cli.main(["run", "nope"]) == 2
+    assert "known experiments: baseline" in capsys.readouterr().err
+
+
+def test_report_embeds_table_and_figure(tmp_path):
+    _rec().save(tmp_path / "results")
+    out = report.build(tmp_path / "results", tmp_path / "reports" / "index.html")
+    html = out.read_text()
+    assert "<h2>demo</h2>" in html and "int8" in html and "data:image/png;base64," in html
+
+
+def test_report_without_records_says_what_to_do(tmp_path):
+    with pytest.raises(LabkitError, match="labkit run"):
+        report.build(tmp_path, tmp_path / "index.html")
