@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,6 +43,9 @@ def _extra_tensors(module: nn.Module) -> list[torch.Tensor]:
         state = getattr(p, "quant_state", None)
         if state is not None:
             out.extend(_quant_state_tensors(state))
+        scb = getattr(p, "SCB", None)  # bitsandbytes LLM.int8 row scales
+        if isinstance(scb, torch.Tensor):
+            out.append(scb)
     return out
 
 
@@ -83,15 +87,29 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def param_count(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights once), as a model card would state it."""
+    """Number of distinct parameters (tied weights once), as a model card would state it.
+
+    Quantized linear layers (labkit's or bitsandbytes') count their logical ``in x out`` weights, not
+    the packed bytes they store.
+    """
     seen: set[tuple] = set()
     n = 0
-    for p in model.parameters():
-        key = _storage_key(p)
-        if key not in seen:
-            seen.add(key)
-            n += p.numel()
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if _is_quantized_linear(module):
+            n += module.in_features * module.out_features
+            params = [p for p in params if p is module.bias]
+        for p in params:
+            key = _storage_key(p)
+            if key not in seen:
+                seen.add(key)
+                n += p.numel()
     return n
+
+
+def _is_quantized_linear(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and hasattr(module, "in_features") or \
+        type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -108,12 +126,22 @@ class PeakMemory:
 class track_peak_memory:
     """Context manager: ``with track_peak_memory("cuda") as pm: ...; pm.peak_bytes``.
 
-    On CPU the number is the RSS growth sampled at exit (a lower bound of the true peak); on CUDA it
-    is ``torch.cuda.max_memory_allocated`` above the level at entry.
+    On CPU the number is the highest process RSS seen by a sampling thread (every ``interval_s``) above
+    the level at entry — a lower bound of the true peak, since memory the allocator reuses does not
+    grow RSS; on CUDA it is ``torch.cuda.max_memory_allocated`` above the level at entry.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005) -> None:
         self.result = PeakMemory(device=str(device))
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._max_rss = 0
+
+    def _sample(self) -> None:
+        proc = psutil.Process(os.getpid())
+        while not self._stop.is_set():
+            self._max_rss = max(self._max_rss, proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
         dev = torch.device(self.result.device)
@@ -124,8 +152,10 @@ class track_peak_memory:
             self._start = torch.cuda.memory_allocated(dev)
             self.result.kind = "cuda_max_allocated"
         else:
-            self._start = psutil.Process(os.getpid()).memory_info().rss
-            self.result.kind = "rss_delta"
+            self._start = self._max_rss = psutil.Process(os.getpid()).memory_info().rss
+            self.result.kind = "rss_peak_delta"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self.result
 
     def __exit__(self, *exc: object) -> None:
@@ -134,7 +164,10 @@ class track_peak_memory:
             torch.cuda.synchronize(dev)
             self.result.peak_bytes = max(0, torch.cuda.max_memory_allocated(dev) - self._start)
         else:
-            self.result.peak_bytes = max(0, psutil.Process(os.getpid()).memory_info().rss - self._start)
+            self._stop.set()
+            self._thread.join()
+            rss = max(self._max_rss, psutil.Process(os.getpid()).memory_info().rss)
+            self.result.peak_bytes = max(0, rss - self._start)
 
 
 # ----------------------------------------------------------------------------------------------- timing

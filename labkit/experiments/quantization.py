@@ -1,0 +1,173 @@
+"""Quantization: fp32 → bf16/fp16 → int8 → int4 / NF4 (+ double quant), GPTQ and bitsandbytes, measured.
+
+Every SmolLM2 variant is scored on the same held-out windows; MiniLM (genuine fp32 weights) shows
+ordinary quantization error; a projection shows what 8B / 70B models need.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit import LabkitError, data, env, evaluate, measure, zoo
+from labkit.experiments.baseline import llm_metrics
+from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
+from labkit.quant.api import bits_per_param_quantized
+from labkit.quant.projection import LLAMA_3_8B, LLAMA_3_70B, project
+from labkit.results import Record
+
+LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "nf4", "nf4-dq", "int4-calibrated",
+                "bnb-nf4", "bnb-int8")
+
+
+@dataclass
+class Config:
+    llm: str = "smollm2-135m"
+    encoder: str = "minilm-l6"
+    variants: tuple[str, ...] = LLM_VARIANTS
+    ppl_window: int = 512
+    ppl_stride: int = 256
+    ppl_max_windows: int | None = None
+    prefill_len: int = 128
+    decode_prompt_len: int = 32
+    decode_tokens: int = 32
+    repeats: int = 3
+    calib_samples: int = 64
+    calib_seq_len: int = 512
+    gptq_group_size: int = 64
+    skipped: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=8, repeats=2,
+                   calib_samples=32, calib_seq_len=256)
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in LLM_VARIANTS]
+        if unknown:
+            raise LabkitError(f"variants={unknown} unknown; allowed: {', '.join(LLM_VARIANTS)}")
+
+
+def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tuple]]:
+    """variant name -> function returning (model, tokenizer, extra metrics)."""
+
+    def own(qconfig):
+        def build():
+            model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
+            report = quantize_(model, qconfig)
+            extra = {"layers_quantized": len(report.quantized), "layers_skipped": sorted(report.skipped)}
+            if not isinstance(qconfig, DtypeConfig):
+                extra["bits_per_param_quantized"] = bits_per_param_quantized(model)
+            return model, tok, extra
+        return build
+
+    def gptq():
+        from labkit.quant.gptq import gptq_quantize_
+
+        model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
+        calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len)
+        gptq_quantize_(model, calib, group_size=config.gptq_group_size, progress=False)
+        return model, tok, {"method": "gptq", "group_size": config.gptq_group_size,
+                            "bits_per_param_quantized": bits_per_param_quantized(model)}
+
+    def bnb(mode):
+        def build():
+            from labkit.quant.bnb import load_causal_lm_bnb
+
+            model, tok = load_causal_lm_bnb(config.llm, mode, device=str(device))
+            return model, tok, {"bits_per_param_quantized": bits_per_param_quantized(model),
+                                "method": f"bitsandbytes {env.lib_version('bitsandbytes')}"}
+        return build
+
+    def plain():
+        model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
+        return model, tok, {}
+
+    return {"fp32": plain, "bf16": own(DtypeConfig(torch.bfloat16)), "fp16": own(DtypeConfig(torch.float16)),
+            "int8": own(Int8Config()), "int4-g128": own(Int4Config(group_size=128)),
+            "nf4": own(NF4Config(64, double_quant=False)), "nf4-dq": own(NF4Config(64, double_quant=True)),
+            "int4-calibrated": gptq, "bnb-nf4": bnb("nf4"), "bnb-int8": bnb("int8")}
+
+
+def _unavailable(name: str, device: torch.device) -> str | None:
+    if name == "fp16" and device.type != "cuda":
+        return "fp16 matmuls are emulated slowly on this CPU; measured on GPUs only"
+    if name.startswith("bnb") and env.bnb_backend() is None:
+        return "bitsandbytes missing or without a backend for this device"
+    return None
+
+
+def run(config: Config | None = None, progress: bool = True) -> Record:
+    config = config or Config()
+    device = env.default_device()
+    rec = Record("quantization", env=env.describe())
+    builders = _builders(config, device)
+    fp32_ppl = None
+    for name in tqdm(config.variants, desc="quantization variants", disable=not progress):
+        why = _unavailable(name, device)
+        if why:
+            config.skipped[name] = why
+            continue
+        model, tok, extra = builders[name]()
+        metrics = llm_metrics(model, tok, config)
+        if name == "fp32":
+            fp32_ppl = metrics["perplexity"]
+        if fp32_ppl:
+            metrics["perplexity_ratio"] = metrics["perplexity"] / fp32_ppl
+        rec.add(name, model=config.llm, **metrics, **extra)
+        del model
+        gc.collect()
+    _encoder_variants(rec, config, device)
+    for shape in (LLAMA_3_8B, LLAMA_3_70B):
+        for row in project(shape):
+            rec.add(row.pop("name"), **row)
+    rec.config = asdict(config)
+    rec.config["provenance_note"] = zoo.MODELS[config.llm].notes
+    rec.config["targets"] = check_targets(rec, config.llm, config.encoder)
+    return rec
+
+
+# (variant, model, metric, limit, "max" | "min")
+TARGETS = [
+    ("nf4-dq", "llm", "bits_per_param_quantized", 4.2, "max"),
+    ("nf4-dq", "llm", "weight_bytes_ratio", 0.33, "max"),
+    ("int4-calibrated", "llm", "perplexity_ratio", 1.15, "max"),
+    ("int4-calibrated", "llm", "bits_per_param_quantized", 4.6, "max"),
+    ("int8", "llm", "perplexity_ratio", 1.01, "max"),
+    ("nf4", "llm", "perplexity_ratio", 1.35, "max"),
+    ("int8", "encoder", "cosine_to_reference", 0.99, "min"),
+]
+
+
+def check_targets(rec: Record, llm: str, encoder: str) -> dict[str, dict]:
+    """The issue's targets, evaluated on this record (absent variants are reported, not passed)."""
+    out = {}
+    fp32 = next((v for v in rec.variants if v["name"] == "fp32" and v.get("model") == llm), None)
+    for name, which, metric, limit, kind in TARGETS:
+        model = llm if which == "llm" else encoder
+        row = next((v for v in rec.variants if v["name"] == name and v.get("model") == model), None)
+        if row is not None and metric == "weight_bytes_ratio" and fp32:
+            row = {**row, metric: row["weight_bytes"] / fp32["weight_bytes"]}
+        value = None if row is None else row.get(metric)
+        ok = None if value is None else (value <= limit if kind == "max" else value >= limit)
+        out[f"{model}/{name}/{metric}"] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
+    return out
+
+
+def _encoder_variants(rec: Record, config: Config, device: torch.device) -> None:
+    sents = data.sentences()
+    ref = None
+    for name, qconfig in (("fp32", None), ("int8", Int8Config()), ("nf4", NF4Config(64, double_quant=False))):
+        enc, tok = zoo.load_encoder(config.encoder, device=device)
+        extra = {}
+        if qconfig is not None:
+            quantize_(enc, qconfig)
+            extra["bits_per_param_quantized"] = bits_per_param_quantized(enc)
+        emb = evaluate.sentence_embeddings(enc, tok, sents)
+        ref = emb if ref is None else ref
+        rec.add(name, model=config.encoder, params=measure.param_count(enc), weight_bytes=measure.weight_bytes(enc),
+                cosine_to_reference=evaluate.cosine(emb, ref), **extra)

@@ -1,0 +1,65 @@
+"""bitsandbytes through transformers, exactly as the source article loads a model.
+
+bitsandbytes >= 0.47 runs 4-bit (NF4/FP4) and LLM.int8 on x86-64 CPUs as well as CUDA. Its layers
+(``Linear4bit``, ``Linear8bitLt``) keep packed weights plus a ``quant_state``; ``labkit.measure.weight_bytes``
+counts both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from labkit import LabkitError, env, zoo
+
+
+def require_bnb() -> Any:
+    """Import bitsandbytes or explain what is missing for this device."""
+    if env.lib_version("bitsandbytes") is None:
+        raise LabkitError("bitsandbytes is not installed: pip install 'bitsandbytes>=0.47' (CPU and CUDA wheels)")
+    backend = env.bnb_backend()
+    if backend is None:
+        raise LabkitError(f"bitsandbytes {env.lib_version('bitsandbytes')} has no backend for this machine "
+                          f"({env.cpu_name()}, no CUDA); it supports CUDA GPUs and x86-64 / aarch64 CPUs")
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
+    """The article's config: 4-bit NF4, double quantization, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def int8_config():
+    """LLM.int8(): int8 weights with fp16 outlier columns (threshold 6.0)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_causal_lm_bnb(name: str = "smollm2-135m", mode: str = "nf4", *, device: str | None = None,
+                       source: str = "auto") -> tuple[nn.Module, Any]:
+    """Load ``name`` through ``from_pretrained(..., quantization_config=...)``; ``mode`` is 'nf4' or 'int8'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if mode not in ("nf4", "int8"):
+        raise LabkitError(f"mode={mode!r} is not allowed; use 'nf4' or 'int8'")
+    require_bnb()
+    card = zoo.check_name(name, kind="causal-lm")
+    if name == "smollm2-135m-random":
+        raise LabkitError("bitsandbytes loading needs saved weights; use 'smollm2-135m'")
+    device = device or str(env.default_device())
+    path = card.hub_id if source == "hub" else zoo._smollm2_fp32_dir(progress=False)
+    qconfig = nf4_config() if mode == "nf4" else int8_config()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, device_map=device,
+                                                 dtype=torch.bfloat16 if mode == "nf4" else torch.float16)
+    tok = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    model.labkit_card = card
+    return model, tok

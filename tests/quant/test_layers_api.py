@@ -1,0 +1,89 @@
+import pytest
+import torch
+from torch import nn
+
+from labkit import LabkitError
+from labkit.measure import param_count, weight_bytes
+from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
+from labkit.quant import primitives as P
+from labkit.quant.api import bits_per_param_quantized
+from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear
+
+torch.manual_seed(0)
+LIN = nn.Linear(576, 96)  # 576 = 4.5 groups of 128: the last group is padded
+
+
+@pytest.mark.parametrize("make,floor,bits", [
+    (lambda: Int8Linear(LIN), 38, 8 + 32 / 576),
+    (lambda: Int4Linear.from_linear(LIN, 128), 17, (4 + 24 / 128) * 640 / 576),
+    (lambda: Int4Linear.from_linear(LIN, 64, symmetric=True), 16, 4 + 16 / 64),
+    (lambda: NF4Linear(LIN, 64, double_quant=False), 19, 4.5),
+    (lambda: NF4Linear(LIN, 64, double_quant=True), 19, 4 + 8 / 64 + (32 * 4 + 32) / (96 * 576)),
+])
+def test_layer_stores_packed_bits_and_matches_float(make, floor, bits):
+    layer = make()
+    w = layer.dequantize()
+    assert w.shape == LIN.weight.shape
+    assert P.sqnr(LIN.weight, w) >= floor
+    assert layer.bits_per_weight() == pytest.approx(bits, rel=1e-6)
+    x = torch.randn(2, 5, 576)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, w, LIN.bias))
+    assert weight_bytes(layer) == layer.quantized_bytes() + 96 * 4  # + fp32 bias
+
+
+def test_quantize_model_reports_and_shrinks(tiny_lm):
+    before = weight_bytes(tiny_lm)
+    n_params = param_count(tiny_lm)
+    report = quantize_(tiny_lm, NF4Config())
+    assert len(report.quantized) == 2 * 7
+    assert "model.embed_tokens" in report.skipped and "lm_head" in report.skipped
+    assert "embedding" in report.skipped["model.embed_tokens"]
+    assert weight_bytes(tiny_lm) < before
+    assert param_count(tiny_lm) == n_params  # logical weights, not packed bytes
+    assert bits_per_param_quantized(tiny_lm) < 4.2
+    out = tiny_lm(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out).all()
+
+
+def test_int8_model_agrees_with_fp32(tiny_lm):
+    from copy import deepcopy
+
+    ids = torch.randint(0, 1000, (1, 16))
+    ref = tiny_lm(input_ids=ids).logits
+    q = deepcopy(tiny_lm)
+    quantize_(q, Int8Config())
+    assert P.sqnr(ref, q(input_ids=ids).logits) > 30
+
+
+def test_dtype_config_halves_bytes(tiny_lm):
+    before = weight_bytes(tiny_lm)
+    quantize_(tiny_lm, DtypeConfig(torch.bfloat16))
+    assert weight_bytes(tiny_lm) == pytest.approx(before / 2, rel=0.01)
+
+
+def test_selecting_a_non_linear_layer_is_an_error():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(4, 4))
+    with pytest.raises(LabkitError, match="only nn.Linear"):
+        quantize_(model, Int8Config(), filter_fn=lambda m, n: n == "0")
+
+
+def test_conv_layers_are_reported_as_skipped():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(4, 4))
+    report = quantize_(model, Int4Config(group_size=2))
+    assert report.quantized == ["2"] and "not nn.Linear" in report.skipped["0"]
+
+
+def test_nothing_selected_is_an_error():
+    with pytest.raises(LabkitError, match="no nn.Linear"):
+        quantize_(nn.Sequential(nn.ReLU()), Int8Config())
+
+
+def test_bad_configs_named():
+    with pytest.raises(LabkitError, match="group_size=0"):
+        Int4Config(group_size=0)
+    with pytest.raises(LabkitError, match="group_size=None"):
+        NF4Config(group_size=None)
+    with pytest.raises(LabkitError, match="dtype"):
+        DtypeConfig(torch.int8)
+    with pytest.raises(LabkitError, match="not a quantization config"):
+        quantize_(nn.Linear(2, 2), "int4")
