@@ -72,10 +72,15 @@ class BlockManager:
             hits.append(bid)
         return hits
 
-    def can_allocate(self, seq: Sequence) -> bool:
+    def _blocks_for(self, seq: Sequence, reserve_tokens: int | None) -> int:
+        tokens = max(len(seq), reserve_tokens or 0)
+        return -(-tokens // self.block_size)
+
+    def can_allocate(self, seq: Sequence, reserve_tokens: int | None = None) -> bool:
+        """Whether :meth:`allocate` would succeed now."""
         hits = self._lookup(seq)
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits sitting on the free list
-        return seq.num_blocks - len(hits) <= self.num_free - reclaimed
+        return self._blocks_for(seq, reserve_tokens) - len(hits) <= self.num_free - reclaimed
 
     # ------------------------------------------------------------------ allocation
     def _take_free(self) -> Block:
@@ -87,11 +92,14 @@ class BlockManager:
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, reserve_tokens: int | None = None) -> None:
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
+
+        ``reserve_tokens`` reserves room for that many tokens up front (contiguous, unpaged serving).
+        """
         if seq.block_table:
             raise LabkitError(f"sequence {seq.seq_id} already has blocks")
-        if not self.can_allocate(seq):
+        if not self.can_allocate(seq, reserve_tokens):
             raise LabkitError("out of KV blocks (call can_allocate first)")
         hits = self._lookup(seq)
         for bid in hits:
@@ -102,7 +110,7 @@ class BlockManager:
             seq.block_table.append(bid)
         self.prefix_hits += len(hits)
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
-        while len(seq.block_table) < seq.num_blocks:
+        while len(seq.block_table) < self._blocks_for(seq, reserve_tokens):
             seq.block_table.append(self._take_free().block_id)
 
     def mark_computed(self, seq: Sequence, num_computed_tokens: int) -> None:

@@ -1,0 +1,38 @@
+"""Per-layer K/V storage for the paged cache: one flat tensor of slots per layer, indexed by slot mapping.
+
+Slot ``block_id * block_size + offset`` holds one token's keys and values for all KV heads. The block
+manager decides which slots a sequence owns; this module only stores and gathers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.block_size = block_size
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ``[T, kv_heads, head_dim]`` at ``slots`` ``[T]``."""
+        self.k[layer][slots] = k
+        self.v[layer][slots] = v
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at ``slots`` (any shape ``S``) → ``[*S, kv_heads, head_dim]``."""
+        return self.k[layer][slots], self.v[layer][slots]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write: duplicate a block's KV in every layer."""
+        s, d, b = src * self.block_size, dst * self.block_size, self.block_size
+        for k, v in zip(self.k, self.v):
+            k[d:d + b] = k[s:s + b]
+            v[d:d + b] = v[s:s + b]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,0 +1,98 @@
+"""A Llama forward pass over a *flattened* batch with attention over the paged KV cache.
+
+Hugging Face's ``LlamaForCausalLM`` supplies the weights and the building blocks (embedding, RMSNorm, rotary
+embedding, projections, MLP); only attention is rewritten: each layer writes the new tokens' K/V to their
+slots, then every sequence attends over the slots its block table names. Plain PyTorch, CPU or CUDA.
+
+The batch mixes prefill chunks (many query tokens of one sequence) and decode tokens (one query token per
+sequence). Decode tokens are attended in one padded batch; each prefill chunk on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.serve.kv_cache import KVCache
+
+
+@dataclass
+class Batch:
+    """Everything one forward step needs, built by the runner."""
+
+    input_ids: torch.Tensor  # [T] tokens whose KV is not yet in the cache
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] where each token's K/V goes
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n tokens, context slots [L], first position)
+    decode_rows: torch.Tensor  # [B] flat rows of decode tokens
+    decode_slots: torch.Tensor  # [B, Lmax] context slots (padded)
+    decode_mask: torch.Tensor  # [B, Lmax] True where a real context token is
+    logits_rows: torch.Tensor  # [N] flat rows whose next-token logits are wanted
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, groups: int,
+            scale: float) -> torch.Tensor:
+    """q ``[b, heads, n, d]``, k/v ``[b, L, kv_heads, d]``, mask ``[b, n, L]`` → ``[b, n, heads*d]``."""
+    k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+    v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class PagedLlama(nn.Module):
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        cfg = hf_model.config
+        self.hf = hf_model
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.vocab_size = cfg.vocab_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.model.embed_tokens.weight.device
+
+    @torch.no_grad()
+    def forward(self, batch: Batch, kv: KVCache) -> torch.Tensor:
+        """Logits ``[N, vocab]`` for ``batch.logits_rows``; writes the batch's K/V into ``kv``."""
+        m = self.hf.model
+        h = m.embed_tokens(batch.input_ids).unsqueeze(0)  # [1, T, hidden]
+        cos, sin = m.rotary_emb(h, batch.positions.unsqueeze(0))
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        T = batch.input_ids.shape[0]
+        groups = self.num_heads // self.num_kv_heads
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, T, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, T, self.num_kv_heads, self.head_dim)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kv.write(i, batch.slot_mapping, k[0].transpose(0, 1), v[0])
+            out = torch.empty(T, self.num_heads * self.head_dim, dtype=h.dtype, device=h.device)
+            q = q[0]  # [heads, T, d]
+            for start, n, slots, pos0 in batch.prefills:
+                ck, cv = kv.gather(i, slots)
+                L = slots.shape[0]
+                mask = torch.arange(L, device=h.device)[None, :] <= (pos0 + torch.arange(n, device=h.device))[:, None]
+                out[start:start + n] = _attend(q[:, start:start + n][None], ck[None], cv[None], mask[None],
+                                               groups, self.scale)[0]
+            if batch.decode_rows.numel():
+                ck, cv = kv.gather(i, batch.decode_slots)
+                qd = q[:, batch.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
+                out[batch.decode_rows] = _attend(qd, ck, cv, batch.decode_mask.unsqueeze(1), groups, self.scale)[:, 0]
+            h = h + attn.o_proj(out.unsqueeze(0))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = m.norm(h[0, batch.logits_rows])
+        return self.hf.lm_head(h).float()

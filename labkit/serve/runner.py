@@ -1,0 +1,60 @@
+"""Model runner: turns the scheduler's decision into a flattened :class:`~labkit.serve.model.Batch`, runs the
+model, and samples one token for every sequence whose known tokens now all have KV."""
+
+from __future__ import annotations
+
+import torch
+
+from labkit.serve.block_manager import BlockManager
+from labkit.serve.kv_cache import KVCache
+from labkit.serve.model import Batch, PagedLlama
+from labkit.serve.sampling import SamplingParams, sample
+from labkit.serve.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: PagedLlama, kv: KVCache, block_manager: BlockManager) -> None:
+        self.model, self.kv, self.bm = model, kv, block_manager
+        self.device = model.device
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.bm.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Batch, list[Sequence]]:
+        ids, pos, slots, prefills, dec_rows, dec_ctx, logit_rows, sampled = [], [], [], [], [], [], [], []
+        for seq, n in scheduled:
+            c = seq.num_computed_tokens
+            row = len(ids)
+            ids += seq.token_ids[c:c + n]
+            pos += range(c, c + n)
+            slots += self._slots(seq, c, c + n)
+            if n == 1 and c > 0:
+                dec_rows.append(row)
+                dec_ctx.append(self._slots(seq, 0, c + 1))
+            else:
+                prefills.append((row, n, torch.tensor(self._slots(seq, 0, c + n), device=self.device), c))
+            if c + n == len(seq):
+                logit_rows.append(row + n - 1)
+                sampled.append(seq)
+        lmax = max((len(x) for x in dec_ctx), default=0)
+        pad_slots = torch.zeros(len(dec_ctx), lmax, dtype=torch.long)
+        mask = torch.zeros(len(dec_ctx), lmax, dtype=torch.bool)
+        for i, ctx in enumerate(dec_ctx):
+            pad_slots[i, :len(ctx)] = torch.tensor(ctx)
+            mask[i, :len(ctx)] = True
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        batch = Batch(input_ids=t(ids), positions=t(pos), slot_mapping=t(slots), prefills=prefills,
+                      decode_rows=t(dec_rows), decode_slots=pad_slots.to(self.device),
+                      decode_mask=mask.to(self.device), logits_rows=t(logit_rows))
+        return batch, sampled
+
+    def run(self, scheduled: list[tuple[Sequence, int]], params: dict[int, SamplingParams],
+            generators: dict[int, torch.Generator | None], copies: list[tuple[int, int]] = ()) -> dict[int, int]:
+        """One step: copy-on-write copies, forward, sampling. Returns ``{seq_id: new token}``."""
+        for src, dst in copies:
+            self.kv.copy_block(src, dst)
+        batch, sampled = self.prepare(scheduled)
+        logits = self.model(batch, self.kv)
+        return {s.seq_id: sample(logits[i], params[s.seq_id], generators.get(s.seq_id))
+                for i, s in enumerate(sampled)}
