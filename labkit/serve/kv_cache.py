@@ -22,9 +22,16 @@ class KVCache:
         self.k[layer][slots] = k
         self.v[layer][slots] = v
 
-    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V at ``slots`` (any shape ``S``) → ``[*S, kv_heads, head_dim]``."""
-        return self.k[layer][slots], self.v[layer][slots]
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole blocks: ``block_ids [..., nb]`` → ``[..., nb * block_size, kv_heads, head_dim]``.
+
+        Gathering blocks (not single slots) copies ``block_size`` contiguous tokens per index.
+        """
+        def by_block(t: torch.Tensor) -> torch.Tensor:
+            blocks = t.view(-1, self.block_size, *t.shape[1:])[block_ids]
+            return blocks.reshape(*block_ids.shape[:-1], -1, *t.shape[1:])
+
+        return by_block(self.k[layer]), by_block(self.v[layer])
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: duplicate a block's KV in every layer."""

@@ -5,7 +5,7 @@ embedding, projections, MLP); only attention is rewritten: each layer writes the
 slots, then every sequence attends over the slots its block table names. Plain PyTorch, CPU or CUDA.
 
 The batch mixes prefill chunks (many query tokens of one sequence) and decode tokens (one query token per
-sequence). Decode tokens are attended in one padded batch; each prefill chunk on its own.
+sequence). Decode tokens are attended in padded groups of similar length; each prefill chunk on its own.
 """
 
 from __future__ import annotations
@@ -26,20 +26,26 @@ class Batch:
     input_ids: torch.Tensor  # [T] tokens whose KV is not yet in the cache
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each token's K/V goes
-    prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n tokens, context slots [L], first position)
-    decode_rows: torch.Tensor  # [B] flat rows of decode tokens
-    decode_slots: torch.Tensor  # [B, Lmax] context slots (padded)
-    decode_mask: torch.Tensor  # [B, Lmax] True where a real context token is
+    prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n tokens, context blocks [nb], first position)
+    # decode tokens in groups of similar context length (less padding): (flat rows [b], block tables
+    # [b, nb_max] padded with block 0, mask [b, nb_max * block_size] True where a real context token is)
+    decodes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     logits_rows: torch.Tensor  # [N] flat rows whose next-token logits are wanted
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, groups: int,
             scale: float) -> torch.Tensor:
-    """q ``[b, heads, n, d]``, k/v ``[b, L, kv_heads, d]``, mask ``[b, n, L]`` → ``[b, n, heads*d]``."""
-    k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
-    v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scale)
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    """Grouped-query attention without copying K/V per head.
+
+    q ``[b, heads, n, d]``, k/v ``[b, L, kv_heads, d]``, mask ``[b, n, L]`` (True = attend) → ``[b, n, heads*d]``.
+    The ``groups`` query heads sharing one KV head are folded into the query length, so K/V are used as is.
+    """
+    b, heads, n, d = q.shape
+    kv_heads = heads // groups
+    qg = q.reshape(b, kv_heads, groups * n, d)
+    mask = mask.repeat(1, groups, 1).unsqueeze(1)  # [b, 1, groups*n, L]
+    out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, heads * d)
 
 
 class PagedLlama(nn.Module):
@@ -82,16 +88,16 @@ class PagedLlama(nn.Module):
             kv.write(i, batch.slot_mapping, k[0].transpose(0, 1), v[0])
             out = torch.empty(T, self.num_heads * self.head_dim, dtype=h.dtype, device=h.device)
             q = q[0]  # [heads, T, d]
-            for start, n, slots, pos0 in batch.prefills:
-                ck, cv = kv.gather(i, slots)
-                L = slots.shape[0]
+            for start, n, blocks, pos0 in batch.prefills:
+                ck, cv = kv.gather(i, blocks)  # slots past the context are masked out by causality
+                L = ck.shape[0]
                 mask = torch.arange(L, device=h.device)[None, :] <= (pos0 + torch.arange(n, device=h.device))[:, None]
                 out[start:start + n] = _attend(q[:, start:start + n][None], ck[None], cv[None], mask[None],
                                                groups, self.scale)[0]
-            if batch.decode_rows.numel():
-                ck, cv = kv.gather(i, batch.decode_slots)
-                qd = q[:, batch.decode_rows].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, d]
-                out[batch.decode_rows] = _attend(qd, ck, cv, batch.decode_mask.unsqueeze(1), groups, self.scale)[:, 0]
+            for rows, blocks, mask in batch.decodes:
+                ck, cv = kv.gather(i, blocks)
+                qd = q[:, rows].transpose(0, 1).unsqueeze(2)  # [b, heads, 1, d]
+                out[rows] = _attend(qd, ck, cv, mask.unsqueeze(1), groups, self.scale)[:, 0]
             h = h + attn.o_proj(out.unsqueeze(0))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = m.norm(h[0, batch.logits_rows])

@@ -16,6 +16,7 @@ class ModelRunner:
     def __init__(self, model: PagedLlama, kv: KVCache, block_manager: BlockManager) -> None:
         self.model, self.kv, self.bm = model, kv, block_manager
         self.device = model.device
+        self.decode_group = 16  # decode sequences attended together, sorted by length to limit padding
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.bm.block_size
@@ -29,25 +30,32 @@ class ModelRunner:
             ids += seq.token_ids[c:c + n]
             pos += range(c, c + n)
             slots += self._slots(seq, c, c + n)
+            blocks = seq.block_table[:-(-(c + n) // self.bm.block_size)]
             if n == 1 and c > 0:
                 dec_rows.append(row)
-                dec_ctx.append(self._slots(seq, 0, c + 1))
+                dec_ctx.append((blocks, c + 1))
             else:
-                prefills.append((row, n, torch.tensor(self._slots(seq, 0, c + n), device=self.device), c))
+                prefills.append((row, n, torch.tensor(blocks, device=self.device), c))
             if c + n == len(seq):
                 logit_rows.append(row + n - 1)
                 sampled.append(seq)
-        lmax = max((len(x) for x in dec_ctx), default=0)
-        pad_slots = torch.zeros(len(dec_ctx), lmax, dtype=torch.long)
-        mask = torch.zeros(len(dec_ctx), lmax, dtype=torch.bool)
-        for i, ctx in enumerate(dec_ctx):
-            pad_slots[i, :len(ctx)] = torch.tensor(ctx)
-            mask[i, :len(ctx)] = True
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        order = sorted(range(len(dec_rows)), key=lambda i: dec_ctx[i][1])
+        decodes = [self._decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g])
+                   for g in (order[k:k + self.decode_group] for k in range(0, len(order), self.decode_group))]
         batch = Batch(input_ids=t(ids), positions=t(pos), slot_mapping=t(slots), prefills=prefills,
-                      decode_rows=t(dec_rows), decode_slots=pad_slots.to(self.device),
-                      decode_mask=mask.to(self.device), logits_rows=t(logit_rows))
+                      decodes=decodes, logits_rows=t(logit_rows))
         return batch, sampled
+
+    def _decode_group(self, rows: list[int], ctx: list[tuple[list[int], int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nb_max = max(len(b) for b, _ in ctx)
+        blocks = torch.zeros(len(ctx), nb_max, dtype=torch.long)
+        mask = torch.zeros(len(ctx), nb_max * self.bm.block_size, dtype=torch.bool)
+        for i, (b, length) in enumerate(ctx):
+            blocks[i, :len(b)] = torch.tensor(b)
+            mask[i, :length] = True
+        return torch.tensor(rows, device=self.device), blocks.to(self.device), mask.to(self.device)
 
     def run(self, scheduled: list[tuple[Sequence, int]], params: dict[int, SamplingParams],
             generators: dict[int, torch.Generator | None], copies: list[tuple[int, int]] = ()) -> dict[int, int]:
