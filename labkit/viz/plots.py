@@ -13,7 +13,6 @@ from labkit.results import Record  # noqa: E402
 # Which metric to plot against which, per experiment (x, y, higher_is_better for y).
 SCATTERS: dict[str, tuple[str, str]] = {
     "quantization": ("weight_bytes", "perplexity"),
-    "serving": ("ttft_ms_p50", "output_tokens_per_s"),
 }
 
 
@@ -57,7 +56,7 @@ def record_figures(record: Record) -> list[Figure]:
         x, y = SCATTERS[record.experiment]
         models = sorted({v.get("model") for v in record.variants if y in v})
         return [scatter(record, x, y, model=m) for m in models]
-    for metric in ("tokens_per_s", "weight_bytes", "perplexity", "accuracy"):
+    for metric in ("output_tokens_per_s", "tokens_per_s", "weight_bytes", "perplexity", "accuracy"):
         if any(metric in v for v in record.variants):
             return [metric_bars(record, metric)]
     return []

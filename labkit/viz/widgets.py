@@ -100,3 +100,78 @@ class QuantExplorer:
 
         display(self.box)
         self.update()
+
+
+# ------------------------------------------------------------------------------------------ KV cache viewer
+
+
+def kv_pool_figure(snap: dict[str, Any], cols: int = 32) -> Figure:
+    """Draw the block pool of one engine snapshot (``LLMEngine.snapshot()``): one cell per block, coloured by
+    the request that owns it, hatched when shared, grey when free; the bar inside shows how full it is."""
+    import matplotlib.patches as mpatches
+
+    n, bs = snap["num_blocks"], snap["block_size"]
+    rows = -(-n // cols)
+    fig, ax = plt.subplots(figsize=(min(12, 0.32 * cols + 1), 0.32 * rows + 1.6))
+    cmap = plt.get_cmap("tab20")
+    held = reserved = 0
+    for b in range(n):
+        r, c = divmod(b, cols)
+        owners = snap["owners"].get(b, [])
+        if owners:
+            fill = max(0, snap["fill"].get(b, 0))
+            held += fill
+            reserved += bs
+            color = cmap(owners[0] % 20)
+            ax.add_patch(mpatches.Rectangle((c, -r), 0.92, 0.92, color=color, alpha=0.35,
+                                            hatch="///" if len(owners) > 1 else None))
+            ax.add_patch(mpatches.Rectangle((c, -r), 0.92 * fill / bs, 0.92, color=color))
+        else:
+            ax.add_patch(mpatches.Rectangle((c, -r), 0.92, 0.92, color="#dddddd"))
+    ax.set_xlim(-0.2, cols + 0.2)
+    ax.set_ylim(-rows + 0.8, 1.1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    waste = 100 * (reserved - held) / reserved if reserved else 0.0
+    ax.set_title(f"step {snap['step']} · running {len(snap['running'])} · waiting {len(snap['waiting'])} · "
+                 f"blocks used {len(snap['owners'])}/{n} · waste {waste:.1f}% · preemptions {snap['preemptions']}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+class KVCacheViewer:
+    """Step through an engine's recorded schedule (``LLM(..., record_history=True)``)."""
+
+    def __init__(self, history: list[dict[str, Any]], cols: int = 32) -> None:
+        import ipywidgets as W
+
+        if not history:
+            from labkit import LabkitError
+
+            raise LabkitError("history is empty: create the LLM with record_history=True and generate first")
+        self.history, self.cols = history, cols
+        self.step = W.IntSlider(min=0, max=len(history) - 1, value=0, description="step", continuous_update=False)
+        self.play = W.Play(min=0, max=len(history) - 1, interval=400)
+        W.jslink((self.play, "value"), (self.step, "value"))
+        self.out = W.Output()
+        self.step.observe(lambda _c: self.update(), names="value")
+        self.box = W.VBox([W.HBox([self.play, self.step]), self.out])
+
+    def update(self) -> dict[str, Any]:
+        from IPython.display import display
+
+        snap = self.history[self.step.value]
+        fig = kv_pool_figure(snap, self.cols)
+        self.out.clear_output(wait=True)
+        with self.out:
+            display(fig)
+            print("scheduled (request, tokens):", snap["scheduled"])
+        plt.close(fig)
+        return snap
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+        self.update()

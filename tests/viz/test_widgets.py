@@ -41,3 +41,27 @@ def test_scatter_labels_every_variant():
     r.add("int4", model="m", weight_bytes=1.0, perplexity=11.0)
     fig = plots.scatter(r, "weight_bytes", "perplexity", model="m")
     assert [t.get_text() for t in fig.axes[0].texts] == ["fp32", "int4"]
+
+
+def test_kv_viewer_draws_pool_and_steps(tiny_lm):
+    from labkit.serve import LLM, SamplingParams
+
+    llm = LLM(tiny_lm, None, block_size=4, num_blocks=40, max_model_len=64, record_history=True)
+    llm.generate([[5] * 9, [6] * 3, [7] * 20], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                 use_tqdm=False)
+    hist = llm.stats.history
+    assert len(hist) == llm.stats.steps
+    fig = widgets.kv_pool_figure(hist[0], cols=10)
+    assert "blocks used" in fig.axes[0].get_title()
+    used = len(hist[0]["owners"])
+    assert used == sum(-(-n // 4) for n in (9, 3, 20))
+    viewer = widgets.KVCacheViewer(hist, cols=10)
+    viewer.step.value = len(hist) - 1
+    assert viewer.update()["step"] == hist[-1]["step"]
+
+
+def test_kv_viewer_needs_history():
+    from labkit import LabkitError
+
+    with pytest.raises(LabkitError, match="record_history"):
+        widgets.KVCacheViewer([])
