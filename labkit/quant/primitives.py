@@ -193,8 +193,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: ``20 * log10(||x|| / ||x - y||)`` (inf if identical)."""
-    noise = torch.linalg.vector_norm((x.float() - y.float()).reshape(-1))
-    signal = torch.linalg.vector_norm(x.float().reshape(-1))
+    x, y = x.detach().float(), y.detach().float()
+    noise = torch.linalg.vector_norm((x - y).reshape(-1))
+    signal = torch.linalg.vector_norm(x.reshape(-1))
     if noise == 0:
         return math.inf
     return float(20 * torch.log10(signal / noise))
