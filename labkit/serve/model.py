@@ -33,6 +33,11 @@ class Batch:
     logits_rows: torch.Tensor  # [N] flat rows whose next-token logits are wanted
 
 
+def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[b, n, L]`` → ``[b, 1, groups*n, L]``: the mask for query heads folded into the query length."""
+    return mask.repeat(1, groups, 1).unsqueeze(1)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, groups: int,
             scale: float) -> torch.Tensor:
     """Grouped-query attention without copying K/V per head.
@@ -43,7 +48,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     b, heads, n, d = q.shape
     kv_heads = heads // groups
     qg = q.reshape(b, kv_heads, groups * n, d)
-    mask = mask.repeat(1, groups, 1).unsqueeze(1)  # [b, 1, groups*n, L]
+    if mask.dim() == 3:
+        mask = group_mask(mask, groups)
     out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, heads * d)
 
@@ -78,6 +84,7 @@ class PagedLlama(nn.Module):
 
         T = batch.input_ids.shape[0]
         groups = self.num_heads // self.num_kv_heads
+        decodes = [(rows, blocks, group_mask(mask.unsqueeze(1), groups)) for rows, blocks, mask in batch.decodes]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -94,10 +101,10 @@ class PagedLlama(nn.Module):
                 mask = torch.arange(L, device=h.device)[None, :] <= (pos0 + torch.arange(n, device=h.device))[:, None]
                 out[start:start + n] = _attend(q[:, start:start + n][None], ck[None], cv[None], mask[None],
                                                groups, self.scale)[0]
-            for rows, blocks, mask in batch.decodes:
+            for rows, blocks, mask in decodes:  # masks built once per step, shared by every layer
                 ck, cv = kv.gather(i, blocks)
                 qd = q[:, rows].transpose(0, 1).unsqueeze(2)  # [b, heads, 1, d]
-                out[rows] = _attend(qd, ck, cv, mask.unsqueeze(1), groups, self.scale)[:, 0]
+                out[rows] = _attend(qd, ck, cv, mask, groups, self.scale)[:, 0]
             h = h + attn.o_proj(out.unsqueeze(0))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = m.norm(h[0, batch.logits_rows])

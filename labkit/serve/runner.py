@@ -16,7 +16,7 @@ class ModelRunner:
     def __init__(self, model: PagedLlama, kv: KVCache, block_manager: BlockManager) -> None:
         self.model, self.kv, self.bm = model, kv, block_manager
         self.device = model.device
-        self.decode_group = 16  # decode sequences attended together, sorted by length to limit padding
+        self.decode_group = 8  # decode sequences attended together, sorted by length to limit padding
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.bm.block_size
