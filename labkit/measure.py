@@ -108,8 +108,8 @@ def param_count(model: nn.Module) -> int:
 
 
 def _is_quantized_linear(module: nn.Module) -> bool:
-    return hasattr(module, "dequantize") and hasattr(module, "in_features") or \
-        type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    labkit_layer = hasattr(module, "dequantize") and hasattr(module, "in_features")
+    return labkit_layer or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
 # ----------------------------------------------------------------------------------------------- memory

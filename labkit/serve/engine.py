@@ -148,28 +148,33 @@ class LLMEngine:
                 self.generators.pop(seq.seq_id, None)
         return events
 
+    def _block_fill(self) -> tuple[dict[int, list[int]], dict[int, int]]:
+        """Owners of every used block and how many of its slots hold a token's KV (shared blocks once)."""
+        owners: dict[int, list[int]] = {}
+        fill: dict[int, int] = {}
+        bs = self.bm.block_size
+        for s in self.scheduler.running:
+            for i, bid in enumerate(s.block_table):
+                owners.setdefault(bid, []).append(s.seq_id)
+                fill[bid] = max(fill.get(bid, 0), min(bs, max(0, s.num_computed_tokens - i * bs)))
+        return owners, fill
+
     def _account(self, sched) -> None:
         st = self.stats
         st.steps += 1
         st.preemptions = self.scheduler.num_preemptions
         st.prefix_hit_blocks = self.bm.prefix_hits
         st.peak_blocks = max(st.peak_blocks, self.bm.num_used)
-        reserved = self.bm.num_used * self.bm.block_size
-        held = sum(s.num_computed_tokens for s in self.scheduler.running)
-        # shared prefix blocks hold tokens for several sequences: count each slot once
-        st.reserved_slots += reserved
-        st.waste_slots += max(0, reserved - min(held, reserved))
+        owners, fill = self._block_fill()
+        st.reserved_slots += len(owners) * self.bm.block_size
+        st.waste_slots += len(owners) * self.bm.block_size - sum(fill.values())
         if self.record_history:
-            st.history.append(self.snapshot(sched))
+            st.history.append(self.snapshot(sched, owners, fill))
 
-    def snapshot(self, sched=None) -> dict:
+    def snapshot(self, sched=None, owners: dict | None = None, fill: dict | None = None) -> dict:
         """The block pool right now: owner(s) of every block, free blocks, the running batch."""
-        owners: dict[int, list[int]] = {}
-        fill: dict[int, int] = {}
-        for s in self.scheduler.running:
-            for i, bid in enumerate(s.block_table):
-                owners.setdefault(bid, []).append(s.seq_id)
-                fill[bid] = max(fill.get(bid, 0), min(self.bm.block_size, s.num_computed_tokens - i * self.bm.block_size))
+        if owners is None or fill is None:
+            owners, fill = self._block_fill()
         return {"step": self.stats.steps, "owners": owners, "fill": fill, "num_blocks": len(self.bm.blocks),
                 "block_size": self.bm.block_size, "running": [s.seq_id for s in self.scheduler.running],
                 "waiting": [s.seq_id for s in self.scheduler.waiting],
