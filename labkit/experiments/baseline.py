@@ -12,7 +12,9 @@ from labkit.results import Record
 
 
 @dataclass
-class Config:
+class LLMMetricsConfig:
+    """The settings :func:`llm_metrics` reads; experiments that measure an LLM extend this."""
+
     llm: str = "smollm2-135m"
     encoder: str = "minilm-l6"
     ppl_window: int = 512
@@ -22,6 +24,11 @@ class Config:
     decode_prompt_len: int = 32
     decode_tokens: int = 64
     repeats: int = 5
+
+
+@dataclass
+class Config(LLMMetricsConfig):
+    """Baseline sizes: the full run scores every held-out window."""
 
     @classmethod
     def quick(cls) -> Config:
@@ -50,7 +57,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     return rec
 
 
-def llm_metrics(model: torch.nn.Module, tok, config: Config, progress: bool = False) -> dict:
+def llm_metrics(model: torch.nn.Module, tok, config: LLMMetricsConfig, progress: bool = False) -> dict:
     """The shared LLM metrics (size, perplexity, prefill and decode speed) later experiments reuse."""
     ppl = evaluate.perplexity(model, tok, window=config.ppl_window, stride=config.ppl_stride,
                               max_windows=config.ppl_max_windows, progress=progress)

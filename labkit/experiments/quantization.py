@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit import LabkitError, data, env, evaluate, measure, zoo
-from labkit.experiments.baseline import llm_metrics
+from labkit.experiments.baseline import LLMMetricsConfig, llm_metrics
 from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
 from labkit.quant.api import bits_per_param_quantized
 from labkit.quant.projection import LLAMA_3_8B, LLAMA_3_70B, project
@@ -25,15 +25,8 @@ LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "nf4", "nf4-dq", "i
 
 
 @dataclass
-class Config:
-    llm: str = "smollm2-135m"
-    encoder: str = "minilm-l6"
+class Config(LLMMetricsConfig):
     variants: tuple[str, ...] = LLM_VARIANTS
-    ppl_window: int = 512
-    ppl_stride: int = 256
-    ppl_max_windows: int | None = None
-    prefill_len: int = 128
-    decode_prompt_len: int = 32
     decode_tokens: int = 32
     repeats: int = 3
     calib_samples: int = 64

@@ -83,8 +83,12 @@ def _make_layer(linear: nn.Linear, config: Config) -> QuantLinear:
         return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
     if isinstance(config, NF4Config):
         return NF4Linear(linear, config.group_size, config.double_quant)
-    raise LabkitError(f"config={config!r} is not a quantization config; use Int8Config, Int4Config, "
-                      f"NF4Config or DtypeConfig")
+    raise _bad_config(config)
+
+
+def _bad_config(config: object) -> LabkitError:
+    return LabkitError(f"config={config!r} is not a quantization config; use Int8Config, Int4Config, "
+                       f"NF4Config or DtypeConfig")
 
 
 def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAULT_SKIP,
@@ -100,7 +104,7 @@ def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAU
         report.quantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         return report
     if not isinstance(config, (Int8Config, Int4Config, NF4Config)):
-        _make_layer(nn.Linear(1, 1), config)  # raises the clear error
+        raise _bad_config(config)
     for name, module in list(model.named_modules()):
         if not name:
             continue

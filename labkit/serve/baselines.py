@@ -79,7 +79,7 @@ def hf_static(model: nn.Module, prompts: list[list[int]], max_tokens: list[int],
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=dev)
         clock = _Clock()
-        out = model.generate(ids, attention_mask=mask, streamer=_BatchClock(clock), **_gen_kwargs(model, max(ns)))
+        out = model.generate(ids, attention_mask=mask, streamer=clock, **_gen_kwargs(model, max(ns)))
         token_times = clock.times[1:]
         for row, n in zip(out, ns):
             outs.append(row[width:width + n].tolist())
@@ -87,14 +87,6 @@ def hf_static(model: nn.Module, prompts: list[list[int]], max_tokens: list[int],
             if n > 1:
                 tpot.append((token_times[n - 1] - token_times[0]) / (n - 1))
     return Run(outs, time.perf_counter() - t0, ttft, tpot, notes=f"batch_size={batch_size}")
-
-
-class _BatchClock(_Clock):
-    def __init__(self, inner: _Clock) -> None:
-        self.inner = inner
-
-    def put(self, value) -> None:
-        self.inner.put(value)
 
 
 @torch.no_grad()

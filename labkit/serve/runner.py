@@ -18,10 +18,6 @@ class ModelRunner:
         self.device = model.device
         self.decode_group = 8  # decode sequences attended together, sorted by length to limit padding
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.bm.block_size
-        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Batch, list[Sequence]]:
         ids, pos, slots, prefills, dec_rows, dec_ctx, logit_rows, sampled = [], [], [], [], [], [], [], []
         for seq, n in scheduled:
@@ -29,7 +25,7 @@ class ModelRunner:
             row = len(ids)
             ids += seq.token_ids[c:c + n]
             pos += range(c, c + n)
-            slots += self._slots(seq, c, c + n)
+            slots += [self.bm.slot(seq, p) for p in range(c, c + n)]
             blocks = seq.block_table[:-(-(c + n) // self.bm.block_size)]
             if n == 1 and c > 0:
                 dec_rows.append(row)
