@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--slo-ttft-ms", type=float, default=None)
     b.add_argument("--slo-tpot-ms", type=float, default=None)
+    b.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default: none)")
     b.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     b.set_defaults(fn=_cmd_bench_serve)
     return p

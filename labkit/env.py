@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from labkit import LabkitError
+
 _LIBS = ("torch", "transformers", "gguf", "numpy", "pandas", "bitsandbytes", "onnx", "onnxruntime",
          "torch-pruning", "tensorrt", "triton", "vllm", "ipywidgets")
 
@@ -39,7 +41,15 @@ def default_device() -> torch.device:
     """CUDA where there is one, else CPU. ``LABKIT_DEVICE`` overrides."""
     forced = os.environ.get("LABKIT_DEVICE")
     if forced:
-        return torch.device(forced)
+        try:
+            dev = torch.device(forced)
+        except RuntimeError:
+            raise LabkitError(f"LABKIT_DEVICE={forced!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+        if dev.type == "cuda" and not has_cuda():
+            raise LabkitError(f"LABKIT_DEVICE={forced!r} but this machine has no CUDA GPU; unset it or use 'cpu'")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise LabkitError(f"LABKIT_DEVICE={forced!r}: labkit runs on 'cpu', 'cuda' or 'cuda:N'")
+        return dev
     return torch.device("cuda" if has_cuda() else "cpu")
 
 

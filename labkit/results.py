@@ -68,16 +68,22 @@ class Record:
         """Write ``out_dir/<experiment>.json`` atomically (temp file in the same directory, then rename)."""
         out = ensure_writable(out_dir)
         path = out / f"{self.experiment}.json"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.experiment}.", suffix=".json.tmp", dir=out)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2, default=_jsonable)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
         return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same directory and a rename: never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _jsonable(obj: Any) -> Any:

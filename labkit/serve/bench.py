@@ -9,7 +9,7 @@ from typing import Any
 
 from labkit import data
 from labkit.serve.baselines import Run
-from labkit.serve.engine import LLM
+from labkit.serve.llm import LLM
 from labkit.serve.sampling import SamplingParams
 
 

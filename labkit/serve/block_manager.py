@@ -6,15 +6,22 @@ tokens it has not produced yet: waste is at most one partly filled block per seq
 
 * **Reference counts** let sequences share blocks: a forked sequence (parallel sampling) shares its parent's
   blocks; before writing into a shared block it gets its own copy (**copy-on-write**).
-* **Prefix caching**: a *full* block is identified by a hash chained over every token up to its end, so equal
-  hashes mean equal prefixes. A block's hash is published only after its KV has been written
-  (:meth:`mark_computed`), a hit is confirmed by comparing the tokens, and the block holding a prompt's last
-  token is never taken from the cache — that token must be run to produce the first output's logits.
+* **Prefix caching**: a *full* block is identified by a SHA-256 hash chained over (parent hash, block tokens),
+  so equal hashes mean equal prefixes (Python's ``hash()`` is cheap to collide on purpose, a known attack on
+  serving engines that share a cache between users). Each sequence hashes a block once, when it fills. A
+  block's hash is published only after its KV has been written (:meth:`mark_computed`), a hit is confirmed by
+  comparing the tokens, and the block holding a sequence's last token is never taken from the cache — that
+  token must be run to produce the next logits. Generated tokens count too, so a preempted sequence finds
+  its own blocks again.
 * Freed blocks keep their hash until reused, so a later request with the same prefix can still hit them.
+* **Contiguous mode** (``contiguous=True`` in :meth:`allocate`): the baseline without paging. A sequence
+  takes one run of consecutive blocks for everything it reserves, so the pool also suffers *external*
+  fragmentation: free blocks scattered in holes too small for the next request.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,13 +33,15 @@ from labkit.serve.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] = field(default_factory=tuple)
 
 
-def chain_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Hash of a full block given the hash of the block before it (so it identifies the whole prefix)."""
-    return hash((prev_hash, token_ids))
+def chain_hash(prev_hash: bytes | None, token_ids: tuple[int, ...] | list[int]) -> bytes:
+    """SHA-256 of a full block given the hash of the block before it (so it identifies the whole prefix)."""
+    h = hashlib.sha256(prev_hash or b"")
+    h.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    return h.digest()
 
 
 class BlockManager:
@@ -56,28 +65,48 @@ class BlockManager:
     def num_used(self) -> int:
         return len(self.blocks) - len(self.free_ids)
 
-    def _cacheable_blocks(self, seq: Sequence) -> int:
-        """Full prompt blocks that may come from the cache: never the one holding the last prompt token."""
-        return (seq.num_prompt_tokens - 1) // self.block_size if self.enable_prefix_caching else 0
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Hashes of the first ``num_blocks`` full blocks of ``seq``, extending its cached list incrementally."""
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_blocks):
+            hashes.append(chain_hash(hashes[-1] if hashes else None, seq.block_tokens(i)))
+        return hashes[:num_blocks]
 
     def _lookup(self, seq: Sequence) -> list[int]:
-        """Physical ids of the leading prompt blocks already in the cache (confirmed token by token)."""
-        hits, h = [], None
-        for i in range(self._cacheable_blocks(seq)):
-            tokens = tuple(seq.block_tokens(i))
-            h = chain_hash(h, tokens)
+        """Physical ids of the leading full blocks already in the cache (confirmed token by token); never the
+        block holding the last token."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for i, h in enumerate(self.block_hashes(seq, (len(seq) - 1) // self.block_size)):
             bid = self.hash_to_block.get(h)
-            if bid is None or self.blocks[bid].token_ids != tokens:
+            if bid is None or self.blocks[bid].token_ids != tuple(seq.block_tokens(i)):
                 break
             hits.append(bid)
         return hits
+
+    def cached_tokens(self, seq: Sequence) -> int:
+        """Tokens of a waiting ``seq`` whose KV :meth:`allocate` would take from the prefix cache."""
+        return len(self._lookup(seq)) * self.block_size
 
     def _blocks_for(self, seq: Sequence, reserve_tokens: int | None) -> int:
         tokens = max(len(seq), reserve_tokens or 0)
         return -(-tokens // self.block_size)
 
-    def can_allocate(self, seq: Sequence, reserve_tokens: int | None = None) -> bool:
+    def _free_run(self, length: int) -> int | None:
+        """First block id starting ``length`` consecutive free blocks (first fit), or None."""
+        free = set(self.free_ids)
+        run = 0
+        for bid in range(len(self.blocks)):
+            run = run + 1 if bid in free else 0
+            if run == length:
+                return bid - length + 1
+        return None
+
+    def can_allocate(self, seq: Sequence, reserve_tokens: int | None = None, contiguous: bool = False) -> bool:
         """Whether :meth:`allocate` would succeed now."""
+        if contiguous:
+            return self._free_run(self._blocks_for(seq, reserve_tokens)) is not None
         hits = self._lookup(seq)
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits sitting on the free list
         return self._blocks_for(seq, reserve_tokens) - len(hits) <= self.num_free - reclaimed
@@ -86,21 +115,34 @@ class BlockManager:
     def _take_free(self) -> Block:
         if not self.free_ids:
             raise LabkitError("out of KV blocks (call can_allocate / can_append first)")
-        block = self.blocks[self.free_ids.popleft()]
+        return self._claim(self.blocks[self.free_ids.popleft()])
+
+    def _claim(self, block: Block) -> Block:
         if block.hash is not None and self.hash_to_block.get(block.hash) == block.block_id:
             del self.hash_to_block[block.hash]  # its old contents are about to be overwritten
         block.hash, block.token_ids, block.ref_count = None, (), 1
         return block
 
-    def allocate(self, seq: Sequence, reserve_tokens: int | None = None) -> None:
+    def allocate(self, seq: Sequence, reserve_tokens: int | None = None, contiguous: bool = False) -> None:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
 
-        ``reserve_tokens`` reserves room for that many tokens up front (contiguous, unpaged serving).
+        ``reserve_tokens`` reserves room for that many tokens up front; ``contiguous=True`` takes them as one
+        run of consecutive blocks (the unpaged baselines; no prefix caching).
         """
         if seq.block_table:
             raise LabkitError(f"sequence {seq.seq_id} already has blocks")
-        if not self.can_allocate(seq, reserve_tokens):
+        if not self.can_allocate(seq, reserve_tokens, contiguous):
             raise LabkitError("out of KV blocks (call can_allocate first)")
+        if contiguous:
+            if self.enable_prefix_caching:
+                raise LabkitError("contiguous allocation does not share blocks; switch prefix caching off")
+            start = self._free_run(self._blocks_for(seq, reserve_tokens))
+            taken = range(start, start + self._blocks_for(seq, reserve_tokens))
+            self.free_ids = deque(b for b in self.free_ids if not start <= b < taken.stop)
+            for bid in taken:
+                self._claim(self.blocks[bid])
+                seq.block_table.append(bid)
+            return
         hits = self._lookup(seq)
         for bid in hits:
             block = self.blocks[bid]
@@ -118,13 +160,11 @@ class BlockManager:
         seq.num_computed_tokens = num_computed_tokens
         if not self.enable_prefix_caching:
             return
-        h = None
-        for i in range(min(num_computed_tokens, len(seq)) // self.block_size):
-            tokens = tuple(seq.block_tokens(i))
-            h = chain_hash(h, tokens)
+        full = min(num_computed_tokens, len(seq)) // self.block_size
+        for i, h in enumerate(self.block_hashes(seq, full)):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                block.hash, block.token_ids = h, tokens
+                block.hash, block.token_ids = h, tuple(seq.block_tokens(i))
                 self.hash_to_block.setdefault(h, block.block_id)
 
     def can_append(self, seq: Sequence) -> bool:
@@ -179,7 +219,10 @@ class BlockManager:
             for bid in s.block_table:
                 counts[bid] += 1
         free = set(self.free_ids)
-        assert len(free) == len(self.free_ids), "a block is on the free list twice"
+        if len(free) != len(self.free_ids):
+            raise RuntimeError("a block is on the free list twice")
         for b in self.blocks:
-            assert b.ref_count == counts[b.block_id], f"block {b.block_id}: ref {b.ref_count} != {counts[b.block_id]}"
-            assert (b.ref_count == 0) == (b.block_id in free), f"block {b.block_id} free-list mismatch"
+            if b.ref_count != counts[b.block_id]:
+                raise RuntimeError(f"block {b.block_id}: ref count {b.ref_count} != {counts[b.block_id]} holders")
+            if (b.ref_count == 0) != (b.block_id in free):
+                raise RuntimeError(f"block {b.block_id}: free-list mismatch (ref count {b.ref_count})")

@@ -9,10 +9,10 @@ time per output token after the first (TPOT) and the whole request (E2E).
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import json
+import math
 import random
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit import LabkitError
+from labkit.results import atomic_write_text
 from labkit.serve.bench import percentile
 
 
@@ -39,69 +40,97 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_len - 1)
 
 
-def _stream_one(url: urllib.parse.ParseResult, model: str, prompt: list[int], max_tokens: int,
-                timeout: float) -> RequestResult:
+async def _stream_one(client, base: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    """One streamed completion; every failure (HTTP status, error event, broken stream) is recorded."""
     res = RequestResult(prompt_len=len(prompt))
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                       "stream": True, "ignore_eos": True})
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = last = time.perf_counter()
+    done, chunks = False, 0
     try:
-        conn.request("POST", url.path.rstrip("/") + "/v1/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            res.error = f"HTTP {resp.status}: {resp.read()[:200]!r}"
+        async with client.stream("POST", base + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = f"error event: {chunk['error'].get('message', chunk['error'])}"[:200]
+                    return res
+                if chunk.get("usage"):
+                    res.output_len = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                chunks += 1
+                now = time.perf_counter()
+                if res.ttft_s is None:
+                    res.ttft_s = now - start
+                else:
+                    res.itl_s.append(now - last)
+                last = now
+        if not done:
+            res.error = "the stream ended without data: [DONE]"
             return res
-        while line := resp.readline():
-            line = line.strip()
-            if not line.startswith(b"data: "):
-                continue
-            if line == b"data: [DONE]":
-                break
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if res.ttft_s is None:
-                res.ttft_s = now - start
-            else:
-                res.itl_s.append(now - last)
-            last = now
-            res.output_len += 1
-            usage = chunk.get("usage")
-            if usage:
-                res.output_len = usage["completion_tokens"]
         res.e2e_s = time.perf_counter() - start
-    except OSError as exc:
-        res.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
+        res.output_len = res.output_len or chunks  # servers without usage: one chunk per token
+    except Exception as exc:  # noqa: BLE001 - a load generator counts every failure, whatever it is
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
     return res
 
 
-def _model_name(url: urllib.parse.ParseResult, timeout: float) -> str:
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
+def _model_name(base: str, timeout: float) -> str:
+    import httpx
+
     try:
-        conn.request("GET", url.path.rstrip("/") + "/v1/models")
-        return json.loads(conn.getresponse().read())["data"][0]["id"]
-    except (OSError, KeyError, IndexError, ValueError) as exc:
-        raise LabkitError(f"no OpenAI-compatible server answers at {url.geturl()} ({exc})") from None
-    finally:
-        conn.close()
+        return httpx.get(base + "/v1/models", timeout=timeout).json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise LabkitError(f"no OpenAI-compatible server answers at {base} ({exc})") from None
+
+
+def _check_range(name: str, value: tuple[int, int]) -> tuple[int, int]:
+    if len(value) != 2 or not all(isinstance(v, int) and v >= 1 for v in value) or value[0] > value[1]:
+        raise LabkitError(f"{name}={tuple(value)} must be (MIN, MAX) with 1 <= MIN <= MAX")
+    return value[0], value[1]
+
+
+def check_out_path(out: str | Path | None) -> Path | None:
+    """``--out`` must name a file in a directory that exists (checked before the run, not after)."""
+    if out is None:
+        return None
+    out = Path(out)
+    if out.is_dir():
+        raise LabkitError(f"out={str(out)!r} is a directory; give a file name such as {str(out / 'bench.json')!r}")
+    if not out.parent.is_dir():
+        raise LabkitError(f"out={str(out)!r}: the directory {str(out.parent)!r} does not exist")
+    return out
 
 
 def bench_serve(url: str = "http://127.0.0.1:8000", *, model: str | None = None, num_requests: int = 32,
                 request_rate: float = float("inf"), prompt_len: tuple[int, int] = (16, 256),
                 output_len: tuple[int, int] = (8, 128), seed: int = 0, vocab: tuple[int, int] = (100, 30000),
                 slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                timeout: float = 600.0) -> dict[str, Any]:
-    """Run the load and return the summary (latency percentiles, throughputs, goodput)."""
-    if num_requests < 1:
-        raise LabkitError(f"num_requests={num_requests} must be at least 1")
-    if not request_rate > 0:
+                timeout: float = 600.0, max_concurrency: int | None = None) -> dict[str, Any]:
+    """Run the load and return the summary (latency percentiles, throughputs, goodput).
+
+    Every request is counted once, as completed or failed (with its error), never dropped.
+    """
+    if not isinstance(num_requests, int) or num_requests < 1:
+        raise LabkitError(f"num_requests={num_requests!r} must be a positive integer")
+    if not (request_rate > 0) or (math.isnan(request_rate)):
         raise LabkitError(f"request_rate={request_rate} must be > 0 (use inf for all at once)")
+    prompt_len, output_len = _check_range("prompt_len", prompt_len), _check_range("output_len", output_len)
+    if max_concurrency is not None and max_concurrency < 1:
+        raise LabkitError(f"max_concurrency={max_concurrency} must be a positive integer or None")
     parsed = urllib.parse.urlparse(url)
-    if parsed.scheme != "http" or not parsed.hostname:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise LabkitError(f"url={url!r} must look like http://HOST:PORT")
-    model = model or _model_name(parsed, timeout)
+    base = url.rstrip("/")
+    model = model or _model_name(base, timeout=min(timeout, 30.0))
     rng = random.Random(seed)
     work = [([rng.randint(*vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
             for _ in range(num_requests)]
@@ -110,27 +139,36 @@ def bench_serve(url: str = "http://127.0.0.1:8000", *, model: str | None = None,
         delays.append(t)
         if request_rate != float("inf"):
             t += rng.expovariate(request_rate)
-    results: list[RequestResult | None] = [None] * num_requests
+    results, duration = asyncio.run(_run_load(base, model, work, delays, timeout, max_concurrency))
+    return summarize_results(results, duration, slo_ttft_ms, slo_tpot_ms,
+                             config=dict(url=url, model=model, num_requests=num_requests, request_rate=request_rate,
+                                         prompt_len=list(prompt_len), output_len=list(output_len), seed=seed,
+                                         max_concurrency=max_concurrency))
 
-    def worker(i: int) -> None:
-        time.sleep(max(0.0, start + delays[i] - time.perf_counter()))
-        results[i] = _stream_one(parsed, model, work[i][0], work[i][1], timeout)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(num_requests)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return summarize_results([r for r in results if r is not None], time.perf_counter() - start,
-                             slo_ttft_ms, slo_tpot_ms, config=dict(url=url, model=model, num_requests=num_requests,
-                                                                   request_rate=request_rate, seed=seed))
+async def _run_load(base: str, model: str, work: list, delays: list[float], timeout: float,
+                    max_concurrency: int | None) -> tuple[list[RequestResult], float]:
+    import httpx
+
+    limit = asyncio.Semaphore(max_concurrency or len(work))
+    limits = httpx.Limits(max_connections=max_concurrency or len(work), max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(i: int) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + delays[i] - time.perf_counter()))
+            async with limit:
+                return await _stream_one(client, base, model, *work[i])
+
+        results = await asyncio.gather(*(one(i) for i in range(len(work))))
+    return list(results), time.perf_counter() - start
 
 
 def summarize_results(results: list[RequestResult], duration_s: float, slo_ttft_ms: float | None = None,
                       slo_tpot_ms: float | None = None, config: dict | None = None) -> dict[str, Any]:
     ok = [r for r in results if r.error is None]
-    out: dict[str, Any] = {"config": config or {}, "completed": len(ok), "failed": len(results) - len(ok),
+    out: dict[str, Any] = {"config": config or {}, "requests": len(results), "completed": len(ok),
+                           "failed": len(results) - len(ok),
                            "duration_s": duration_s, "request_throughput": len(ok) / duration_s,
                            "output_token_throughput": sum(r.output_len for r in ok) / duration_s,
                            "errors": sorted({r.error for r in results if r.error})[:5]}
@@ -164,11 +202,14 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def main_from_args(args) -> None:
+    out = check_out_path(args.out)
     summary = bench_serve(args.url, model=args.model, num_requests=args.num_requests, request_rate=args.request_rate,
                           prompt_len=tuple(args.prompt_len), output_len=tuple(args.output_len), seed=args.seed,
-                          slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+                          slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                          max_concurrency=args.max_concurrency)
     print(format_summary(summary))
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+    if out is not None:
+        atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {out}")
 
 

@@ -1,70 +1,24 @@
-"""The engine loop and the vLLM-shaped ``LLM`` API.
-
-``LLMEngine.step()`` = schedule → run the model on the flattened batch → append sampled tokens → finish
-what is done and free its blocks. ``LLM.generate`` feeds it prompts and steps until all are finished,
-with a progress bar showing live output tokens/s.
-"""
+"""The engine loop: ``LLMEngine.step()`` = schedule → run the model on the flattened batch → append sampled
+tokens → finish what is done and free its blocks. The user-facing API is :class:`labkit.serve.LLM` (``llm.py``);
+what a request returns is in ``outputs.py``."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from labkit import LabkitError
 from labkit.serve.block_manager import BlockManager
 from labkit.serve.config import EngineConfig
 from labkit.serve.kv_cache import KVCache
 from labkit.serve.model import PagedLlama
+from labkit.serve.outputs import EngineStats, RequestOutput
 from labkit.serve.runner import ModelRunner
 from labkit.serve.sampling import SamplingParams
 from labkit.serve.scheduler import Scheduler
 from labkit.serve.sequence import Sequence
-
-
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS) | "length"
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def tpot_s(self) -> float | None:
-        if len(self.token_times) < 2:
-            return None
-        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    preemptions: int = 0
-    peak_blocks: int = 0
-    prefix_hit_blocks: int = 0
-    waste_slots: int = 0  # summed over steps: reserved slots not holding a token
-    reserved_slots: int = 0
-    history: list[dict] = field(default_factory=list)  # per-step snapshots when recording
-
-    @property
-    def kv_waste_pct(self) -> float:
-        return 100.0 * self.waste_slots / self.reserved_slots if self.reserved_slots else 0.0
 
 
 class LLMEngine:
@@ -78,7 +32,7 @@ class LLMEngine:
         self.kv = KVCache(self.model.num_layers, cfg.num_blocks, cfg.block_size, self.model.num_kv_heads,
                           self.model.head_dim, self.model.dtype, self.model.device)
         self.scheduler = Scheduler(cfg, self.bm)
-        self.runner = ModelRunner(self.model, self.kv, self.bm)
+        self.runner = ModelRunner(self.model, self.kv, self.bm, cfg.decode_group)
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else \
             hf_model.config.eos_token_id
         self.stats = EngineStats()
@@ -94,7 +48,7 @@ class LLMEngine:
                               f"{self.config.max_model_len} (prompt + output must fit)")
         if params.n != 1:
             raise LabkitError(f"n={params.n}: parallel sampling is not supported by this engine yet; use n=1")
-        seq = Sequence(list(prompt_token_ids), self.config.block_size)
+        seq = Sequence(list(prompt_token_ids), self.config.block_size, max_tokens=params.max_tokens)
         out = RequestOutput(seq.seq_id, list(prompt_token_ids), arrival_time=time.perf_counter())
         self.requests[seq.seq_id] = (seq, params, out)
         gen = None
@@ -104,11 +58,24 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.seq_id
 
-    def abort(self, request_id: int) -> None:
-        if request_id in self.requests:
-            seq, _, out = self.requests.pop(request_id)
-            self.scheduler.abort(seq)
-            out.finish_reason = out.finish_reason or "abort"
+    def abort(self, request_id: int, reason: str = "abort") -> RequestOutput | None:
+        """Drop a request wherever it is; its blocks return to the pool. Returns its output, if it was live."""
+        self.generators.pop(request_id, None)
+        if request_id not in self.requests:
+            return None
+        seq, _, out = self.requests.pop(request_id)
+        self.scheduler.abort(seq)
+        out.finish_reason = out.finish_reason or reason
+        out.finish_time = out.finish_time or time.perf_counter()
+        return out
+
+    def abort_running(self, reason: str = "error") -> list[RequestOutput]:
+        """Abort every request in the running batch (after a failed step, whose state cannot be trusted)."""
+        return [out for s in list(self.scheduler.running) if (out := self.abort(s.seq_id, reason)) is not None]
+
+    def check_consistent(self) -> None:
+        """Raise if block reference counts disagree with the live block tables (a leak or a double free)."""
+        self.bm.check_invariants(list(self.scheduler.running) + list(self.scheduler.waiting))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -180,63 +147,3 @@ class LLMEngine:
                 "waiting": [s.seq_id for s in self.scheduler.waiting],
                 "scheduled": [(s.seq_id, n) for s, n in (sched.scheduled if sched else [])],
                 "preemptions": self.scheduler.num_preemptions}
-
-
-class LLM:
-    """vLLM-shaped entry point: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``."""
-
-    def __init__(self, model: str | torch.nn.Module = "smollm2-135m", tokenizer: Any = None, *,
-                 block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 512, max_model_len: int = 1024,
-                 enable_prefix_caching: bool = False, enable_chunked_prefill: bool = True, paged: bool = True,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 record_history: bool = False) -> None:
-        from labkit import env, zoo
-
-        if isinstance(model, str):
-            model, tokenizer = zoo.load_causal_lm(model, dtype=dtype, device=device or env.default_device(),
-                                                  progress=False)
-        self.tokenizer = tokenizer
-        config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              enable_prefix_caching=enable_prefix_caching,
-                              enable_chunked_prefill=enable_chunked_prefill, paged=paged)
-        self.engine = LLMEngine(model, tokenizer, config, record_history=record_history)
-
-    @property
-    def stats(self) -> EngineStats:
-        return self.engine.stats
-
-    def _encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise LabkitError("text prompts need a tokenizer; pass token id lists instead")
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return list(prompt)
-
-    def generate(self, prompts: str | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise LabkitError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.engine.add_request(self._encode(p), sp) for p, sp in zip(prompts, plist)]
-        outputs: dict[int, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
-        n_tokens, t0 = 0, time.perf_counter()
-        while self.engine.has_unfinished():
-            for out, _ in self.engine.step():
-                n_tokens += 1
-                if out.finished:
-                    outputs[out.request_id] = out
-                    bar.update(1)
-            bar.set_postfix(out_tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
-        bar.close()
-        result = [outputs[i] for i in ids]
-        if self.tokenizer is not None:
-            for o in result:
-                o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
-        return result

@@ -15,8 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from labkit import LabkitError
 from labkit.serve.kv_cache import KVCache
+
+# Architectures whose decoder layers have Llama's shape (q/k/v/o projections, RMSNorm, rotary, gated MLP).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -58,6 +63,10 @@ class PagedLlama(nn.Module):
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
         cfg = hf_model.config
+        model_type = getattr(cfg, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise LabkitError(f"model_type={model_type!r} is not supported by the paged engine; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-shaped decoders)")
         self.hf = hf_model
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
@@ -80,7 +89,6 @@ class PagedLlama(nn.Module):
         m = self.hf.model
         h = m.embed_tokens(batch.input_ids).unsqueeze(0)  # [1, T, hidden]
         cos, sin = m.rotary_emb(h, batch.positions.unsqueeze(0))
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         T = batch.input_ids.shape[0]
         groups = self.num_heads // self.num_kv_heads

@@ -13,10 +13,10 @@ from labkit.serve.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: PagedLlama, kv: KVCache, block_manager: BlockManager) -> None:
+    def __init__(self, model: PagedLlama, kv: KVCache, block_manager: BlockManager, decode_group: int = 8) -> None:
         self.model, self.kv, self.bm = model, kv, block_manager
         self.device = model.device
-        self.decode_group = 8  # decode sequences attended together, sorted by length to limit padding
+        self.decode_group = decode_group  # decode sequences attended together (EngineConfig.decode_group)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Batch, list[Sequence]]:
         ids, pos, slots, prefills, dec_rows, dec_ctx, logit_rows, sampled = [], [], [], [], [], [], [], []

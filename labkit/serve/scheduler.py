@@ -46,8 +46,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _reserve(self) -> int | None:
-        return None if self.config.paged else self.config.max_model_len
+    def _reserve(self, seq: Sequence) -> int | None:
+        """Tokens to reserve at admission: none when paged; else ``max_model_len``, or exactly
+        prompt + ``max_tokens`` under ``kv_reservation="exact"``."""
+        if self.config.paged:
+            return None
+        if self.config.kv_reservation == "exact" and seq.max_tokens is not None:
+            return min(seq.num_prompt_tokens + seq.max_tokens, self.config.max_model_len)
+        return self.config.max_model_len
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
@@ -80,13 +86,14 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            if not self.bm.can_allocate(seq, self._reserve()):
+            contiguous = not self.config.paged
+            if not self.bm.can_allocate(seq, self._reserve(seq), contiguous):
                 break
-            self.bm.allocate(seq, self._reserve())
-            remaining = len(seq) - seq.num_computed_tokens
+            remaining = len(seq) - self.bm.cached_tokens(seq)
             if not self.config.enable_chunked_prefill and remaining > budget:
-                self.bm.free(seq)
-                break
+                break  # checked before allocating: no blocks taken and given back
+            self.bm.allocate(seq, self._reserve(seq), contiguous)
+            remaining = len(seq) - seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

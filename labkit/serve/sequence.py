@@ -18,15 +18,21 @@ class Status(Enum):
 @dataclass
 class Sequence:
     """Prompt + generated token ids, the block table mapping its logical blocks to physical ones, and how many
-    tokens already have KV in the cache (``num_computed_tokens``)."""
+    tokens already have KV in the cache (``num_computed_tokens``).
+
+    ``max_tokens`` (the request's output limit) lets a non-paged engine reserve exactly what the request can
+    need; ``block_hashes`` caches the prefix-cache hash of each full block, computed once.
+    """
 
     token_ids: list[int]
     block_size: int
     seq_id: int = field(default_factory=lambda: next(_ids))
     num_prompt_tokens: int = -1
+    max_tokens: int | None = None
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_cached_tokens: int = 0  # tokens whose KV came from the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)
     status: Status = Status.WAITING
 
     def __post_init__(self) -> None:
@@ -37,21 +43,8 @@ class Sequence:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    @property
-    def num_blocks(self) -> int:
-        """Blocks needed to hold KV for every token so far."""
-        return -(-len(self.token_ids) // self.block_size)
-
-    @property
-    def num_full_blocks(self) -> int:
-        return len(self.token_ids) // self.block_size
-
     def block_tokens(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
-
-    @property
-    def completion_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -1,67 +1,121 @@
-"""An OpenAI-compatible HTTP server over the paged engine (stdlib only).
+"""An OpenAI-compatible HTTP server over the paged engine: FastAPI + uvicorn, the shape vLLM's server has.
 
-One background thread runs engine steps; each HTTP request (one thread each) adds its request to the
-engine between steps and waits on its own queue of tokens, so requests from many clients join the running
-batch. Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat
-template), with ``"stream": true`` as server-sent events ending in ``data: [DONE]``. A client that goes away
-mid-stream has its request aborted and its KV blocks freed. Binds to 127.0.0.1 unless told otherwise.
+One background thread runs engine steps (:class:`EngineService`); each HTTP request adds its request to the
+engine between steps and awaits its own queue of tokens, so requests from many clients join the running
+batch. Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template),
+``"stream": true`` as server-sent events ending in ``data: [DONE]``, ``GET /health`` and ``GET /metrics``
+(Prometheus text). Failures are answered, never swallowed: a bad body is an OpenAI-style 400, an engine step
+that raises fails the requests in its batch with a 500 (their blocks freed) and the engine serves on, and
+a client that goes away mid-stream has its request aborted. Binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
+import socket
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+
 from labkit import LabkitError
+from labkit.serve.detokenizer import TextStream
 from labkit.serve.engine import LLMEngine
+from labkit.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from labkit.serve.sampling import SamplingParams
+
+Event = tuple[int | None, str | None, str | None]  # (new token, finish reason, error message)
 
 
 class EngineService:
-    """Thread-safe front of an :class:`LLMEngine`: submit, stream, abort."""
+    """Thread-safe front of an :class:`LLMEngine`: submit, abort, health, metrics.
 
-    def __init__(self, engine: LLMEngine) -> None:
+    Tokens reach each request through its ``sink`` callback, called from the engine thread. If a step
+    raises, the requests in the running batch get an ``error`` event and are aborted (their blocks go
+    back to the pool), and the block accounting is checked; if it is broken the service turns unhealthy
+    and refuses new work rather than serve from a corrupt cache.
+    """
+
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.queues: dict[int, queue.Queue] = {}
+        self.sinks: dict[int, Callable[[Event], None]] = {}
+        self.idle_wait_s = idle_wait_s
+        self.healthy, self.last_error = True, None
+        self.failed_steps = self.tokens_generated = self.requests_finished = self.requests_failed = 0
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, daemon=True, name="labkit-engine")
         self.thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, queue.Queue]:
-        q: queue.Queue = queue.Queue()
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> int:
         with self.lock:
+            if not self.healthy:
+                raise APIError(503, f"the engine is unhealthy ({self.last_error}); restart the server",
+                               type="server_error", code="engine_unhealthy")
             rid = self.engine.add_request(prompt_ids, params)
-            self.queues[rid] = q
+            self.sinks[rid] = sink
         self.wake.set()
-        return rid, q
+        return rid
 
     def abort(self, rid: int) -> None:
         with self.lock:
             self.engine.abort(rid)
-            self.queues.pop(rid, None)
+            self.sinks.pop(rid, None)
 
     def _loop(self) -> None:
         while not self.stopped:
+            deliveries: list[tuple[Callable[[Event], None], Event]] = []
             with self.lock:
                 busy = self.engine.has_unfinished()
-                events = self.engine.step() if busy else []
-                targets = [(self.queues.get(out.request_id), out, tok) for out, tok in events]
-                for out, _ in events:
-                    if out.finished:
-                        self.queues.pop(out.request_id, None)
-            for q, out, tok in targets:
-                if q is not None:
-                    q.put((tok, out.finish_reason))
+                if busy:
+                    try:
+                        for out, tok in self.engine.step():
+                            self.tokens_generated += 1
+                            sink = self.sinks.get(out.request_id)
+                            if out.finished:
+                                self.sinks.pop(out.request_id, None)
+                                self.requests_finished += 1
+                            if sink is not None:
+                                deliveries.append((sink, (tok, out.finish_reason, None)))
+                    except Exception as exc:  # noqa: BLE001 - any failure must reach the clients
+                        deliveries += self._fail_step(exc)
+            for sink, event in deliveries:
+                _deliver(sink, event)
             if not busy:
-                self.wake.wait(0.05)
+                self.wake.wait(self.idle_wait_s)
                 self.wake.clear()
+
+    def _fail_step(self, exc: Exception) -> list[tuple[Callable[[Event], None], Event]]:
+        """Abort the batch a failed step was running (or the waiting request nothing can hold)."""
+        self.failed_steps += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        failed = self.engine.abort_running("error")
+        if not failed and self.engine.scheduler.waiting:
+            out = self.engine.abort(self.engine.scheduler.waiting[0].seq_id, "error")
+            failed = [out] if out is not None else []
+        try:
+            self.engine.check_consistent()
+        except RuntimeError as bad:
+            self.healthy, self.last_error = False, f"{self.last_error}; then {bad}"
+        self.requests_failed += len(failed)
+        msg = f"the engine failed while running this request ({self.last_error})"
+        return [(s, (None, "error", msg)) for out in failed if (s := self.sinks.pop(out.request_id, None))]
+
+    def metrics(self) -> dict[str, float]:
+        with self.lock:
+            sch, bm = self.engine.scheduler, self.engine.bm
+            return {"num_requests_running": len(sch.running), "num_requests_waiting": len(sch.waiting),
+                    "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks),
+                    "generation_tokens_total": self.tokens_generated,
+                    "requests_finished_total": self.requests_finished, "requests_failed_total": self.requests_failed,
+                    "engine_failed_steps_total": self.failed_steps, "healthy": int(self.healthy)}
 
     def stop(self) -> None:
         self.stopped = True
@@ -69,195 +123,297 @@ class EngineService:
         self.thread.join(timeout=5)
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.status = param, status
-
-
-def _params(body: dict[str, Any]) -> SamplingParams:
+def _deliver(sink: Callable[[Event], None], event: Event) -> None:
     try:
-        return SamplingParams(temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
-                              top_k=int(body.get("top_k", -1)), max_tokens=int(body.get("max_tokens", 16)),
-                              ignore_eos=bool(body.get("ignore_eos", False)), seed=body.get("seed"),
-                              n=int(body.get("n", 1)))
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"bad sampling value: {exc}") from None
-    except LabkitError as exc:
-        raise BadRequest(str(exc), param=str(exc).split("=")[0]) from None
+        sink(event)
+    except RuntimeError:  # the client's event loop is gone (server shutting down)
+        pass
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: LabkitHTTPServer
-    protocol_version = "HTTP/1.1"
+# ----------------------------------------------------------------------------------------------- the app
 
-    def log_message(self, fmt: str, *args: Any) -> None:  # quiet by default
-        if self.server.verbose:
-            super().log_message(fmt, *args)
+def _validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if not isinstance(x, int)]
+    param = loc[0] if loc else None
+    what = err.get("msg", "invalid value")
+    given = err.get("input")
+    shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+    return APIError(400, f"{'.'.join(loc) or 'body'}: {what}{shown}", param=param, code="invalid_value")
 
-    def _json(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def _error(self, exc: BadRequest) -> None:
-        self._json(exc.status, {"error": {"message": str(exc), "type": "invalid_request_error",
-                                          "param": exc.param, "code": None}})
+class OpenAIApp:
+    """The routes, over one :class:`EngineService`; ``build()`` returns the FastAPI app."""
 
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
-                                                          "created": 0, "owned_by": "labkit"}]})
-        else:
-            self._error(BadRequest(f"unknown path {self.path}", status=404))
+    def __init__(self, service: EngineService, tokenizer: Any, model_name: str, request_timeout_s: float = 600.0,
+                 body_timeout_s: float = 10.0) -> None:
+        self.service, self.tokenizer, self.model_name = service, tokenizer, model_name
+        self.request_timeout_s, self.body_timeout_s = request_timeout_s, body_timeout_s
 
-    def do_POST(self) -> None:
+    def build(self) -> FastAPI:
+        app = FastAPI(title="labkit OpenAI-compatible server", version="1")
+
+        @app.exception_handler(APIError)
+        async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+        @app.exception_handler(404)
+        async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+            err = APIError(404, f"unknown path {request.url.path}", code="not_found")
+            return JSONResponse(err.body(), status_code=404)
+
+        @app.exception_handler(405)
+        async def _bad_method(request: Request, exc: Exception) -> JSONResponse:
+            err = APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+            return JSONResponse(err.body(), status_code=405)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            s = self.service
+            body = {"status": "ok" if s.healthy else "unhealthy", "last_error": s.last_error,
+                    "engine_thread_alive": s.thread.is_alive()}
+            return JSONResponse(body, status_code=200 if s.healthy and s.thread.is_alive() else 503)
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            lines = [f"labkit_{k} {v}" for k, v in self.service.metrics().items()]
+            return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                                "owned_by": "labkit"}]}
+
+        schema = lambda model: {"requestBody": {"required": True, "content": {  # noqa: E731
+            "application/json": {"schema": model.model_json_schema()}}}}
+
+        @app.post("/v1/completions", openapi_extra=schema(CompletionRequest))
+        async def completions(request: Request):
+            body = self._parse(CompletionRequest, await self._json(request))
+            return await self._respond(body, self._prompt_ids(body), chat=False)
+
+        @app.post("/v1/chat/completions", openapi_extra=schema(ChatCompletionRequest))
+        async def chat(request: Request):
+            body = self._parse(ChatCompletionRequest, await self._json(request))
+            return await self._respond(body, self._chat_ids(body), chat=True)
+
+        return app
+
+    # -------------------------------------------------------------------------------------- parsing
+    async def _json(self, request: Request) -> Any:
         try:
-            length = int(self.headers.get("Content-Length", 0))
-            try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except json.JSONDecodeError as exc:
-                raise BadRequest(f"malformed JSON body: {exc.msg}") from None
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object")
-            model = body.get("model", self.server.model_name)
-            if model != self.server.model_name:
-                raise BadRequest(f"unknown model {model!r}; this server serves {self.server.model_name!r}", "model",
-                                 status=404)
-            path = self.path.rstrip("/")
-            if path == "/v1/completions":
-                chat, prompt_ids = False, self._prompt_ids(body)
-            elif path == "/v1/chat/completions":
-                chat, prompt_ids = True, self._chat_ids(body)
-            else:
-                raise BadRequest(f"unknown path {self.path}", status=404)
-            params = _params(body)
-            max_len = self.server.service.engine.config.max_model_len
-            if len(prompt_ids) + params.max_tokens > max_len:
-                raise BadRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                 f"context length {max_len}", "max_tokens")
-            try:
-                rid, q = self.server.service.submit(prompt_ids, params)
-            except LabkitError as exc:
-                raise BadRequest(str(exc)) from None
-        except BadRequest as exc:
-            self._error(exc)
-            return
-        if body.get("stream"):
-            self._stream(rid, q, chat, len(prompt_ids))
+            raw = await asyncio.wait_for(request.body(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"the request body did not arrive within {self.body_timeout_s:g} s (does "
+                                "Content-Length match the body?)", code="incomplete_body") from None
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+
+    def _parse(self, model, obj: Any):
+        if not isinstance(obj, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            body = model.model_validate(obj)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        return body
+
+    def _prompt_ids(self, body: CompletionRequest) -> list[int]:
+        if isinstance(body.prompt, str):
+            ids = self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"] if body.prompt else []
         else:
-            self._complete(rid, q, chat, len(prompt_ids))
+            ids = list(body.prompt)
+            vocab = self.service.engine.model.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt token id {bad[0]} is outside 0..{vocab - 1}", "prompt", "invalid_value")
+        if not ids:
+            raise APIError(400, "prompt is empty; give at least one token", "prompt", "invalid_value")
+        return self._check_length(ids, body, "prompt")
 
-    def _prompt_ids(self, body: dict) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) and prompt:
-            return self.server.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            vocab = self.server.service.engine.model.vocab_size
-            if not all(0 <= t < vocab for t in prompt):
-                raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", "prompt")
-            return prompt
-        raise BadRequest("prompt must be a non-empty string or a list of token ids", "prompt")
+    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        messages = [m.model_dump() for m in body.messages]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self._check_length(ids, body, "messages")
 
-    def _chat_ids(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        if not (isinstance(messages, list) and messages and
-                all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-            raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
-        ids = self.server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    def _check_length(self, ids: list[int], body, param: str) -> list[int]:
+        limit = self.service.engine.config.max_model_len
+        max_tokens = body.sampling_params().max_tokens
+        if len(ids) + max_tokens > limit:
+            raise APIError(400, f"this model's context is {limit} tokens; the {param} has {len(ids)} and max_tokens "
+                                f"asks for {max_tokens} more", param, "context_length_exceeded")
+        return ids
 
-    def _envelope(self, rid: int, chat: bool, stream: bool) -> dict:
-        kind = ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else "")
-        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}-{uuid.uuid4().hex[:8]}", "object": kind,
-                "created": int(time.time()), "model": self.server.model_name}
+    # -------------------------------------------------------------------------------------- answering
+    def _envelope(self, chat: bool, stream: bool) -> dict:
+        kind = "chat.completion" + (".chunk" if stream else "") if chat else "text_completion"
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self.model_name}
 
-    def _complete(self, rid: int, q: queue.Queue, chat: bool, n_prompt: int) -> None:
-        tokens, reason = [], None
-        while reason is None:
-            tok, reason = q.get()
-            tokens.append(tok)
-        text = self.server.tokenizer.decode(tokens, skip_special_tokens=True)
+    async def _respond(self, body, prompt_ids: list[int], chat: bool):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            rid = self.service.submit(prompt_ids, body.sampling_params(),
+                                      lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        except LabkitError as exc:
+            raise APIError(400, str(exc), code="invalid_value") from None
+        events = self._events(rid, queue, TextStream(self.tokenizer, body.stop))
+        if body.stream:
+            gen = self._sse(events, rid, chat, len(prompt_ids), body.include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, n_out, reason = "", 0, None
+        async for event in events:
+            delta, n_out, reason, error = event  # the last event carries the totals
+            if error:
+                raise APIError(500, error, type="server_error", code="engine_error")
+            text += delta
         choice = {"index": 0, "finish_reason": reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        self._json(200, {**self._envelope(rid, chat, False), "choices": [choice],
-                         "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(tokens),
-                                   "total_tokens": n_prompt + len(tokens)}})
+        return JSONResponse({**self._envelope(chat, False), "choices": [choice], "usage": _usage(len(prompt_ids), n_out)})
 
-    def _stream(self, rid: int, q: queue.Queue, chat: bool, n_prompt: int) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        env = self._envelope(rid, chat, True)
-        tokens: list[int] = []
-        sent = ""
-        reason = None
+    async def _events(self, rid: int, queue: asyncio.Queue, text: TextStream) -> AsyncIterator[tuple]:
+        """``(text delta, output tokens so far, finish reason, error)`` until the request ends; aborts the
+        engine request when the consumer stops early (client gone, stop string, timeout)."""
+        n_out, done = 0, False
         try:
-            while reason is None:
-                tok, reason = q.get()
-                tokens.append(tok)
-                text = self.server.tokenizer.decode(tokens, skip_special_tokens=True)
-                delta, sent = text[len(sent):], text
-                choice = {"index": 0, "finish_reason": reason, "logprobs": None}
-                choice.update({"delta": {"content": delta}} if chat else {"text": delta})
-                chunk = {**env, "choices": [choice]}
-                if reason is not None:
-                    chunk["usage"] = {"prompt_tokens": n_prompt, "completion_tokens": len(tokens),
-                                      "total_tokens": n_prompt + len(tokens)}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            self.server.service.abort(rid)  # the client went away: free its blocks
-        self.close_connection = True
+            while not done:
+                try:
+                    tok, reason, error = await asyncio.wait_for(queue.get(), self.request_timeout_s)
+                except asyncio.TimeoutError:
+                    yield "", n_out, "error", f"no token within {self.request_timeout_s:g} s; request aborted"
+                    return
+                if error:
+                    done = True
+                    yield "", n_out, "error", error
+                    return
+                n_out += 1
+                delta = text.push(tok)
+                if text.stopped:
+                    reason = "stop"
+                done = reason is not None
+                if done:
+                    delta += text.finish()
+                if delta or done:
+                    yield delta, n_out, reason, None
+        finally:
+            if not done or text.stopped:
+                self.service.abort(rid)
+
+    async def _sse(self, events, rid: int, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+        env = self._envelope(chat, True)
+
+        def chunk(choices: list, usage: dict | None = None) -> bytes:
+            payload = {**env, "choices": choices}
+            if include_usage:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n".encode()
+
+        def choice(delta: str, reason: str | None, first: bool = False) -> dict:
+            if chat:
+                d = {"role": "assistant", "content": delta} if first else ({"content": delta} if delta else {})
+                return {"index": 0, "delta": d, "finish_reason": reason, "logprobs": None}
+            return {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}
+
+        if chat:
+            yield chunk([choice("", None, first=True)])
+        n_out = 0
+        async for event in events:
+            delta, n_out, reason, error = event
+            if error:
+                err = APIError(500, error, type="server_error", code="engine_error")
+                yield f"data: {json.dumps(err.body())}\n\n".encode()
+                break
+            yield chunk([choice(delta, reason)])
+        if include_usage:
+            yield chunk([], _usage(n_prompt, n_out))
+        yield b"data: [DONE]\n\n"
 
 
-class LabkitHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, addr: tuple[str, int], service: EngineService, tokenizer: Any, model_name: str,
-                 verbose: bool = False) -> None:
-        super().__init__(addr, Handler)
-        self.service, self.tokenizer, self.model_name, self.verbose = service, tokenizer, model_name, verbose
+def _usage(n_prompt: int, n_out: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
 
-def start_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False) -> tuple[LabkitHTTPServer, threading.Thread]:
-    """Serve ``llm`` (an :class:`~labkit.serve.LLM`) in a background thread; port 0 picks a free port."""
+# ----------------------------------------------------------------------------------------------- running it
+
+class ServerHandle:
+    """A server running in a background thread (tests, notebooks): ``.url``, ``.port``, ``.service``."""
+
+    def __init__(self, server, thread: threading.Thread, sock: socket.socket, service: EngineService) -> None:
+        self.server, self.thread, self.sock, self.service = server, thread, sock, service
+        self.host, self.port = sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+
+
+def check_port(port: int) -> int:
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise LabkitError(f"port={port!r} must be an integer in 0..65535 (0 picks a free port)")
+    return port
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    check_port(port)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise LabkitError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    sock.listen(2048)
+    return sock
+
+
+def _uvicorn(app, log_level: str):
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+
+
+def start_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+                 request_timeout_s: float = 600.0, body_timeout_s: float = 10.0) -> ServerHandle:
+    """Serve ``llm`` (a :class:`~labkit.serve.LLM`) in a background thread; port 0 picks a free port."""
+    sock = _bind(host, port)
     service = EngineService(llm.engine)
-    server = LabkitHTTPServer((host, port), service, llm.tokenizer, model_name, verbose)
-    thread = threading.Thread(target=server.serve_forever, daemon=True, name="labkit-http")
+    app = OpenAIApp(service, llm.tokenizer, model_name, request_timeout_s, body_timeout_s).build()
+    server = _uvicorn(app, "info" if verbose else "warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="labkit-http")
     thread.start()
-    return server, thread
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            service.stop()
+            raise RuntimeError("the HTTP server did not start")
+        time.sleep(0.01)
+    return ServerHandle(server, thread, sock, service)
 
 
-def stop_server(server: LabkitHTTPServer) -> None:
-    server.shutdown()
-    server.server_close()
-    server.service.stop()
+def stop_server(handle: ServerHandle) -> None:
+    handle.server.should_exit = True
+    handle.thread.join(timeout=10)
+    handle.sock.close()
+    handle.service.stop()
 
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, block_size: int = 16,
           num_blocks: int | None = None, max_num_seqs: int = 32) -> None:
     """``labkit serve``: block until interrupted."""
-    from labkit.serve.engine import LLM
+    from labkit.serve.llm import LLM
 
+    sock = _bind(host, port)  # fail on a bad or busy port before loading the model
     llm = LLM(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs)
     service = EngineService(llm.engine)
+    app = OpenAIApp(service, llm.tokenizer, model).build()
+    print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (paged KV: "
+          f"{llm.engine.config.num_blocks} blocks of {block_size}); Ctrl-C to stop")
     try:
-        server = LabkitHTTPServer((host, port), service, llm.tokenizer, model, verbose=True)
-    except OSError as exc:
-        raise LabkitError(f"cannot listen on {host}:{port} ({exc.strerror})") from None
-    print(f"labkit serving {model} on http://{host}:{port}/v1 (paged KV: {llm.engine.config.num_blocks} blocks "
-          f"of {block_size}); Ctrl-C to stop")
-    try:
-        server.serve_forever()
+        _uvicorn(app, "info").run(sockets=[sock])
     finally:
-        server.server_close()
+        sock.close()
         service.stop()

@@ -145,3 +145,39 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_prefix_hashes_are_sha256_chained_and_computed_once():
+    from labkit.serve.block_manager import chain_hash
+
+    bm = BlockManager(16, 4, enable_prefix_caching=True)
+    s = Sequence(list(range(10)), 4)
+    h = bm.block_hashes(s, 2)
+    assert len(h[0]) == 32 and h[1] == chain_hash(h[0], [4, 5, 6, 7])
+    assert chain_hash(None, [1, 2]) != chain_hash(None, [2, 1])
+    s.token_ids[0] = 99  # cached: not recomputed (a full block's tokens never change in the engine)
+    assert bm.block_hashes(s, 2) == h
+
+
+def test_contiguous_allocation_takes_one_run_and_suffers_external_fragmentation():
+    bm = BlockManager(12, 4)
+    seqs = [Sequence([1] * 4, 4) for _ in range(3)]
+    for s in seqs:
+        bm.allocate(s, reserve_tokens=16, contiguous=True)  # 4 blocks each, consecutive
+    assert [s.block_table for s in seqs] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    bm.free(seqs[0])
+    bm.free(seqs[2])
+    small = Sequence([1] * 4, 4)
+    bm.allocate(small, reserve_tokens=8, contiguous=True)  # 2 blocks: first fit, in the first hole
+    assert small.block_table == [0, 1]
+    bm.free(seqs[1])
+    big = Sequence([1] * 4, 4)
+    assert bm.num_free == 10
+    assert bm.can_allocate(big, reserve_tokens=32, contiguous=True)  # 8 free in a row: 2..9
+    bm.allocate(big, reserve_tokens=32, contiguous=True)
+    assert big.block_table == list(range(2, 10))
+    bm.free(small)
+    late = Sequence([1] * 4, 4)
+    assert bm.num_free == 4 and not bm.can_allocate(late, reserve_tokens=16, contiguous=True)  # holes 0-1, 10-11
+    assert bm.can_allocate(late, reserve_tokens=16)  # a paged allocation fits in the same 4 blocks
+    bm.check_invariants([big])

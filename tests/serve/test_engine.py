@@ -89,8 +89,28 @@ def test_contiguous_mode_identical_and_wastes_more():
     ps = prompts(LENGTHS)
     paged, lp = run(ps, block_size=4)
     contiguous, lc = run(ps, block_size=4, paged=False)
-    assert [o.token_ids for o in contiguous] == [o.token_ids for o in paged]
+    exact, le = run(ps, block_size=4, paged=False, kv_reservation="exact")
+    assert [o.token_ids for o in contiguous] == [o.token_ids for o in paged] == [o.token_ids for o in exact]
     assert lc.stats.kv_waste_pct > 3 * lp.stats.kv_waste_pct
+    assert lp.stats.kv_waste_pct < le.stats.kv_waste_pct < lc.stats.kv_waste_pct
+
+
+def test_exact_reservation_admits_more_than_max_length_reservation():
+    ps = prompts([6] * 8)  # 6 + 10 tokens = 4 blocks each exactly; max_model_len 128 = 32 blocks
+    _, lc = run(ps, block_size=4, num_blocks=64, paged=False, max_num_seqs=8)
+    _, le = run(ps, block_size=4, num_blocks=64, paged=False, kv_reservation="exact", max_num_seqs=8)
+    first = lambda llm: llm.stats.steps  # noqa: E731 - fewer steps = more requests in flight together
+    assert first(le) < first(lc)
+    assert le.stats.peak_blocks == 8 * 4 and lc.stats.peak_blocks == 2 * 32
+
+
+def test_abort_forgets_the_request_everywhere():
+    llm = LLM(MODEL, None, max_model_len=128, block_size=4)
+    rid = llm.engine.add_request([5, 6, 7], SamplingParams(temperature=0.7, seed=3, max_tokens=20))
+    llm.engine.step()
+    llm.engine.abort(rid)
+    assert not llm.engine.requests and not llm.engine.generators and not llm.engine.has_unfinished()
+    assert llm.engine.bm.num_free == len(llm.engine.bm.blocks)
 
 
 @settings(max_examples=15, deadline=None)

@@ -17,19 +17,36 @@ from tests.conftest import tiny_llama
 @pytest.fixture(scope="module")
 def server(tokenizer):
     llm = LLM(tiny_llama(seed=2), tokenizer, block_size=4, max_model_len=256, max_num_seqs=16)
-    srv, _ = start_server(llm, "tiny")
+    srv = start_server(llm, "tiny", body_timeout_s=1.0)
     yield srv
     stop_server(srv)
 
 
-def request(srv, method, path, body=None, raw=None):
-    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+def request(srv, method, path, body=None, raw=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
     data = raw if raw is not None else (json.dumps(body) if body is not None else None)
-    conn.request(method, path, data, {"Content-Type": "application/json"})
+    conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
     resp = conn.getresponse()
     out = resp.status, resp.read()
     conn.close()
     return out
+
+
+def no_leak(srv, wait_s: float = 10.0) -> bool:
+    """Every block back on the free list and no request left in the engine (waits for in-flight aborts)."""
+    eng = srv.service.engine
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        with srv.service.lock:
+            if eng.bm.num_free == len(eng.bm.blocks) and not eng.has_unfinished() and not eng.requests:
+                return not srv.service.sinks and not eng.generators
+        time.sleep(0.02)
+    return False
+
+
+def healthy(srv) -> bool:
+    status, body = request(srv, "GET", "/health")
+    return status == 200 and json.loads(body)["status"] == "ok"
 
 
 def test_models_lists_the_model(server):
@@ -37,7 +54,7 @@ def test_models_lists_the_model(server):
     assert status == 200 and json.loads(body)["data"][0]["id"] == "tiny"
 
 
-def test_completion_matches_engine_and_counts_usage(server):
+def test_completion_matches_engine_and_counts_usage(server, tokenizer):
     prompt = [5, 6, 7, 8, 9, 10]
     status, body = request(server, "POST", "/v1/completions",
                            {"model": "tiny", "prompt": prompt, "max_tokens": 7, "temperature": 0, "ignore_eos": True})
@@ -45,7 +62,13 @@ def test_completion_matches_engine_and_counts_usage(server):
     d = json.loads(body)
     assert d["usage"] == {"prompt_tokens": 6, "completion_tokens": 7, "total_tokens": 13}
     assert d["choices"][0]["finish_reason"] == "length"
-    assert server.service.engine.bm.num_free == len(server.service.engine.bm.blocks)
+    llm = LLM(tiny_llama(seed=2), tokenizer, block_size=4, max_model_len=256)
+    from labkit.serve import SamplingParams
+
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True), use_tqdm=False)[0]
+    assert d["choices"][0]["text"] == tokenizer.decode(ref.token_ids, skip_special_tokens=True,
+                                                       clean_up_tokenization_spaces=False)
+    assert no_leak(server)
 
 
 def test_chat_completion_uses_chat_template(server, tokenizer):
@@ -60,38 +83,105 @@ def test_chat_completion_uses_chat_template(server, tokenizer):
     assert d["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_streaming_ends_with_done(server):
-    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hello there", "max_tokens": 5, "stream": True,
-                                                        "temperature": 0, "ignore_eos": True}))
+def sse(srv, path, body):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
-    assert resp.getheader("Content-Type") == "text/event-stream"
-    lines = [ln for ln in resp.read().decode().split("\n\n") if ln]
-    assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
-    assert len(chunks) == 5 and chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert resp.getheader("Content-Type").startswith("text/event-stream")
+    events = [ln for ln in resp.read().decode().split("\n\n") if ln]
+    conn.close()
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in events[:-1]]
 
 
-@pytest.mark.parametrize("body,raw,param", [
-    (None, "{not json", None),
-    ({"model": "gpt-4", "prompt": "x"}, None, "model"),
-    ({"prompt": "x", "temperature": -1}, None, "temperature"),
-    ({"prompt": ""}, None, "prompt"),
-    ({"prompt": list(range(3, 300)), "max_tokens": 10}, None, "max_tokens"),
-    ({"messages": "hi"}, None, "messages"),
-])
-def test_bad_requests_get_openai_style_400(server, body, raw, param):
-    path = "/v1/chat/completions" if body and "messages" in body else "/v1/completions"
-    status, resp = request(server, "POST", path, body, raw)
-    assert status in (400, 404)
+def test_streaming_text_equals_non_streamed_and_usage_comes_last(server):
+    body = {"prompt": "Hello there", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    _, plain = request(server, "POST", "/v1/completions", body)
+    chunks = sse(server, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == json.loads(plain)["choices"][0]["text"]
+
+
+def test_chat_stream_first_chunk_carries_the_role(server):
+    chunks = sse(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                                   "temperature": 0, "ignore_eos": True, "stream": True})
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in chunks[-1]  # only with stream_options.include_usage
+
+
+def test_stop_string_ends_the_text_and_frees_blocks(server):
+    body = {"prompt": [11, 12, 13], "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+    full = json.loads(request(server, "POST", "/v1/completions", body)[1])["choices"][0]["text"]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip()
+    d = json.loads(request(server, "POST", "/v1/completions", {**body, "stop": [stop]})[1])
+    assert d["choices"][0]["text"] == full[:full.index(stop)]
+    assert d["choices"][0]["finish_reason"] == "stop"
+    streamed = sse(server, "/v1/completions", {**body, "stop": stop, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in streamed) == full[:full.index(stop)]
+    assert no_leak(server)
+
+
+BAD = [  # (path, body or raw string, expected status, param, code)
+    ("/v1/completions", "{not json", 400, None, "invalid_json"),
+    ("/v1/completions", "[1, 2]", 400, None, "invalid_json"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_p": 2}, 400, "top_p", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "seed": "7"}, 400, "seed", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "top_k": 0}, 400, "top_k", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n", "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"prompt": list(range(3, 300)), "max_tokens": 10}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", "invalid_value"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages", "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", "invalid_value"),
+    ("/v1/nothing", {"prompt": "x"}, 404, None, "not_found"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", BAD)
+def test_bad_requests_get_openai_style_errors(server, path, body, status, param, code):
+    raw = body if isinstance(body, str) else None
+    got, resp = request(server, "POST", path, None if raw else body, raw)
+    assert got == status
     err = json.loads(resp)["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
-    if param:
-        assert err["param"] == param
+    assert err["param"] == param and err["code"] == code
+    assert no_leak(server) and healthy(server)
 
 
-def test_concurrent_clients_join_one_batch(server):
+def test_content_length_that_lies(server):
+    # Claims more than it sends: answered 400 once the body timeout passes, instead of hanging forever.
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 400\r\n\r\n" + b'{"prompt": "x"}')
+    got = b""
+    while b"\r\n\r\n" not in got or b"}}" not in got:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    assert b'"incomplete_body"' in got
+    # Claims less than it sends: the JSON is cut short.
+    status, resp = request(server, "POST", "/v1/completions", raw='{"prompt": "x", "max_tokens": 2}',
+                           headers={"Content-Length": "10"})
+    assert status == 400 and json.loads(resp)["error"]["code"] == "invalid_json"
+    assert no_leak(server) and healthy(server)
+
+
+def test_sixteen_concurrent_clients_join_one_batch(server):
     eng = server.service.engine
     steps_before = eng.stats.steps
     results = []
@@ -100,19 +190,20 @@ def test_concurrent_clients_join_one_batch(server):
         results.append(request(server, "POST", "/v1/completions",
                                {"prompt": [10 + i] * 8, "max_tokens": 12, "temperature": 0, "ignore_eos": True}))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert all(s == 200 for s, _ in results)
-    assert eng.stats.steps - steps_before < 6 * 12  # batched: far fewer steps than one request at a time
-    assert eng.bm.num_free == len(eng.bm.blocks)
+    assert len(results) == 16 and all(s == 200 for s, _ in results)
+    assert all(json.loads(b)["usage"]["completion_tokens"] == 12 for _, b in results)
+    assert eng.stats.steps - steps_before < 16 * 12  # batched: far fewer steps than one request at a time
+    assert no_leak(server) and healthy(server)
 
 
 def test_disconnect_mid_stream_frees_blocks(server):
     eng = server.service.engine
-    sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
+    sock = socket.create_connection(("127.0.0.1", server.port))
     body = json.dumps({"prompt": [7] * 20, "max_tokens": 200, "stream": True, "temperature": 0, "ignore_eos": True})
     sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
@@ -121,26 +212,117 @@ def test_disconnect_mid_stream_frees_blocks(server):
         got += sock.recv(4096)
     assert eng.has_unfinished()
     sock.close()
-    for _ in range(200):
-        if eng.bm.num_free == len(eng.bm.blocks) and not eng.has_unfinished():
-            break
-        time.sleep(0.05)
-    assert eng.bm.num_free == len(eng.bm.blocks) and not eng.has_unfinished()
+    assert no_leak(server) and healthy(server)
+
+
+def test_metrics_report_engine_state(server):
+    status, body = request(server, "GET", "/metrics")
+    assert status == 200
+    m = dict(line.split() for line in body.decode().strip().splitlines())
+    assert m["labkit_num_requests_running"] == "0" and m["labkit_kv_blocks_used"] == "0"
+    assert int(m["labkit_kv_blocks_total"]) == len(server.service.engine.bm.blocks)
+    before = int(m["labkit_generation_tokens_total"])
+    request(server, "POST", "/v1/completions", {"prompt": [3, 4], "max_tokens": 5, "ignore_eos": True})
+    m = dict(line.split() for line in request(server, "GET", "/metrics")[1].decode().strip().splitlines())
+    assert int(m["labkit_generation_tokens_total"]) == before + 5
+
+
+def test_a_failing_engine_step_fails_its_requests_and_serving_goes_on(server):
+    runner = server.service.engine.runner
+    real_run, calls = runner.run, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real_run(*a, **k)
+
+    runner.run = flaky
+    try:
+        status, body = request(server, "POST", "/v1/completions", {"prompt": [5] * 6, "max_tokens": 8,
+                                                                   "ignore_eos": True})
+        assert status == 500
+        err = json.loads(body)["error"]
+        assert err["type"] == "server_error" and "injected failure" in err["message"]
+        chunks = sse(server, "/v1/completions", {"prompt": [5] * 6, "max_tokens": 4, "ignore_eos": True,
+                                                 "stream": True})
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the next request is served
+    finally:
+        runner.run = real_run
+    assert no_leak(server) and healthy(server)
+    assert server.service.failed_steps >= 1
+
+
+def test_a_failing_step_mid_stream_sends_an_error_event(server):
+    runner = server.service.engine.runner
+    real_run, calls = runner.run, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("boom")
+        return real_run(*a, **k)
+
+    runner.run = flaky
+    try:
+        chunks = sse(server, "/v1/completions", {"prompt": [9] * 6, "max_tokens": 20, "ignore_eos": True,
+                                                 "stream": True})
+    finally:
+        runner.run = real_run
+    assert "error" in chunks[-1] and "boom" in chunks[-1]["error"]["message"]
+    assert no_leak(server) and healthy(server)
+
+
+def test_openai_client_drives_completions_and_chat(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    c = client.completions.create(model="tiny", prompt="The weather", max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert c.usage.completion_tokens == 6 and c.choices[0].finish_reason == "length"
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="tiny", prompt="The weather", max_tokens=6, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == c.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
+                                            max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    parts, usage = [], None
+    for ch in stream:
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+        usage = ch.usage or usage
+    assert "".join(parts) == chat.choices[0].message.content and usage.completion_tokens == 5
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, temperature=-1)
+    assert no_leak(server)
 
 
 def test_load_generator_reports_percentiles(server):
-    s = bench_serve(f"http://127.0.0.1:{server.server_address[1]}", num_requests=6, request_rate=50.0,
-                    prompt_len=(4, 12), output_len=(2, 6), seed=1, slo_ttft_ms=1e6)
-    assert s["completed"] == 6 and s["failed"] == 0
+    s = bench_serve(server.url, num_requests=6, request_rate=50.0, prompt_len=(4, 12), output_len=(2, 6), seed=1,
+                    slo_ttft_ms=1e6)
+    assert s["completed"] == 6 and s["failed"] == 0 and s["requests"] == 6
     assert s["ttft_ms_p50"] <= s["ttft_ms_p99"] and s["e2e_ms_p99"] >= s["ttft_ms_p99"]
     assert s["goodput_requests_per_s"] == pytest.approx(s["request_throughput"])
 
 
-def test_load_generator_bad_url():
+def test_load_generator_counts_failures(server):
+    # Prompts longer than the context: every request fails with a 400 and is counted, none lost.
+    s = bench_serve(server.url, num_requests=4, prompt_len=(300, 310), output_len=(2, 3), seed=0)
+    assert s["requests"] == 4 and s["completed"] == 0 and s["failed"] == 4
+    assert "HTTP 400" in s["errors"][0]
+
+
+def test_load_generator_bad_arguments():
     from labkit import LabkitError
 
     with pytest.raises(LabkitError, match="url="):
         bench_serve("ftp://x", num_requests=1)
-    with pytest.raises(LabkitError, match="request_rate=0"):
+    with pytest.raises(ValueError, match="request_rate=0"):
         bench_serve("http://127.0.0.1:1", num_requests=1, request_rate=0)
-
+    with pytest.raises(LabkitError, match=r"prompt_len=\(10, 5\)"):
+        bench_serve("http://127.0.0.1:1", num_requests=1, prompt_len=(10, 5))

@@ -1,0 +1,86 @@
+"""The vLLM-shaped entry point: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``.
+
+It loads the model (or takes one), builds an :class:`~labkit.serve.engine.LLMEngine`, feeds it the prompts and
+steps until every request is finished, with a progress bar showing live output tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit import LabkitError
+from labkit.serve.config import EngineConfig
+from labkit.serve.engine import LLMEngine
+from labkit.serve.outputs import EngineStats, RequestOutput
+from labkit.serve.sampling import SamplingParams
+
+
+class LLM:
+    """vLLM-shaped entry point: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str | torch.nn.Module = "smollm2-135m", tokenizer: Any = None, *,
+                 block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 512, max_model_len: int = 1024,
+                 enable_prefix_caching: bool = False, enable_chunked_prefill: bool = True, paged: bool = True,
+                 kv_reservation: str = "max_model_len", decode_group: int = 8,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 record_history: bool = False) -> None:
+        from labkit import env, zoo
+
+        if isinstance(model, str):
+            model, tokenizer = zoo.load_causal_lm(model, dtype=dtype, device=device or env.default_device(),
+                                                  progress=False)
+        self.tokenizer = tokenizer
+        config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                              enable_prefix_caching=enable_prefix_caching,
+                              enable_chunked_prefill=enable_chunked_prefill, paged=paged,
+                              kv_reservation=kv_reservation, decode_group=decode_group)
+        self.engine = LLMEngine(model, tokenizer, config, record_history=record_history)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    def reset_stats(self) -> None:
+        """Fresh counters (steps, waste, preemptions) before a repeated run on the same engine."""
+        self.engine.stats = EngineStats()
+        self.engine.scheduler.num_preemptions = 0
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LabkitError("text prompts need a tokenizer; pass token id lists instead")
+            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(prompt)
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise LabkitError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+        ids = [self.engine.add_request(self._encode(p), sp) for p, sp in zip(prompts, plist)]
+        outputs: dict[int, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
+        n_tokens, t0 = 0, time.perf_counter()
+        while self.engine.has_unfinished():
+            for out, _ in self.engine.step():
+                n_tokens += 1
+                if out.finished:
+                    outputs[out.request_id] = out
+                    bar.update(1)
+            bar.set_postfix(out_tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
+        bar.close()
+        result = [outputs[i] for i in ids]
+        if self.tokenizer is not None:
+            for o in result:
+                o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        return result
