@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export LABKIT_CACHE ?= $(HOME)/.cache/labkit
 
-.PHONY: venv report test lab lint clean
+.PHONY: venv report test lab lint clean dist gpu-check gpu-wheels
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -28,11 +28,27 @@ report: venv
 test: venv
 	LABKIT_QUICK=1 $(BIN)/python -m pytest tests --nbmake notebooks -p no:cacheprovider
 
+# sdist + wheel for workshops and Colab: the wheel carries every asset the kit loads (tokenizer, sentences).
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	@ls -l dist
+
 lint: venv
 	$(BIN)/ruff check labkit tests
+
+# On a CUDA machine, with the torch it has (no venv): -m gpu tests + every experiment's quick GPU run,
+# records under results/reference/<gpu-name>/. Whoever has a GPU runs this first.
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py
+
+# Wheels the lent GPU machines lack and cannot download (they reach no registry); carry wheels/ there.
+gpu-wheels: venv
+	$(BIN)/pip download -q --no-deps -d wheels hypothesis sortedcontainers attrs fastapi starlette uvicorn h11 \
+		httpx httpcore anyio sniffio idna certifi click annotated-doc gguf "bitsandbytes>=0.47"
 
 lab: venv
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache
+	rm -rf $(VENV) reports .pytest_cache dist build

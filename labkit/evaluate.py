@@ -84,11 +84,20 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def sentence_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str]) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
-    dev = model_device(model)
-    batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt").to(dev)
+def encode_sentences(tokenizer: Any, sentences: list[str], device: torch.device | str = "cpu") -> dict:
+    """Tokenised, padded batch for :func:`embed` (done once, outside any timed region)."""
+    return tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt").to(device)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings of an already tokenised batch: the model's work alone."""
     hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
     return F.normalize(pooled.float(), dim=-1).cpu()
+
+
+def sentence_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
+    return embed(model, encode_sentences(tokenizer, sentences, model_device(model)))

@@ -9,8 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
 from labkit import LabkitError
 from labkit.results import Record, ensure_writable, load_all
 from labkit.viz.plots import record_figures
@@ -23,7 +21,6 @@ th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}.meta{color
 def _fig_png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 

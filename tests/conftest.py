@@ -10,7 +10,15 @@ import torch
 os.environ.setdefault("LABKIT_QUICK", "1")
 
 
+REAL_MODEL_FIXTURES = {"smollm2", "minilm"}
+
+
 def pytest_collection_modifyitems(config, items):
+    """Mark every test that loads a real model ``slow`` (so ``-m 'not slow'`` is a quick loop), and skip ``gpu``
+    tests without a CUDA device."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from labkit import cli
 
 SMOLLM2_PARAMS = 134_515_008
 
 
+@pytest.mark.slow
 def test_run_baseline_quick_twice_is_reproducible(tmp_path, capsys):
     assert cli.main(["run", "baseline", "--quick", "--out", str(tmp_path / "a")]) == 0
     assert cli.main(["run", "baseline", "--quick", "--out", str(tmp_path / "b")]) == 0

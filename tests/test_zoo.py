@@ -55,6 +55,7 @@ def test_minilm_loads_from_pypi_package(minilm):
     assert param_count(model) == 22_713_216
 
 
+@pytest.mark.slow
 def test_digits_cnn_trains_deterministically_and_is_accurate(tmp_path, monkeypatch):
     from labkit.data import digits_splits
     from labkit.evaluate import classifier_accuracy

@@ -7,20 +7,21 @@ ordinary quantization error; a projection shows what 8B / 70B models need.
 from __future__ import annotations
 
 import gc
+import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from labkit import LabkitError, data, env, evaluate, measure, zoo
-from labkit.experiments.baseline import LLMMetricsConfig, llm_metrics
+from labkit.experiments.baseline import LLMMetricsConfig
 from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
 from labkit.quant.api import bits_per_param_quantized
 from labkit.quant.projection import LLAMA_3_8B, LLAMA_3_70B, project
 from labkit.results import Record
 
-LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "nf4", "nf4-dq", "int4-calibrated",
+LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "int4-g64", "nf4", "nf4-dq", "int4-calibrated",
                 "bnb-nf4", "bnb-int8")
 
 
@@ -32,11 +33,10 @@ class Config(LLMMetricsConfig):
     calib_samples: int = 64
     calib_seq_len: int = 512
     gptq_group_size: int = 64
-    skipped: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=8, repeats=2,
+        return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=16, repeats=3,
                    calib_samples=32, calib_seq_len=256)
 
     def __post_init__(self) -> None:
@@ -48,10 +48,10 @@ class Config(LLMMetricsConfig):
 def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tuple]]:
     """variant name -> function returning (model, tokenizer, extra metrics)."""
 
-    def own(qconfig):
+    def own(qconfig, **kw):
         def build():
             model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
-            report = quantize_(model, qconfig)
+            report = quantize_(model, qconfig, **kw)
             extra = {"layers_quantized": len(report.quantized), "layers_skipped": sorted(report.skipped)}
             if not isinstance(qconfig, DtypeConfig):
                 extra["bits_per_param_quantized"] = bits_per_param_quantized(model)
@@ -80,8 +80,10 @@ def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tu
         model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
         return model, tok, {}
 
-    return {"fp32": plain, "bf16": own(DtypeConfig(torch.bfloat16)), "fp16": own(DtypeConfig(torch.float16)),
+    return {"fp32": plain, "bf16": own(DtypeConfig(torch.bfloat16), skip=()),
+            "fp16": own(DtypeConfig(torch.float16), skip=()),
             "int8": own(Int8Config()), "int4-g128": own(Int4Config(group_size=128)),
+            "int4-g64": own(Int4Config(group_size=config.gptq_group_size)),
             "nf4": own(NF4Config(64, double_quant=False)), "nf4-dq": own(NF4Config(64, double_quant=True)),
             "int4-calibrated": gptq, "bnb-nf4": bnb("nf4"), "bnb-int8": bnb("int8")}
 
@@ -95,33 +97,64 @@ def _unavailable(name: str, device: torch.device) -> str | None:
 
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
+    """Build every variant and score it (untimed), then time decode for all of them in rotated rounds."""
     config = config or Config()
     device = env.default_device()
     rec = Record("quantization", env=env.describe())
     builders = _builders(config, device)
+    models, skipped = {}, {}
     fp32_ppl = None
     for name in tqdm(config.variants, desc="quantization variants", disable=not progress):
         why = _unavailable(name, device)
         if why:
-            config.skipped[name] = why
+            skipped[name] = why
             continue
         model, tok, extra = builders[name]()
-        metrics = llm_metrics(model, tok, config)
-        if name == "fp32":
-            fp32_ppl = metrics["perplexity"]
-        if fp32_ppl:
-            metrics["perplexity_ratio"] = metrics["perplexity"] / fp32_ppl
-        rec.add(name, model=config.llm, **metrics, **extra)
-        del model
-        gc.collect()
+        with measure.track_peak_memory(device) as pm:  # runtime memory of the forward, beyond the weights
+            ppl = evaluate.perplexity(model, tok, window=config.ppl_window, stride=config.ppl_stride,
+                                      max_windows=config.ppl_max_windows)
+        fp32_ppl = ppl if name == "fp32" else fp32_ppl
+        rec.add(name, model=config.llm, params=measure.param_count(model), weight_bytes=measure.weight_bytes(model),
+                perplexity=ppl, peak_memory_bytes=pm.peak_bytes, peak_memory_kind=pm.kind,
+                **({"perplexity_ratio": ppl / fp32_ppl} if fp32_ppl else {}), **extra)
+        models[name] = model
+    _time_decode(rec, models, config, progress)
+    models.clear()
+    gc.collect()
     _encoder_variants(rec, config, device)
     for shape in (LLAMA_3_8B, LLAMA_3_70B):
         for row in project(shape):
             rec.add(row.pop("name"), **row)
-    rec.config = asdict(config)
-    rec.config["provenance_note"] = zoo.MODELS[config.llm].notes
+    rec.config = {**asdict(config), "skipped": skipped,
+                  "decode_timing": f"{config.decode_tokens} cached greedy decode steps after a "
+                                   f"{config.decode_prompt_len}-token prompt, prefill excluded; one untimed warm-up "
+                                   f"each, then {config.repeats} rounds over all variants in rotated order; median, "
+                                   "IQR, min, max; speedup = ratio of medians vs fp32",
+                  "calibration_vs_evaluation": "GPTQ calibrates on the 'calibration' split and perplexity is scored "
+                                               "on the 'evaluation' split of the same corpus (pydoc_data.topics, "
+                                               "split by topic name: disjoint text, same style)",
+                  "provenance_note": zoo.MODELS[config.llm].notes}
     rec.config["targets"] = check_targets(rec, config.llm, config.encoder)
     return rec
+
+
+def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> None:
+    fns = {name: measure.decode_step_times(m, prompt_len=config.decode_prompt_len, new_tokens=config.decode_tokens)
+           for name, m in models.items()}
+    for fn in fns.values():  # warm-up, untimed
+        fn()
+    bar = tqdm(total=config.repeats * len(fns), desc="decode timing (rotated)", disable=not progress)
+    times = measure.interleaved(fns, config.repeats, progress=lambda n, r: bar.update(1))
+    bar.close()
+    fp32 = statistics.median(times["fp32"]) if "fp32" in times else None
+    for name, ts in times.items():
+        tps = measure.spread([config.decode_tokens / t for t in ts])
+        row = rec.variant(name, config.llm)
+        row.update(tokens_per_s=tps["median"], tokens_per_s_iqr=tps["iqr"], tokens_per_s_min=tps["min"],
+                   tokens_per_s_max=tps["max"], latency_ms_median=1e3 * statistics.median(ts) / config.decode_tokens,
+                   latency_ms_iqr=1e3 * measure.iqr(ts) / config.decode_tokens, decode_repeats=len(ts))
+        if fp32:
+            row["speedup_vs_baseline"] = fp32 / statistics.median(ts)
 
 
 # (variant, model, metric, limit, "max" | "min")
@@ -160,7 +193,7 @@ def _encoder_variants(rec: Record, config: Config, device: torch.device) -> None
         if qconfig is not None:
             quantize_(enc, qconfig)
             extra["bits_per_param_quantized"] = bits_per_param_quantized(enc)
-        emb = evaluate.sentence_embeddings(enc, tok, sents)
+        emb = evaluate.embed(enc, evaluate.encode_sentences(tok, sents, device))
         ref = emb if ref is None else ref
         rec.add(name, model=config.encoder, params=measure.param_count(enc), weight_bytes=measure.weight_bytes(enc),
                 cosine_to_reference=evaluate.cosine(emb, ref), **extra)

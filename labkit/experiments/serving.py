@@ -1,22 +1,32 @@
 """Serving: HF sequential / static / continuous batching vs labkit's engine, contiguous and paged.
 
-All variants serve the same requests (prompts cut from held-out text, fixed seed, greedy, EOS ignored,
-all arriving at once); greedy output must equal HF ``generate`` token for token.
+All variants serve the same requests (prompts cut from held-out text, fixed seed, greedy, EOS ignored, all
+arriving at once); greedy output must equal HF ``generate`` token for token. Measurement follows the kit's
+rule: every engine is built and warmed up outside the clock, then every variant runs ``repeats`` times in
+rotated order, and the table reports the median output tokens/s with its IQR, min and max; a speed-up is a
+ratio of medians. TTFT counts from the start of the run for every variant (all requests arrive then).
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from labkit import env, zoo
+from labkit import env, measure, zoo
 from labkit.results import Record
-from labkit.serve import LLM
-from labkit.serve import baselines as B
+from labkit.serve import LLM, baselines
 from labkit.serve.bench import make_workload, run_engine, summarize
+
+LABKIT_VARIANTS = {  # name -> (paged, kv_reservation, pool)
+    "labkit-contiguous": (False, "max_model_len", "full"),
+    "labkit-contiguous-exact": (False, "exact", "full"),
+    "labkit-paged": (True, "max_model_len", "full"),
+    "labkit-paged-preempt": (True, "max_model_len", "tight"),
+}
 
 
 @dataclass
@@ -30,10 +40,12 @@ class Config:
     max_num_batched_tokens: int = 512
     static_batch_sizes: tuple[int, ...] = (16, 0)  # 0 = all requests in one batch
     preempt_budget_fraction: float = 0.25
+    repeats: int = 3
+    warmup_requests: int = 4
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(num_requests=48)
+        return cls(num_requests=32, prompt_len=(16, 192), output_len=(8, 96))
 
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
@@ -41,50 +53,135 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     device = env.default_device()
     model, tok = zoo.load_causal_lm(config.model, device=device, progress=False)
     prompts, max_tokens = make_workload(tok, config.num_requests, config.prompt_len, config.output_len, config.seed)
+    warm = (prompts[:config.warmup_requests], [min(n, 8) for n in max_tokens[:config.warmup_requests]])
     rec = Record("serving", env=env.describe())
     bs = config.block_size
     demand_blocks = sum(-(-(len(p) + n) // bs) for p, n in zip(prompts, max_tokens))
     max_len = config.prompt_len[1] + config.output_len[1]
-    steps = ["hf-sequential", "hf-static", "hf-continuous", "labkit-contiguous", "labkit-paged",
-             "labkit-paged-preempt"]
-    bar = tqdm(steps, desc="serving variants", disable=not progress)
-    reference = None
-    extra_cfg: dict = {"peak_demand_blocks": demand_blocks}
-    for name in bar:
-        bar.set_postfix(variant=name)
-        stats = None
-        if name == "hf-sequential":
-            r = B.hf_sequential(model, prompts, max_tokens)
-            reference = r.token_ids
-        elif name == "hf-static":
-            runs = {b or len(prompts): B.hf_static(model, prompts, max_tokens, b or len(prompts))
-                    for b in config.static_batch_sizes}
-            best = min(runs, key=lambda b: runs[b].wall_s)
-            r = runs[best]
-            extra_cfg["hf_static_batch_sizes_tried"] = {b: round(x.wall_s, 2) for b, x in runs.items()}
-            extra_cfg["hf_static_best_batch_size"] = best
-        elif name == "hf-continuous":
-            r = B.hf_continuous(model, prompts, max_tokens)
-        else:
-            num_blocks = demand_blocks + len(prompts)  # every request fits at once, paged
-            if name == "labkit-paged-preempt":
-                num_blocks = max(int(config.preempt_budget_fraction * demand_blocks), -(-max_len // bs))
-            llm = LLM(model, tok, block_size=bs, num_blocks=num_blocks, max_num_seqs=len(prompts),
-                      max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
-                      paged=name != "labkit-contiguous")
-            r = run_engine(llm, prompts, max_tokens)
-            stats = llm.stats
-            extra_cfg[f"{name}_num_blocks"] = num_blocks
-        row = summarize(r, reference)
-        if stats is not None:
-            row.update(kv_waste_pct=stats.kv_waste_pct, preemptions=stats.preemptions, steps=stats.steps,
-                       peak_blocks=stats.peak_blocks)
-        rec.add(name, model=config.model, **row, notes=r.notes)
-        gc.collect()
+    pools = {"full": demand_blocks + len(prompts),  # paged: every request fits at once
+             "tight": max(int(config.preempt_budget_fraction * demand_blocks), -(-max_len // bs))}
+    extra: dict = {"total_demand_blocks": demand_blocks, "kv_pool_blocks": pools}
+
+    # The reference: HF generate one request at a time, greedy, EOS off. Run once (after a warm-up).
+    baselines.hf_sequential(model, *warm)
+    ref = baselines.hf_sequential(model, prompts, max_tokens)
+    reference = ref.token_ids
+
+    # Build every engine outside the clock: labkit's KV pools, transformers' CB manager (started, warmed up).
+    engines = {}
+    for name, (paged, reservation, pool) in LABKIT_VARIANTS.items():
+        engines[name] = LLM(model, tok, block_size=bs, num_blocks=pools[pool], max_num_seqs=len(prompts),
+                            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
+                            paged=paged, kv_reservation=reservation)
+    hf_cb = baselines.HFContinuous(model, page_size=bs, num_blocks=pools["full"],
+                                   max_batch_tokens=config.max_num_batched_tokens, max_new_tokens=max(max_tokens))
+    static = _StaticBatch(model, prompts, max_tokens, config.static_batch_sizes)
+    fns = {"hf-static": static, "hf-continuous": lambda: hf_cb.run(prompts, max_tokens)}
+    stats: dict[str, list] = {}
+    for name, llm in engines.items():
+        fns[name] = _labkit_run(llm, prompts, max_tokens, stats.setdefault(name, []))
+    fns = {name: _with_peak_memory(fn, device) for name, fn in fns.items()}
+
+    try:
+        for llm in engines.values():  # one untimed warm-up each, on a few short requests
+            run_engine(llm, *warm)
+        hf_cb.run(*warm)
+        static.warm(*warm)
+        bar = tqdm(total=config.repeats * len(fns), desc="serving variants x repeats", disable=not progress)
+
+        def tick(name: str, r: int) -> None:
+            bar.set_postfix(variant=name, repeat=r + 1)
+            bar.update(1)
+
+        runs = measure.interleaved(fns, config.repeats, progress=tick)
+        bar.close()
+    finally:
+        hf_cb.close()
+
+    rec.add("hf-sequential", model=config.model, **_row([ref], reference),
+            notes="the greedy reference: HF generate, one request at a time; run once (after a warm-up)")
+    for name in fns:
+        row = _row(runs[name], reference)
+        if name in stats:
+            s = stats[name][-1]  # deterministic across repeats: same schedule every time
+            row.update(kv_waste_pct=s.kv_waste_pct, preemptions=s.preemptions, steps=s.steps,
+                       peak_blocks=s.peak_blocks, kv_pool_blocks=len(engines[name].engine.bm.blocks))
+        rec.add(name, model=config.model, **row, notes=runs[name][0].notes)
+    extra.update(hf_static_tried=static.tried, hf_static_batch_size=static.best,
+                 hf_continuous_config=hf_cb.config)
     best_hf = max(rec.variant(n)["output_tokens_per_s"] for n in ("hf-static", "hf-continuous"))
     for v in rec.variants:
         v["speedup_vs_baseline"] = v["output_tokens_per_s"] / best_hf
-    rec.config = {**asdict(config), **extra_cfg, "device": str(device), "torch_threads": torch.get_num_threads(),
-                  "workload": "all requests arrive at once; prompts cut from held-out pydoc text; greedy; ignore_eos",
-                  "reference": "hf-sequential outputs (HF generate, one request at a time)"}
+    rec.config = {**asdict(config), **extra, "device": str(device), "torch_threads": torch.get_num_threads(),
+                  "workload": "all requests arrive at once; prompts cut from held-out pydoc text; greedy; EOS off",
+                  "reference": "hf-sequential outputs (HF generate, one request at a time, EOS off)",
+                  "measurement": f"{config.warmup_requests}-request untimed warm-up per variant, then "
+                                 f"{config.repeats} repeats in rotated order; median, IQR, min, max of output tok/s; "
+                                 "speedup = ratio of medians vs the better HF batching variant; hf-static picks its "
+                                 "batch size on the first repeat and repeats only the winner; TTFT from the run's "
+                                 "start for every variant; latency percentiles pooled over repeats; "
+                                 "peak_memory_bytes: the most a run added (CUDA max allocated; on CPU RSS growth "
+                                 "sampled every 50 ms, a lower bound; KV pools are allocated before the clock)"}
+    del engines
+    gc.collect()
     return rec
+
+
+class _StaticBatch:
+    """hf-static: tries every batch size on the first call, then repeats only the fastest."""
+
+    def __init__(self, model, prompts, max_tokens, sizes: tuple[int, ...]) -> None:
+        self.model, self.prompts, self.max_tokens = model, prompts, max_tokens
+        self.sizes = [b or len(prompts) for b in sizes]
+        self.best: int | None = None
+        self.tried: dict[int, float] = {}
+
+    def warm(self, prompts, max_tokens) -> None:
+        baselines.hf_static(self.model, prompts, max_tokens, len(prompts))
+
+    def __call__(self) -> baselines.Run:
+        if self.best is None:
+            runs = {b: baselines.hf_static(self.model, self.prompts, self.max_tokens, b) for b in self.sizes}
+            self.tried = {b: round(r.wall_s, 2) for b, r in runs.items()}
+            self.best = min(runs, key=lambda b: runs[b].wall_s)
+            return runs[self.best]
+        return baselines.hf_static(self.model, self.prompts, self.max_tokens, self.best)
+
+
+def _with_peak_memory(fn, device):
+    """Run ``fn`` and attach the peak memory it added (CUDA: max allocated; CPU: RSS growth, a lower bound)."""
+    def timed() -> baselines.Run:
+        with measure.track_peak_memory(device, interval_s=0.05) as pm:
+            run = fn()
+        run.peak_memory_bytes = pm.peak_bytes
+        return run
+    return timed
+
+
+def _labkit_run(llm: LLM, prompts, max_tokens, stats_out: list):
+    def fn() -> baselines.Run:
+        llm.reset_stats()
+        r = run_engine(llm, prompts, max_tokens)
+        stats_out.append(llm.stats)
+        return r
+    return fn
+
+
+def _row(runs: list[baselines.Run], reference: list[list[int]]) -> dict:
+    """Median throughput with its spread over repeats; latency percentiles pooled; exact match on every repeat."""
+    rows = [summarize(r, reference) for r in runs]
+    tps = [r["output_tokens_per_s"] for r in rows]
+    sp = measure.spread(tps)
+    median_run = min(range(len(runs)), key=lambda i: abs(tps[i] - sp["median"]))
+    pooled = summarize(baselines.Run([t for r in runs for t in r.token_ids], sum(r.wall_s for r in runs),
+                                     [x for r in runs for x in r.ttft_s], [x for r in runs for x in r.tpot_s]))
+    return {"output_tokens_per_s": sp["median"], "output_tokens_per_s_iqr": sp["iqr"],
+            "output_tokens_per_s_min": sp["min"], "output_tokens_per_s_max": sp["max"],
+            "output_tokens_per_s_runs": tps, "repeats": len(runs),
+            "wall_s": statistics.median(r["wall_s"] for r in rows), "output_tokens": rows[0]["output_tokens"],
+            **{k: pooled[k] for k in pooled if k.startswith(("ttft_", "tpot_"))},
+            "ttft_ms_per_request": [round(x * 1e3, 1) for x in runs[median_run].ttft_s],
+            "peak_memory_bytes": max((r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None),
+                                     default=None),
+            "matches_reference": all(r["matches_reference"] for r in rows),
+            "requests_matching": min(r["requests_matching"] for r in rows)}

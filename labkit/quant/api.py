@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from labkit import LabkitError
-from labkit.quant import primitives as P
+from labkit.quant import primitives as prim
 from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear, QuantLinear
 
 DEFAULT_SKIP = ("lm_head",)
@@ -33,7 +33,7 @@ class Int4Config:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        P.check_group_size(self.group_size)
+        prim.check_group_size(self.group_size)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class NF4Config:
     def __post_init__(self) -> None:
         if self.group_size is None:
             raise LabkitError("group_size=None is not allowed for NF4; use a positive even block size such as 64")
-        P.check_group_size(self.group_size)
+        prim.check_group_size(self.group_size)
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,11 @@ class QuantReport:
 
 def _make_layer(linear: nn.Linear, config: Config) -> QuantLinear:
     if isinstance(config, Int8Config):
-        return Int8Linear(linear)
+        return Int8Linear.from_linear(linear)
     if isinstance(config, Int4Config):
         return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
     if isinstance(config, NF4Config):
-        return NF4Linear(linear, config.group_size, config.double_quant)
+        return NF4Linear.from_linear(linear, config.group_size, config.double_quant)
     raise _bad_config(config)
 
 
@@ -100,20 +100,21 @@ def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAU
     """
     report = QuantReport()
     if isinstance(config, DtypeConfig):
-        model.to(config.dtype)
-        report.quantized = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return report
+        return _cast(model, config.dtype, skip, report)
     if not isinstance(config, (Int8Config, Int4Config, NF4Config)):
         raise _bad_config(config)
     for name, module in list(model.named_modules()):
         if not name:
             continue
         selected = filter_fn(module, name) if filter_fn else isinstance(module, nn.Linear)
-        if any(fnmatch.fnmatch(name, pat) or name.endswith("." + pat) for pat in skip):
+        if is_skipped(name, skip):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 report.skipped[name] = f"matches skip pattern {skip}"
             continue
         if isinstance(module, nn.Embedding):
+            if filter_fn is not None and selected:
+                raise LabkitError(f"filter_fn selected {name!r}, an nn.Embedding: only nn.Linear layers are "
+                                  "quantizable (an embedding is a lookup table, not a matmul)")
             report.skipped[name] = "embedding: kept in its dtype (a lookup table, not a matmul)"
             continue
         if not selected:
@@ -130,14 +131,41 @@ def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAU
     return report
 
 
+def _cast(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...], report: QuantReport) -> QuantReport:
+    """Cast every floating parameter and buffer to ``dtype`` except those of modules matching ``skip`` (and
+    weights tied to them). A kept ``nn.Linear`` casts its input to its own dtype; a kept embedding hands the
+    model ``dtype`` activations, so mixed precision runs (e.g. fp32 ``lm_head`` over a bf16 body)."""
+    kept_modules = [m for name, m in model.named_modules() if name and is_skipped(name, skip)]
+    kept = {id(p) for m in kept_modules for p in m.parameters()}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            if id(p) not in kept and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for bname, b in list(m.named_buffers(recurse=False)):
+            if b.is_floating_point() and not any(m is k for k in kept_modules):
+                m._buffers[bname] = b.to(dtype)
+        if isinstance(m, nn.Linear):
+            if is_skipped(name, skip):
+                report.skipped[name] = f"matches skip pattern {skip}; kept in {m.weight.dtype}"
+                m.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype), *args[1:]))
+            else:
+                report.quantized.append(name)
+        elif isinstance(m, nn.Embedding) and m.weight.dtype != dtype:
+            report.skipped[name] = f"tied to a skipped layer; kept in {m.weight.dtype}"
+            m.register_forward_hook(lambda mod, args, out: out.to(dtype))
+    return report
+
+
+def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """The one skip rule (``quantize_`` and ``gptq_quantize_``): a glob on the full module name, or a name
+    ending in ``.PATTERN``."""
+    return any(fnmatch.fnmatch(name, pat) or name.endswith("." + pat) for pat in skip)
+
+
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def bits_per_param_quantized(model: nn.Module) -> float:

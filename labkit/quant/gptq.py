@@ -16,8 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labkit import LabkitError
-from labkit.quant import primitives as P
-from labkit.quant.api import QuantReport, _set_module
+from labkit.quant import primitives as prim
+from labkit.quant.api import QuantReport, _set_module, is_skipped
 from labkit.quant.layers import Int4Linear
 
 
@@ -40,7 +40,7 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 
     h[dead, dead] = 1
     w[:, dead] = 0
     # Static groups: one scale and zero per group of original columns, like round-to-nearest.
-    _, s, z = P.quantize_asymmetric(w.reshape(rows, cols // group_size, group_size), bits)
+    _, s, z = prim.quantize_asymmetric(w.reshape(rows, cols // group_size, group_size), bits)
     scales, zeros = s.squeeze(-1).half().float(), z.squeeze(-1)  # [rows, n_groups]
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
@@ -103,14 +103,23 @@ def gptq_quantize_(model: nn.Module, calib_ids: torch.Tensor, *, group_size: int
 
     Hessians come from one pass of the full-precision model over ``calib_ids`` ``[n, seq_len]``.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in skip)]
-    report = QuantReport(skipped={n: "matches skip pattern" for n, m in model.named_modules()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(n, skip)]
+    report = QuantReport(skipped={n: f"matches skip pattern {skip}" for n, m in model.named_modules()
                                   if isinstance(m, nn.Linear) and n not in names})
+    if not names:
+        raise LabkitError("no nn.Linear layer is left to quantize; check skip")
+    for name in names:  # every layer checked before any is swapped: never a half-quantized model
+        cols = model.get_submodule(name).in_features
+        if cols % group_size:
+            raise LabkitError(f"group_size={group_size} must divide in_features={cols} of layer {name!r}")
     hessians = collect_hessians(model, calib_ids, names, progress=progress)
-    for name in tqdm(names, desc="GPTQ layers", disable=not progress):
+    done = {}
+    for name in tqdm(names, desc="GPTQ layers", disable=not progress):  # quantize all, then swap all
         lin = model.get_submodule(name)
         codes, scale, zero = gptq_quantize_weight(lin.weight, hessians.pop(name), group_size=group_size)
-        layer = Int4Linear(lin.in_features, lin.out_features, codes, scale, zero, group_size, lin.bias)
-        _set_module(model, name, layer.to(lin.weight.device))
+        done[name] = Int4Linear(lin.in_features, lin.out_features, codes, scale, zero, group_size,
+                                lin.bias).to(lin.weight.device)
+    for name, layer in done.items():
+        _set_module(model, name, layer)
         report.quantized.append(name)
     return report

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.quant import primitives as P
+from labkit.quant import primitives as prim
 
 
 class QuantLinear(nn.Module):
@@ -52,14 +52,20 @@ class Int8Linear(QuantLinear):
 
     bits = 8
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__(linear.in_features, linear.out_features, linear.bias)
-        q, scale = P.quantize_symmetric(linear.weight.detach(), 8, dim=1)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale.float())
+    def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        """``qweight``: int8 ``[out, in]``; ``scale``: one fp32 scale per output row."""
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("qweight", qweight.to(torch.int8))
+        self.register_buffer("scale", scale.reshape(-1, 1).float())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = prim.quantize_symmetric(linear.weight.detach(), 8, dim=1)
+        return cls(linear.in_features, linear.out_features, q, scale, linear.bias)
 
     def dequantize(self) -> torch.Tensor:
-        return P.dequantize_symmetric(self.qweight, self.scale)
+        return prim.dequantize_symmetric(self.qweight, self.scale)
 
 
 class Int4Linear(QuantLinear):
@@ -73,7 +79,7 @@ class Int4Linear(QuantLinear):
         super().__init__(in_features, out_features, bias)
         self.group_size = group_size
         self.symmetric = zero is None
-        self.register_buffer("qweight", P.pack_int4(codes))
+        self.register_buffer("qweight", prim.pack_int4(codes))
         self.register_buffer("scale", scale.reshape(-1).to(torch.float16))
         if zero is not None:
             self.register_buffer("zero", zero.reshape(-1).to(torch.uint8))
@@ -81,23 +87,23 @@ class Int4Linear(QuantLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = 128, symmetric: bool = False) -> Int4Linear:
         w = linear.weight.detach()
-        groups, padded = P.to_groups(w, group_size)
+        groups, padded = prim.to_groups(w, group_size)
         if symmetric:
-            q, scale = P.quantize_symmetric(groups, 4)
+            q, scale = prim.quantize_symmetric(groups, 4, scale_dtype=torch.float16)
             codes, zero = (q + 8).to(torch.uint8), None  # store -7..7 as 1..15
-        else:
-            codes, scale, zero = P.quantize_asymmetric(groups, 4)
+        else:  # codes computed with the fp16-rounded scales that are stored (as GPTQ does)
+            codes, scale, zero = prim.quantize_asymmetric(groups, 4, scale_dtype=torch.float16)
         return cls(w.shape[1], w.shape[0], codes.reshape(w.shape[0], padded), scale, zero, group_size, linear.bias)
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_size or self.in_features
-        codes = P.unpack_int4(self.qweight).view(-1, g)
+        codes = prim.unpack_int4(self.qweight).view(-1, g)
         scale = self.scale.float().view(-1, 1)
         if self.symmetric:
             groups = (codes.float() - 8) * scale
         else:
-            groups = P.dequantize_asymmetric(codes, scale, self.zero.view(-1, 1))
-        return P.from_groups(groups, self.out_features, self.in_features)
+            groups = prim.dequantize_asymmetric(codes, scale, self.zero.view(-1, 1))
+        return prim.from_groups(groups, self.out_features, self.in_features)
 
 
 class NF4Linear(QuantLinear):
@@ -105,25 +111,31 @@ class NF4Linear(QuantLinear):
 
     bits = 4
 
-    def __init__(self, linear: nn.Linear, group_size: int = 64, double_quant: bool = True) -> None:
-        super().__init__(linear.in_features, linear.out_features, linear.bias)
+    def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, absmax: torch.Tensor,
+                 group_size: int = 64, double_quant: bool = True, bias: torch.Tensor | None = None) -> None:
+        """``codes``: uint8 0..15 NF4 indices ``[out, padded_in]``; ``absmax``: one per block (fp32)."""
+        super().__init__(in_features, out_features, bias)
         self.group_size, self.double_quant = group_size, double_quant
-        groups, _ = P.to_groups(linear.weight.detach(), group_size)
-        codes, absmax = P.quantize_nf4(groups, group_size)
-        self.register_buffer("qweight", P.pack_int4(codes))
+        self.register_buffer("qweight", prim.pack_int4(codes))
         if double_quant:
-            q, scale, offset = P.double_quantize(absmax)
+            q, scale, offset = prim.double_quantize(absmax)
             self.register_buffer("absmax_q", q)
             self.register_buffer("absmax_scale", scale)
             self.register_buffer("absmax_offset", offset)
         else:
             self.register_buffer("absmax", absmax.float())
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, double_quant: bool = True) -> NF4Linear:
+        groups, _ = prim.to_groups(linear.weight.detach(), group_size)
+        codes, absmax = prim.quantize_nf4(groups, group_size)
+        return cls(linear.in_features, linear.out_features, codes, absmax, group_size, double_quant, linear.bias)
+
     def block_absmax(self) -> torch.Tensor:
         if self.double_quant:
-            return P.double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_offset)
+            return prim.double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_offset)
         return self.absmax
 
     def dequantize(self) -> torch.Tensor:
-        flat = P.dequantize_nf4(P.unpack_int4(self.qweight), self.block_absmax())
-        return P.from_groups(flat.view(-1, self.group_size), self.out_features, self.in_features)
+        flat = prim.dequantize_nf4(prim.unpack_int4(self.qweight), self.block_absmax())
+        return prim.from_groups(flat.view(-1, self.group_size), self.out_features, self.in_features)

@@ -61,12 +61,23 @@ def from_groups(groups: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- integer schemes
 
 
-def quantize_symmetric(x: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmax quantization along ``dim`` (each slice gets a scale). Returns int8 codes and scales."""
+def _stored(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """The scale as it will be stored (e.g. fp16), back in fp32: codes must be computed with *this* scale."""
+    if scale_dtype is None:
+        return scale
+    tiny = torch.finfo(scale_dtype).tiny
+    return scale.clamp(min=tiny, max=torch.finfo(scale_dtype).max).to(scale_dtype).float()
+
+
+def quantize_symmetric(x: torch.Tensor, bits: int, dim: int = -1, scale_dtype: torch.dtype | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax quantization along ``dim`` (each slice gets a scale). Returns int8 codes and scales.
+
+    ``scale_dtype``: the dtype the scales will be stored in; codes are computed with the rounded scales."""
     check_bits(bits)
     qmax = 2 ** (bits - 1) - 1
     absmax = x.abs().amax(dim=dim, keepdim=True).float()
-    scale = (absmax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = _stored((absmax / qmax).clamp(min=torch.finfo(torch.float32).tiny), scale_dtype)
     q = torch.clamp(torch.round(x.float() / scale), -qmax, qmax).to(torch.int8)
     return q, scale
 
@@ -75,14 +86,16 @@ def dequantize_symmetric(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()
 
 
-def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int = -1
+def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int = -1, scale_dtype: torch.dtype | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-point quantization along ``dim``. Returns uint8 codes in ``[0, 2**bits-1]``, scales, zeros."""
+    """Zero-point quantization along ``dim``. Returns uint8 codes in ``[0, 2**bits-1]``, scales, zeros.
+
+    ``scale_dtype``: the dtype the scales will be stored in; codes are computed with the rounded scales."""
     check_bits(bits)
     qmax = 2**bits - 1
     lo = x.amin(dim=dim, keepdim=True).float().clamp(max=0)  # keep 0 representable exactly
     hi = x.amax(dim=dim, keepdim=True).float().clamp(min=0)
-    scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = _stored(((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny), scale_dtype)
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
     q = torch.clamp(torch.round(x.float() / scale) + zero, 0, qmax).to(torch.uint8)
     return q, scale, zero
@@ -117,7 +130,9 @@ def fake_quantize(w: torch.Tensor, bits: int, *, scheme: str = "symmetric", grou
 def nf4_code(offset: float = 0.9677083) -> torch.Tensor:
     """The 16 NF4 values, built as QLoRA does: normal quantiles, 8 positive and 7 negative, plus an exact 0.
 
-    ``offset`` is QLoRA's choice ``0.5 * (1/(2*15) + 1 - 1/(2*16))`` for where the outermost quantile sits.
+    ``offset`` is where the outermost quantile sits, QLoRA's choice: the mean of ``1 - 1/(2*15)`` and
+    ``1 - 1/(2*16)`` (half a step in from the ends of a 15-step and a 16-step grid),
+    ``0.5 * ((1 - 1/30) + (1 - 1/32)) = 0.9677083``. Using 1 would put the outermost value at an infinite quantile.
     """
     normal = torch.distributions.Normal(0.0, 1.0)
     pos = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])

@@ -45,7 +45,7 @@ LLAMA_3_70B = LlamaShape("llama-3-70b", 128256, 8192, 28672, 80, 64, 8)
 
 # bits per linear weight, constants included
 BITS = {
-    "int8": 8 + 16 / 4096,  # one fp16 scale per output row (of ~4096+ inputs)
+    "int8": 8 + 32 / 4096,  # one fp32 scale per output row (of ~4096+ inputs), as labkit's Int8Linear stores
     "nf4": 4 + 32 / 64,  # fp32 absmax per block of 64
     "nf4-dq": 4 + 8 / 64 + 32 / (64 * 256),  # int8 absmax + fp32 scale per 256 blocks
 }

@@ -2,7 +2,8 @@
 
 * ``hf_sequential`` — ``model.generate`` one request at a time (also the greedy *reference* output);
 * ``hf_static`` — left-padded static batches: every request in a batch waits for the longest one;
-* ``hf_continuous`` — transformers' own continuous batching manager (``generate_batch``'s engine);
+* ``HFContinuous`` — transformers' own continuous batching manager (``generate_batch``'s engine), started
+  before the clock, with labkit's page size and token budget;
 * the labkit engine with ``paged=False`` (contiguous max-length KV reservation) lives in ``engine``.
 
 Each returns a :class:`Run`: the generated ids per request and per-request timings.
@@ -10,6 +11,7 @@ Each returns a :class:`Run`: the generated ids per request and per-request timin
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ class Run:
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
     notes: str = ""
+    peak_memory_bytes: int | None = None  # set by the experiment (measure.track_peak_memory)
 
 
 class _Clock:
@@ -41,25 +44,43 @@ class _Clock:
         pass
 
 
+def _quiet_eos_warning() -> None:
+    """transformers warns that EOS id -1 'will not stop' generation: exactly what ``ignore_eos`` wants."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "eos_token_id` should consist of positive integers" not in record.getMessage()
+
+    for name in ("transformers.generation.utils", "transformers.generation.configuration_utils",
+                 "transformers.generation.logits_process"):
+        logging.getLogger(name).addFilter(_Drop())
+
+
+_quiet_eos_warning()
+
+
 def _gen_kwargs(model: nn.Module, n: int) -> dict:
-    return dict(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+    """Greedy, exactly ``n`` new tokens, EOS switched *off* (id -1 never occurs), as the engine's ``ignore_eos``
+    does. (``min_new_tokens`` would instead forbid EOS, turning a greedy EOS into the runner-up token.)"""
+    return dict(max_new_tokens=n, do_sample=False, eos_token_id=-1,
                 pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0)
 
 
 @torch.no_grad()
 def hf_sequential(model: nn.Module, prompts: list[list[int]], max_tokens: list[int]) -> Run:
-    """``generate`` per request, one after another; greedy, EOS ignored."""
+    """``generate`` per request, one after another; greedy, EOS ignored. All requests arrived at the start,
+    so a request's TTFT counts from the start of the run (its wait behind earlier requests included)."""
     dev = next(model.parameters()).device
     outs, ttft, tpot = [], [], []
     t0 = time.perf_counter()
     for p, n in zip(prompts, max_tokens):
         clock = _Clock()
-        start = time.perf_counter()
         ids = torch.tensor([p], device=dev)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=clock, **_gen_kwargs(model, n))
         outs.append(out[0, len(p):].tolist())
         token_times = clock.times[1:]
-        ttft.append(token_times[0] - start)
+        ttft.append(token_times[0] - t0)
         if len(token_times) > 1:
             tpot.append((token_times[-1] - token_times[0]) / (len(token_times) - 1))
     return Run(outs, time.perf_counter() - t0, ttft, tpot)
@@ -89,32 +110,61 @@ def hf_static(model: nn.Module, prompts: list[list[int]], max_tokens: list[int],
     return Run(outs, time.perf_counter() - t0, ttft, tpot, notes=f"batch_size={batch_size}")
 
 
-@torch.no_grad()
-def hf_continuous(model: nn.Module, prompts: list[list[int]], max_tokens: list[int]) -> Run:
-    """transformers' continuous batching manager, each request with its own ``max_new_tokens``."""
-    from transformers import GenerationConfig
+class HFContinuous:
+    """transformers' continuous batching manager, created, warmed up and started *before* any clock runs (as
+    labkit's KV pool is allocated outside its timed region), with labkit's page size and token budget.
 
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max(max_tokens), eos_token_id=-1,
-                          pad_token_id=model.config.pad_token_id or 0)
-    t0 = time.perf_counter()
-    results = {}
-    with model.continuous_batching_context_manager(generation_config=gc, block=True, timeout=5) as manager:
-        ids = [manager.add_request(p, max_new_tokens=n, record_timestamps=True, eos_token_id=-1)
+    ``with HFContinuous(model, ...) as cb: run = cb.run(prompts, max_tokens)``; each request has its own
+    ``max_new_tokens`` and EOS off.
+    """
+
+    def __init__(self, model: nn.Module, *, page_size: int = 16, num_blocks: int | None = None,
+                 max_batch_tokens: int = 512, max_new_tokens: int = 256) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        # transformers >= 5.17 calls the page size ``page_size``; 5.4 to 5.16 call it ``block_size``.
+        fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        size_name = "page_size" if "page_size" in fields else "block_size"
+        self.config = {size_name: max(page_size, 4), "num_blocks": num_blocks, "max_batch_tokens": max_batch_tokens}
+        gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=-1,
+                               pad_token_id=model.config.pad_token_id or 0)
+        self.manager = model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**self.config))
+        if hasattr(self.manager, "warmup"):  # transformers >= 5.10 (CUDA graphs); earlier ones warm up on use
+            self.manager.warmup()
+        self.manager.start()
+
+    def __enter__(self) -> HFContinuous:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.manager.stop(block=True, timeout=30)
+        self.manager.destroy()
+
+    @torch.no_grad()
+    def run(self, prompts: list[list[int]], max_tokens: list[int]) -> Run:
+        t0 = time.perf_counter()
+        ids = [self.manager.add_request(p, max_new_tokens=n, record_timestamps=True, eos_token_id=-1)
                for p, n in zip(prompts, max_tokens)]
+        results: dict = {}
         while len(results) < len(ids):
-            r = manager.get_result(timeout=1)
+            r = self.manager.get_result(timeout=1)
             if r is not None and r.is_finished():
                 results[r.request_id] = r
-            elif r is None and not manager.is_running():
+            elif r is None and not self.manager.is_running():
                 raise RuntimeError("transformers' continuous batching thread stopped")
-    wall = time.perf_counter() - t0
-    outs, ttft, tpot = [], [], []
-    for rid in ids:
-        r = results[rid]
-        outs.append(list(r.generated_tokens))
-        ts = r.timestamps or []
-        if ts:
-            ttft.append(ts[0] - t0)
-            if len(ts) > 1:
-                tpot.append((ts[-1] - ts[0]) / (len(ts) - 1))
-    return Run(outs, wall, ttft, tpot)
+        wall = time.perf_counter() - t0
+        outs, ttft, tpot = [], [], []
+        for rid in ids:
+            r = results[rid]
+            outs.append(list(r.generated_tokens))
+            ts = r.timestamps or []
+            if ts:
+                ttft.append(ts[0] - t0)
+                if len(ts) > 1:
+                    tpot.append((ts[-1] - ts[0]) / (len(ts) - 1))
+        return Run(outs, wall, ttft, tpot, notes=f"{self.config}")

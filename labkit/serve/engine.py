@@ -4,6 +4,7 @@ what a request returns is in ``outputs.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ class LLMEngine:
         self.record_history = record_history
         self.requests: dict[int, tuple[Sequence, SamplingParams, RequestOutput]] = {}
         self.generators: dict[int, torch.Generator | None] = {}
+        self.pending_forks: dict[int, int] = {}  # parent seq id -> samples still to fork (n > 1)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         if not prompt_token_ids:
@@ -46,24 +48,47 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.config.max_model_len:
             raise LabkitError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
                               f"{self.config.max_model_len} (prompt + output must fit)")
-        if params.n != 1:
-            raise LabkitError(f"n={params.n}: parallel sampling is not supported by this engine yet; use n=1")
         seq = Sequence(list(prompt_token_ids), self.config.block_size, max_tokens=params.max_tokens)
         out = RequestOutput(seq.seq_id, list(prompt_token_ids), arrival_time=time.perf_counter())
+        self._register(seq, params, out)
+        if params.n > 1:
+            out.samples = [out]
+            self.pending_forks[seq.seq_id] = params.n - 1
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def _register(self, seq: Sequence, params: SamplingParams, out: RequestOutput) -> None:
         self.requests[seq.seq_id] = (seq, params, out)
         gen = None
         if params.seed is not None and not params.greedy:
             gen = torch.Generator().manual_seed(params.seed)
         self.generators[seq.seq_id] = gen
-        self.scheduler.add(seq)
-        return seq.seq_id
+
+    def _fork_samples(self, parent: Sequence) -> None:
+        """Parallel sampling (``n > 1``): once the parent's prompt is in the cache, each extra sample shares all
+        its blocks (``BlockManager.fork``), re-runs only the last prompt token for its own logits, and copies a
+        shared block the first time it writes into it (copy-on-write). Sample ``i`` uses seed ``seed + i``."""
+        _, params, parent_out = self.requests[parent.seq_id]
+        prompt = parent.token_ids[:parent.num_prompt_tokens]
+        for i in range(1, self.pending_forks.pop(parent.seq_id) + 1):
+            child = Sequence(list(prompt), self.config.block_size, max_tokens=params.max_tokens)
+            self.bm.fork(parent, child)
+            child.num_computed_tokens = len(prompt) - 1  # the last prompt token runs again: this sample's logits
+            child_params = dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            out = RequestOutput(child.seq_id, list(prompt), arrival_time=parent_out.arrival_time)
+            self._register(child, child_params, out)
+            parent_out.samples.append(out)
+            self.scheduler.add_running(child)
 
     def abort(self, request_id: int, reason: str = "abort") -> RequestOutput | None:
         """Drop a request wherever it is; its blocks return to the pool. Returns its output, if it was live."""
         self.generators.pop(request_id, None)
+        self.pending_forks.pop(request_id, None)
         if request_id not in self.requests:
             return None
         seq, _, out = self.requests.pop(request_id)
+        for sample in out.samples[1:]:  # parallel samples go with their request
+            self.abort(sample.request_id, reason)
         self.scheduler.abort(seq)
         out.finish_reason = out.finish_reason or reason
         out.finish_time = out.finish_time or time.perf_counter()
@@ -104,6 +129,8 @@ class LLMEngine:
             out.token_times.append(now)
             out.first_token_time = out.first_token_time or now
             events.append((out, token))
+            if seq.seq_id in self.pending_forks:
+                self._fork_samples(seq)
             if not p.ignore_eos and token == self.eos_token_id:
                 out.finish_reason = "stop"
             elif len(out.token_ids) >= p.max_tokens or len(seq) >= self.config.max_model_len:
@@ -146,4 +173,5 @@ class LLMEngine:
                 "block_size": self.bm.block_size, "running": [s.seq_id for s in self.scheduler.running],
                 "waiting": [s.seq_id for s in self.scheduler.waiting],
                 "scheduled": [(s.seq_id, n) for s, n in (sched.scheduled if sched else [])],
-                "preemptions": self.scheduler.num_preemptions}
+                "block_tables": {s.seq_id: list(s.block_table) for s in self.scheduler.running},
+                "preemptions": self.scheduler.num_preemptions, "prefix_hit_blocks": self.bm.prefix_hits}

@@ -41,10 +41,6 @@ class KVCache:
             k[d:d + b] = k[s:s + b]
             v[d:d + b] = v[s:s + b]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
     """KV-cache bytes one token occupies: keys and values, every layer, every KV head."""

@@ -68,13 +68,14 @@ class LLM:
         if len(plist) != len(prompts):
             raise LabkitError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
         ids = [self.engine.add_request(self._encode(p), sp) for p, sp in zip(prompts, plist)]
+        wanted = set(ids)
         outputs: dict[int, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
         n_tokens, t0 = 0, time.perf_counter()
         while self.engine.has_unfinished():
             for out, _ in self.engine.step():
                 n_tokens += 1
-                if out.finished:
+                if out.finished and out.request_id in wanted:
                     outputs[out.request_id] = out
                     bar.update(1)
             bar.set_postfix(out_tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")
@@ -82,5 +83,6 @@ class LLM:
         result = [outputs[i] for i in ids]
         if self.tokenizer is not None:
             for o in result:
-                o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+                for sample in o.samples or [o]:
+                    sample.text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
         return result

@@ -16,6 +16,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    samples: list[RequestOutput] = field(default_factory=list)  # n > 1: every sample, this one first
 
     @property
     def finished(self) -> bool:

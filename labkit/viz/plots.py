@@ -1,11 +1,15 @@
-"""Matplotlib figures built from result records. Functions return figures; callers show or save them."""
+"""Matplotlib figures built from result records. Functions return figures; callers show or save them.
+
+Figures are built with ``matplotlib.figure.Figure``, outside pyplot's global state, so a notebook shows a
+returned figure exactly once (pyplot-managed figures are shown again by the inline backend at cell end).
+"""
 
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend().lower() != "macosx" else "Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot  # noqa: E402,F401 - registers the notebook's figure display; figures stay outside it
 from matplotlib.figure import Figure  # noqa: E402
 
 from labkit.results import Record  # noqa: E402
@@ -19,7 +23,8 @@ SCATTERS: dict[str, tuple[str, str]] = {
 def metric_bars(record: Record, metric: str, *, title: str | None = None, log: bool = False) -> Figure:
     """Horizontal bars of ``metric`` for every variant that has it, labelled model/name."""
     rows = [v for v in record.variants if isinstance(v.get(metric), (int, float))]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
+    fig = Figure(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
+    ax = fig.subplots()
     labels = [f"{v.get('model', '')} · {v['name']}" for v in rows]
     values = [v[metric] for v in rows]
     ax.barh(labels, values, color="#4C72B0")
@@ -38,7 +43,8 @@ def scatter(record: Record, x: str, y: str, *, model: str | None = None, title: 
     """One point per variant: e.g. memory vs perplexity, each labelled with its name."""
     rows = [v for v in record.variants if isinstance(v.get(x), (int, float)) and isinstance(v.get(y), (int, float))
             and (model is None or v.get("model") == model)]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     ax.scatter([v[x] for v in rows], [v[y] for v in rows], color="#C44E52")
     for v in rows:
         ax.annotate(v["name"], (v[x], v[y]), textcoords="offset points", xytext=(4, 3), fontsize=8)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from labkit.quant import primitives as P
+from labkit.quant import primitives as prim
 from labkit.results import Record
+from labkit.viz.kv import block_tables_figure, kv_pool_figure  # noqa: F401 - re-exported for notebooks
 from labkit.viz.plots import scatter
 
 SCHEMES = ("symmetric", "asymmetric", "nf4")
@@ -21,13 +21,13 @@ def quant_stats(w: torch.Tensor, scheme: str, bits: int, group_size: int | None)
     """Quantize ``w`` (2-D) with the chosen settings; return the dequantized tensor, SQNR and real bytes."""
     if scheme == "nf4":
         bits = 4
-    deq = P.fake_quantize(w, bits, scheme=scheme, group_size=group_size)
+    deq = prim.fake_quantize(w, bits, scheme=scheme, group_size=group_size)
     rows, cols = w.shape
     g = group_size or cols
     n_groups = rows * -(-cols // g)
     const_bytes = {"symmetric": 2, "asymmetric": 3, "nf4": 4}[scheme]  # fp16 scale (+ uint8 zero) | fp32 absmax
     nbytes = rows * -(-cols // g) * g * bits // 8 + n_groups * const_bytes
-    return {"dequantized": deq, "sqnr_db": P.sqnr(w, deq), "bytes": nbytes, "fp32_bytes": w.numel() * 4,
+    return {"dequantized": deq, "sqnr_db": prim.sqnr(w, deq), "bytes": nbytes, "fp32_bytes": w.numel() * 4,
             "bits_per_weight": 8 * nbytes / w.numel()}
 
 
@@ -36,17 +36,18 @@ def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int
     """Weight histogram with the quantization grid of the widest group, and the error histogram."""
     w = w.detach().float()
     stats = quant_stats(w, scheme, bits, group_size)
-    groups, _ = P.to_groups(w, group_size)
+    groups, _ = prim.to_groups(w, group_size)
     widest = groups[groups.abs().amax(1).argmax()]
     if scheme == "nf4":
-        grid = P.NF4_CODE * widest.abs().max()
+        grid = prim.NF4_CODE * widest.abs().max()
     elif scheme == "symmetric":
         qmax = 2 ** (bits - 1) - 1
         grid = torch.arange(-qmax, qmax + 1) * widest.abs().max() / qmax
     else:
-        _, s, z = P.quantize_asymmetric(widest.unsqueeze(0), bits)
+        _, s, z = prim.quantize_asymmetric(widest.unsqueeze(0), bits)
         grid = (torch.arange(2**bits) - z[0]) * s[0]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig = Figure(figsize=(11, 3.6))
+    a, b = fig.subplots(1, 2)
     a.hist(w.reshape(-1).numpy(), bins=200, color="#4C72B0", alpha=0.8)
     if len(grid) <= 64:
         for g in grid.tolist():
@@ -91,8 +92,6 @@ class QuantExplorer:
                 sc = scatter(self.record, "weight_bytes", "perplexity", model=self.model_name,
                              title="measured variants: memory vs perplexity")
                 display(sc)
-                plt.close(sc)
-        plt.close(fig)
         return stats
 
     def _ipython_display_(self) -> None:
@@ -105,69 +104,64 @@ class QuantExplorer:
 # ------------------------------------------------------------------------------------------ KV cache viewer
 
 
-def kv_pool_figure(snap: dict[str, Any], cols: int = 32) -> Figure:
-    """Draw the block pool of one engine snapshot (``LLMEngine.snapshot()``): one cell per block, coloured by
-    the request that owns it, hatched when shared, grey when free; the bar inside shows how full it is."""
-    import matplotlib.patches as mpatches
-
-    n, bs = snap["num_blocks"], snap["block_size"]
-    rows = -(-n // cols)
-    fig, ax = plt.subplots(figsize=(min(12, 0.32 * cols + 1), 0.32 * rows + 1.6))
-    cmap = plt.get_cmap("tab20")
-    held = reserved = 0
-    for b in range(n):
-        r, c = divmod(b, cols)
-        owners = snap["owners"].get(b, [])
-        if owners:
-            fill = max(0, snap["fill"].get(b, 0))
-            held += fill
-            reserved += bs
-            color = cmap(owners[0] % 20)
-            ax.add_patch(mpatches.Rectangle((c, -r), 0.92, 0.92, color=color, alpha=0.35,
-                                            hatch="///" if len(owners) > 1 else None))
-            ax.add_patch(mpatches.Rectangle((c, -r), 0.92 * fill / bs, 0.92, color=color))
-        else:
-            ax.add_patch(mpatches.Rectangle((c, -r), 0.92, 0.92, color="#dddddd"))
-    ax.set_xlim(-0.2, cols + 0.2)
-    ax.set_ylim(-rows + 0.8, 1.1)
-    ax.set_aspect("equal")
-    ax.axis("off")
-    waste = 100 * (reserved - held) / reserved if reserved else 0.0
-    ax.set_title(f"step {snap['step']} · running {len(snap['running'])} · waiting {len(snap['waiting'])} · "
-                 f"blocks used {len(snap['owners'])}/{n} · waste {waste:.1f}% · preemptions {snap['preemptions']}",
-                 fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 class KVCacheViewer:
-    """Step through an engine's recorded schedule (``LLM(..., record_history=True)``)."""
+    """Step through an engine's recorded schedule (``LLM(..., record_history=True)``).
 
-    def __init__(self, history: list[dict[str, Any]], cols: int = 32) -> None:
+    With ``rerun(block_size, num_blocks, prefix_caching) -> history`` it also shows those three controls and
+    reruns the workload when they change (see :func:`kv_history` for a ready-made ``rerun``).
+    """
+
+    def __init__(self, history: list[dict[str, Any]] | None = None, cols: int = 16, rerun=None,
+                 block_size: int = 16, num_blocks: int = 24, prefix_caching: bool = False) -> None:
         import ipywidgets as W
 
-        if not history:
+        if rerun is None and not history:
             from labkit import LabkitError
 
             raise LabkitError("history is empty: create the LLM with record_history=True and generate first")
-        self.history, self.cols = history, cols
-        self.step = W.IntSlider(min=0, max=len(history) - 1, value=0, description="step", continuous_update=False)
-        self.play = W.Play(min=0, max=len(history) - 1, interval=400)
+        self.rerun, self.cols = rerun, cols
+        self.history = history or rerun(block_size, num_blocks, prefix_caching)
+        self.step = W.IntSlider(min=0, max=len(self.history) - 1, value=0, description="step",
+                                continuous_update=False)
+        self.play = W.Play(min=0, max=len(self.history) - 1, interval=400)
         W.jslink((self.play, "value"), (self.step, "value"))
         self.out = W.Output()
         self.step.observe(lambda _c: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.play, self.step]), self.out])
+        rows = [W.HBox([self.play, self.step])]
+        if rerun is not None:
+            self.block_size = W.Dropdown(options=[1, 4, 8, 16, 32], value=block_size, description="block_size")
+            self.num_blocks = W.IntSlider(min=8, max=256, value=num_blocks, description="num_blocks",
+                                          continuous_update=False)
+            self.prefix = W.Checkbox(value=prefix_caching, description="prefix caching")
+            for w in (self.block_size, self.num_blocks, self.prefix):
+                w.observe(lambda _c: self.reload(), names="value")
+            rows.insert(0, W.HBox([self.block_size, self.num_blocks, self.prefix]))
+        self.box = W.VBox([*rows, self.out])
+
+    def reload(self) -> list[dict[str, Any]]:
+        """Rerun the workload with the current controls and go back to step 0."""
+        try:
+            self.history = self.rerun(self.block_size.value, self.num_blocks.value, self.prefix.value)
+        except ValueError as exc:  # e.g. a pool too small for one request
+            self.out.clear_output(wait=True)
+            with self.out:
+                print(f"cannot run: {exc}")
+            return []
+        self.step.max = self.play.max = len(self.history) - 1
+        self.step.value = 0
+        self.update()
+        return self.history
 
     def update(self) -> dict[str, Any]:
         from IPython.display import display
 
-        snap = self.history[self.step.value]
-        fig = kv_pool_figure(snap, self.cols)
+        snap = self.history[min(self.step.value, len(self.history) - 1)]
+        fig = block_tables_figure(snap, self.cols)
         self.out.clear_output(wait=True)
         with self.out:
             display(fig)
-            print("scheduled (request, tokens):", snap["scheduled"])
-        plt.close(fig)
+            print("scheduled (request, tokens):", snap["scheduled"], "· prefix-hit blocks so far:",
+                  snap.get("prefix_hit_blocks", 0))
         return snap
 
     def _ipython_display_(self) -> None:
@@ -175,3 +169,17 @@ class KVCacheViewer:
 
         display(self.box)
         self.update()
+
+
+def kv_history(model, tokenizer, prompts, params, *, max_model_len: int = 384, max_num_seqs: int = 8,
+               max_num_batched_tokens: int = 128):
+    """A ``rerun`` for :class:`KVCacheViewer`: serve ``prompts`` on a fresh engine, return its step history."""
+    from labkit.serve import LLM
+
+    def rerun(block_size: int, num_blocks: int, prefix_caching: bool) -> list[dict[str, Any]]:
+        llm = LLM(model, tokenizer, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                  enable_prefix_caching=prefix_caching, record_history=True)
+        llm.generate(prompts, params, use_tqdm=False)
+        return llm.stats.history
+    return rerun

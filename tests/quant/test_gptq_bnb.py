@@ -51,7 +51,7 @@ def test_cuda_layers_and_bnb_match():
     from labkit.quant.layers import NF4Linear
 
     lin = nn.Linear(576, 256).cuda()
-    layer = NF4Linear(lin, 64, double_quant=False).cuda()
+    layer = NF4Linear.from_linear(lin, 64, double_quant=False).cuda()
     x = torch.randn(4, 576, device="cuda")
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.dequantize(), lin.bias))
     packed, state = F.quantize_4bit(lin.weight.data, blocksize=64, quant_type="nf4")
@@ -59,15 +59,20 @@ def test_cuda_layers_and_bnb_match():
     assert (layer.dequantize() - theirs).abs().max() <= 1e-5 * lin.weight.abs().max()
 
 
+@pytest.mark.slow
 def test_quantization_experiment_subset_meets_targets(tmp_path):
     from labkit.experiments import quantization as Q
 
     cfg = Q.Config.quick()
     cfg.variants = ("fp32", "int8", "nf4-dq")
     cfg.ppl_max_windows = 3
-    cfg.repeats = 1
+    cfg.repeats = 2
     cfg.decode_tokens = 2
     rec = Q.run(cfg, progress=False)
+    for name in cfg.variants:
+        row = rec.variant(name, cfg.llm)
+        assert row["decode_repeats"] == 2 and row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+    assert rec.variant("fp32", cfg.llm)["speedup_vs_baseline"] == 1.0
     t = rec.config["targets"]
     for key in ("smollm2-135m/nf4-dq/bits_per_param_quantized", "smollm2-135m/nf4-dq/weight_bytes_ratio",
                 "smollm2-135m/int8/perplexity_ratio", "minilm-l6/int8/cosine_to_reference"):

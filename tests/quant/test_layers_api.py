@@ -14,11 +14,11 @@ LIN = nn.Linear(576, 96)  # 576 = 4.5 groups of 128: the last group is padded
 
 
 @pytest.mark.parametrize("make,floor,bits", [
-    (lambda: Int8Linear(LIN), 38, 8 + 32 / 576),
+    (lambda: Int8Linear.from_linear(LIN), 38, 8 + 32 / 576),
     (lambda: Int4Linear.from_linear(LIN, 128), 17, (4 + 24 / 128) * 640 / 576),
     (lambda: Int4Linear.from_linear(LIN, 64, symmetric=True), 16, 4 + 16 / 64),
-    (lambda: NF4Linear(LIN, 64, double_quant=False), 19, 4.5),
-    (lambda: NF4Linear(LIN, 64, double_quant=True), 19, 4 + 8 / 64 + (32 * 4 + 32) / (96 * 576)),
+    (lambda: NF4Linear.from_linear(LIN, 64, double_quant=False), 19, 4.5),
+    (lambda: NF4Linear.from_linear(LIN, 64, double_quant=True), 19, 4 + 8 / 64 + (32 * 4 + 32) / (96 * 576)),
 ])
 def test_layer_stores_packed_bits_and_matches_float(make, floor, bits):
     layer = make()
@@ -57,8 +57,26 @@ def test_int8_model_agrees_with_fp32(tiny_lm):
 
 def test_dtype_config_halves_bytes(tiny_lm):
     before = weight_bytes(tiny_lm)
-    quantize_(tiny_lm, DtypeConfig(torch.bfloat16))
+    report = quantize_(tiny_lm, DtypeConfig(torch.bfloat16), skip=())
     assert weight_bytes(tiny_lm) == pytest.approx(before / 2, rel=0.01)
+    n_linear = sum(isinstance(m, nn.Linear) for m in tiny_lm.modules())
+    assert len(report.quantized) == n_linear and not report.skipped
+
+
+def test_dtype_config_honours_skip_and_still_runs(tiny_lm):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref = tiny_lm(input_ids=ids).logits
+    report = quantize_(tiny_lm, DtypeConfig(torch.bfloat16))  # default skip: lm_head (tied to the embedding)
+    assert "lm_head" in report.skipped and "lm_head" not in report.quantized
+    assert tiny_lm.lm_head.weight.dtype == torch.float32 == tiny_lm.model.embed_tokens.weight.dtype
+    assert tiny_lm.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    out = tiny_lm(input_ids=ids).logits  # mixed precision runs: bf16 body, fp32 head
+    assert out.dtype == torch.float32 and torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.99
+
+
+def test_filter_fn_selecting_an_embedding_is_an_error(tiny_lm):
+    with pytest.raises(ValueError, match="nn.Embedding"):
+        quantize_(tiny_lm, Int8Config(), filter_fn=lambda m, n: "embed" in n)
 
 
 def test_selecting_a_non_linear_layer_is_an_error():
@@ -87,3 +105,24 @@ def test_bad_configs_named():
         DtypeConfig(torch.int8)
     with pytest.raises(LabkitError, match="not a quantization config"):
         quantize_(nn.Linear(2, 2), "int4")
+
+
+def test_rtn_int4_codes_use_the_fp16_scales_it_stores():
+    from labkit.quant import primitives as prim
+
+    lin = nn.Linear(256, 32)
+    torch.nn.init.normal_(lin.weight, std=0.07)
+    layer = Int4Linear.from_linear(lin, 64)
+    codes = prim.unpack_int4(layer.qweight).view(-1, 64).float()
+    scale, zero = layer.scale.float().view(-1, 1), layer.zero.float().view(-1, 1)
+    groups = lin.weight.detach().reshape(-1, 64)
+    assert torch.equal(codes, torch.clamp(torch.round(groups / scale) + zero, 0, 15))  # with the stored scale
+
+
+def test_gptq_checks_every_layer_before_swapping_any():
+    from labkit.quant.gptq import gptq_quantize_
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48), nn.Linear(48, 8))
+    with pytest.raises(ValueError, match=r"group_size=64 must divide in_features=48 of layer '2'"):
+        gptq_quantize_(model, torch.randn(2, 64), group_size=64, skip=(), progress=False)
+    assert all(isinstance(m, nn.Linear) for m in model)  # nothing half-quantized

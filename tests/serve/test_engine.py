@@ -144,14 +144,30 @@ def test_random_workloads_respect_budgets_and_conserve_blocks(lengths, block_siz
     assert eng.bm.num_free == num_blocks
 
 
-def test_sampling_is_seeded_and_respects_top_k():
+def test_sampling_is_seeded_across_block_sizes():
     ps = prompts([6, 8])
     sp = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
-    a, _ = run(ps, block_size=4)
     b = LLM(MODEL, None, block_size=4, max_model_len=128).generate(ps, [sp, sp], use_tqdm=False)
     c = LLM(MODEL, None, block_size=16, max_model_len=128).generate(ps, [sp, sp], use_tqdm=False)
     assert [o.token_ids for o in b] == [o.token_ids for o in c]
     assert all(len(o.token_ids) == 8 for o in b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), top_k=st.integers(1, 6), top_p=st.floats(0.05, 1.0))
+def test_sampler_only_draws_from_the_top_k_and_the_top_p_nucleus(seed, top_k, top_p):
+    from labkit.serve.sampling import sample
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(seed)) * 3
+    order = torch.argsort(logits, descending=True)
+    probs = torch.softmax(logits[order[:top_k]], -1)  # top-k first, renormalised, then the nucleus
+    nucleus = int((torch.cumsum(probs, 0) - probs < top_p).sum())  # the smallest prefix reaching top_p
+    allowed = set(order[:nucleus].tolist())
+    g = torch.Generator().manual_seed(seed)
+    drawn = {sample(logits, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p), g) for _ in range(40)}
+    assert drawn <= allowed
+    if top_k == 1:
+        assert drawn == {int(order[0])}
 
 
 def test_eos_stops_unless_ignored():
@@ -202,3 +218,29 @@ def test_cuda_runner_matches_hf():
         out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=10, min_new_tokens=10,
                              do_sample=False, pad_token_id=0)
         assert o.token_ids == out[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("block_size,prompt_len", [(4, 8), (4, 10), (16, 5), (1, 3)])
+def test_parallel_sampling_shares_the_prompt_and_copies_on_write(block_size, prompt_len):
+    p = prompts([prompt_len])[0]
+    llm = LLM(MODEL, None, block_size=block_size, max_model_len=128)
+    greedy = llm.generate([p], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, n=3), use_tqdm=False)[0]
+    assert len(greedy.samples) == 3 and greedy.samples[0] is greedy
+    assert all(s.token_ids == hf_greedy(p) for s in greedy.samples)  # a wrong CoW copy would change the tokens
+    bm = llm.engine.bm
+    assert bm.num_free == len(bm.blocks) and not llm.engine.requests and not llm.engine.pending_forks
+    sp = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, n=3, seed=11)
+    sampled = llm.generate([p], sp, use_tqdm=False)[0]
+    assert len({tuple(s.token_ids) for s in sampled.samples}) > 1
+    again = llm.generate([p], sp, use_tqdm=False)[0]
+    assert [s.token_ids for s in again.samples] == [s.token_ids for s in sampled.samples]  # seeded
+    assert bm.num_free == len(bm.blocks)
+
+
+def test_parallel_samples_use_fewer_blocks_than_separate_requests():
+    p = prompts([40])[0]
+    shared = LLM(MODEL, None, block_size=4, max_model_len=128)
+    shared.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, n=4), use_tqdm=False)
+    separate = LLM(MODEL, None, block_size=4, max_model_len=128)
+    separate.generate([p] * 4, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert shared.stats.peak_blocks < separate.stats.peak_blocks

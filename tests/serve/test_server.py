@@ -8,10 +8,12 @@ import time
 
 import pytest
 
-from labkit.serve import LLM
-from labkit.serve.client import bench_serve
-from labkit.serve.server import start_server, stop_server
-from tests.conftest import tiny_llama
+pytest.importorskip("fastapi", reason="the server needs fastapi (a labkit dependency; absent on bare GPU images)")
+
+from labkit.serve import LLM  # noqa: E402
+from labkit.serve.client import bench_serve  # noqa: E402
+from labkit.serve.server import start_server, stop_server  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,23 @@ import pytest
 def test_serving_experiment_small(tmp_path):
     from labkit.experiments import serving
 
-    cfg = serving.Config(num_requests=5, prompt_len=(8, 40), output_len=(3, 10), static_batch_sizes=(0,))
+    cfg = serving.Config(num_requests=5, prompt_len=(8, 40), output_len=(3, 10), static_batch_sizes=(2, 0),
+                         repeats=3, warmup_requests=2)
     rec = serving.run(cfg, progress=False)
     names = [v["name"] for v in rec.variants]
-    assert names == ["hf-sequential", "hf-static", "hf-continuous", "labkit-contiguous", "labkit-paged",
-                     "labkit-paged-preempt"]
-    for n in ("labkit-contiguous", "labkit-paged", "labkit-paged-preempt"):
-        v = rec.variant(n)
-        assert v["matches_reference"], n
+    assert names == ["hf-sequential", "hf-static", "hf-continuous", "labkit-contiguous", "labkit-contiguous-exact",
+                     "labkit-paged", "labkit-paged-preempt"]
+    for v in rec.variants:
+        assert v["matches_reference"], v["name"]
         assert v["output_tokens"] == rec.variant("hf-sequential")["output_tokens"]
-    assert rec.variant("labkit-paged")["kv_waste_pct"] < rec.variant("labkit-contiguous")["kv_waste_pct"]
+        assert len(v["ttft_ms_per_request"]) == 5
+        if v["name"] != "hf-sequential":
+            assert v["repeats"] == 3 and len(v["output_tokens_per_s_runs"]) == 3
+            assert v["output_tokens_per_s_min"] <= v["output_tokens_per_s"] <= v["output_tokens_per_s_max"]
+    assert set(rec.config["hf_static_tried"]) == {2, 5}
+    best = max(rec.variant(n)["output_tokens_per_s"] for n in ("hf-static", "hf-continuous"))
+    assert rec.variant("labkit-paged")["speedup_vs_baseline"] == rec.variant("labkit-paged")["output_tokens_per_s"] / best
+    assert rec.variant("labkit-paged")["kv_waste_pct"] < rec.variant("labkit-contiguous-exact")["kv_waste_pct"] \
+        < rec.variant("labkit-contiguous")["kv_waste_pct"]
     assert rec.variant("labkit-paged-preempt")["preemptions"] > 0
     rec.save(tmp_path)

@@ -1,0 +1,280 @@
+"""The learner's turn: write the core function, and a check answers at once.
+
+``check(name, fn)`` runs ``fn`` against the kit's own implementation on seeded random inputs (the shapes and
+dtypes that matter, and edge cases: a constant row, a partial last block, a single row), prints ✓ or the
+first difference in words, and returns the function the notebook should go on with: the learner's when it
+passes, else the kit's (so a workshop never blocks on an empty or wrong exercise). A stub that still raises
+``NotImplementedError`` is reported as such. ``available()`` lists the exercises; solutions live in the kit.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from labkit import LabkitError
+from labkit.quant import primitives as prim
+
+
+class Mismatch(Exception):
+    """The learner's function disagrees with the kit's; the message says where and how."""
+
+
+@dataclass
+class Verdict:
+    name: str
+    ok: bool
+    message: str
+    fallback: bool  # True when the notebook goes on with the kit's version
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _close(name: str, got: Any, want: torch.Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    if not isinstance(got, torch.Tensor):
+        raise Mismatch(f"{what}: expected a tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(want.shape):
+        raise Mismatch(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    diff = (got.float() - want.float()).abs()
+    bad = diff > atol + rtol * want.float().abs()
+    if bad.any():
+        i = tuple(int(v) for v in bad.nonzero()[0])
+        raise Mismatch(f"{what}: at index {i} you give {got[i].item():.6g}, the kit gives {want[i].item():.6g} "
+                       f"({int(bad.sum())} of {bad.numel()} values differ)")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ 00: timing
+
+def kit_time_fn(fn: Callable[[], Any], warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` untimed calls, synchronising CUDA around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _check_timing(fn: Callable) -> str:
+    calls = {"n": 0}
+
+    def workload() -> None:  # cold for two calls, then 4 ms, with one 60 ms hiccup among the timed calls
+        calls["n"] += 1
+        time.sleep(0.08 if calls["n"] <= 2 else 0.06 if calls["n"] == 5 else 0.004)
+
+    got = fn(workload, warmup=2, repeats=5)
+    if not isinstance(got, (int, float)):
+        raise Mismatch(f"return the time in seconds as a float, not {type(got).__name__}")
+    if calls["n"] != 7:
+        raise Mismatch(f"with warmup=2 and repeats=5 the workload should run 7 times; yours ran it {calls['n']} times")
+    if got > 0.03:
+        raise Mismatch(f"you measured {got * 1e3:.1f} ms for a ~4 ms call: the cold start (warm-up) or the one slow "
+                       "repeat got in — time only after warm-up, and take the median, not the mean")
+    if got < 0.003:
+        raise Mismatch(f"you measured {got * 1e3:.2f} ms for a call that sleeps 4 ms: is the clock read around fn()?")
+    return f"median {got * 1e3:.1f} ms for a 4 ms call, cold start and outlier ignored"
+
+
+# ------------------------------------------------------------------------------------------ 01: quantization
+
+def _quant_inputs() -> list[tuple[str, torch.Tensor, int]]:
+    g = _gen(0)
+    skewed = torch.rand(4, 64, generator=g) * 3 + 0.5  # all positive: half of a symmetric grid would be wasted
+    return [("random rows, 4 bits", torch.randn(8, 64, generator=g), 4),
+            ("random rows, 8 bits", torch.randn(8, 128, generator=g), 8),
+            ("all-positive rows, 4 bits", skewed, 4),
+            ("a constant row", torch.full((1, 32), 0.7), 4),
+            ("a single value per row", torch.randn(5, 1, generator=g), 2)]
+
+
+def _check_quantize_asymmetric(fn: Callable) -> str:
+    for label, x, bits in _quant_inputs():
+        out = fn(x, bits)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise Mismatch("return three things: (codes, scale, zero)")
+        q, scale, zero = out
+        kq, ks, kz = prim.quantize_asymmetric(x, bits)
+        if q.min() < 0 or q.max() > 2**bits - 1:
+            raise Mismatch(f"{label}: codes must lie in 0..{2**bits - 1}; yours span {int(q.min())}..{int(q.max())}")
+        _close("", prim.dequantize_asymmetric(q, scale, zero), prim.dequantize_asymmetric(kq, ks, kz),
+               f"{label}: the dequantized values", atol=1e-5)
+    return "codes, scales and zero points reconstruct every row as the kit's do (constant rows included)"
+
+
+def _check_dequantize_asymmetric(fn: Callable) -> str:
+    for label, x, bits in _quant_inputs():
+        q, s, z = prim.quantize_asymmetric(x, bits)
+        _close("", fn(q, s, z), prim.dequantize_asymmetric(q, s, z), f"{label}: x̂ = (q - zero) * scale")
+    return "x̂ = (q − zero) · scale on every row"
+
+
+def _check_pack_int4(fn: Callable) -> str:
+    g = _gen(1)
+    cases = [("random codes", torch.randint(0, 16, (64,), generator=g, dtype=torch.uint8)),
+             ("all 15s", torch.full((10,), 15, dtype=torch.uint8)), ("two codes", torch.tensor([3, 12], dtype=torch.uint8))]
+    for label, codes in cases:
+        got = fn(codes)
+        want = prim.pack_int4(codes)
+        if isinstance(got, torch.Tensor) and got.dtype != torch.uint8:
+            raise Mismatch(f"{label}: pack into uint8 bytes, not {got.dtype}")
+        if isinstance(got, torch.Tensor) and got.numel() == want.numel() and not torch.equal(got.reshape(-1), want):
+            swapped = (want & 0xF) << 4 | (want >> 4)
+            if torch.equal(got.reshape(-1), swapped):
+                raise Mismatch(f"{label}: the nibbles are swapped — the kit puts the first code in the low 4 bits")
+        _close("", got.reshape(-1) if isinstance(got, torch.Tensor) else got, want, f"{label}: packed bytes", atol=0)
+    return "two codes per byte, first code in the low nibble: half the bytes of uint8 codes"
+
+
+def _check_unpack_int4(fn: Callable) -> str:
+    g = _gen(2)
+    for label, codes in [("random codes", torch.randint(0, 16, (64,), generator=g, dtype=torch.uint8)),
+                         ("all 15s", torch.full((8,), 15, dtype=torch.uint8))]:
+        got = fn(prim.pack_int4(codes))
+        _close("", got.reshape(-1) if isinstance(got, torch.Tensor) else got, codes, f"{label}: unpacked codes", atol=0)
+    return "unpack(pack(codes)) == codes"
+
+
+def _check_double_quantize(fn: Callable) -> str:
+    g = _gen(3)
+    cases = [("4096 block constants", torch.rand(4096, generator=g) * 0.2 + 0.05),
+             ("a partial last block (1000 constants)", torch.rand(1000, generator=g) * 0.3 + 0.01),
+             ("identical constants", torch.full((300,), 0.125))]
+    for label, absmax in cases:
+        out = fn(absmax, 256)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise Mismatch("return three things: (int8 codes, per-block scales, the subtracted mean)")
+        q, scale, offset = out
+        if q.dtype not in (torch.int8, torch.uint8):
+            raise Mismatch(f"{label}: the codes must be stored in 8 bits, yours are {q.dtype}")
+        if q.numel() != absmax.numel():
+            raise Mismatch(f"{label}: one code per constant: {absmax.numel()} expected, {q.numel()} given")
+        kq, ks, ko = prim.double_quantize(absmax, 256)
+        _close("", prim.double_dequantize(q, scale, offset, 256), prim.double_dequantize(kq, ks, ko, 256),
+               f"{label}: the reconstructed constants", atol=1e-6)
+    bits = 4 + (8 * q.element_size() * q.numel() + 8 * scale.element_size() * scale.numel()
+                + 8 * offset.element_size() * offset.numel()) / (64 * absmax.numel())
+    if bits > 4.2:
+        raise Mismatch(f"NF4 blocks of 64 with your constants cost {bits:.3f} bits/weight; double quantization "
+                       "should bring them to about 4.13")
+    return f"constants rebuilt as the kit's; NF4 g64 with them costs {bits:.3f} bits/weight (4.5 without)"
+
+
+# ------------------------------------------------------------------------------------------ 06: paging
+
+def kit_slot(block_table: list[int], block_size: int, t: int) -> int:
+    """Flat KV-cache slot of token ``t``: its physical block times the block size, plus its offset in the block."""
+    return block_table[t // block_size] * block_size + t % block_size
+
+
+def kit_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[int],
+                        block_size: int, context_len: int) -> torch.Tensor:
+    """One decode query ``q [heads, d]`` attending over the first ``context_len`` tokens of a sequence whose
+    K/V live in ``k_cache``/``v_cache`` ``[num_slots, heads, d]`` at the slots its block table names."""
+    slots = torch.tensor([kit_slot(block_table, block_size, t) for t in range(context_len)])
+    k, v = k_cache[slots], v_cache[slots]  # [L, heads, d]: gathered, now contiguous
+    out = F.scaled_dot_product_attention(q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1))
+    return out.squeeze(1)
+
+
+def _check_slot(fn: Callable) -> str:
+    g = _gen(4)
+    for block_size in (1, 4, 16):
+        table = torch.randperm(40, generator=g)[:6].tolist()
+        for t in range(6 * block_size):
+            got, want = fn(table, block_size, t), kit_slot(table, block_size, t)
+            if got != want:
+                raise Mismatch(f"block_size={block_size}, block_table={table}, token t={t}: you give slot {got}, "
+                               f"the kit {want} (block {table[t // block_size]} × {block_size} + offset "
+                               f"{t % block_size})")
+    return "token t lives at block_table[t // block_size] · block_size + t % block_size"
+
+
+def _check_paged_attention(fn: Callable) -> str:
+    g = _gen(5)
+    heads, d = 4, 8
+    for block_size, context_len in ((4, 11), (16, 16), (1, 5), (8, 1)):
+        n_blocks = math.ceil(context_len / block_size)
+        table = torch.randperm(12, generator=g)[:n_blocks].tolist()
+        k_cache = torch.randn(12 * block_size, heads, d, generator=g)
+        v_cache = torch.randn(12 * block_size, heads, d, generator=g)
+        q = torch.randn(heads, d, generator=g)
+        # The same K/V laid out contiguously: plain attention over it is what paging must reproduce.
+        k = torch.stack([k_cache[kit_slot(table, block_size, t)] for t in range(context_len)])
+        v = torch.stack([v_cache[kit_slot(table, block_size, t)] for t in range(context_len)])
+        want = torch.softmax((q.unsqueeze(1) * k.transpose(0, 1)).sum(-1) / math.sqrt(d), -1)
+        want = (want.unsqueeze(-1) * v.transpose(0, 1)).sum(1)
+        _close("", fn(q, k_cache, v_cache, table, block_size, context_len), want,
+               f"block_size={block_size}, context_len={context_len}: the attention output", atol=1e-4)
+    return "attention over the gathered pages equals attention over contiguous K/V (partial last block included)"
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
+    # name: (notebook, kit's solution, checker)
+    "time_fn": ("00", kit_time_fn, _check_timing),
+    "quantize_asymmetric": ("01", prim.quantize_asymmetric, _check_quantize_asymmetric),
+    "dequantize_asymmetric": ("01", prim.dequantize_asymmetric, _check_dequantize_asymmetric),
+    "pack_int4": ("01", prim.pack_int4, _check_pack_int4),
+    "unpack_int4": ("01", prim.unpack_int4, _check_unpack_int4),
+    "double_quantize": ("01", prim.double_quantize, _check_double_quantize),
+    "slot": ("06", kit_slot, _check_slot),
+    "paged_attention": ("06", kit_paged_attention, _check_paged_attention),
+}
+
+
+def available(notebook: str | None = None) -> list[str]:
+    """Exercise names (of one notebook, e.g. ``"01"``, or all)."""
+    return [n for n, (nb, _, _) in EXERCISES.items() if notebook is None or nb == notebook]
+
+
+def solution(name: str) -> Callable:
+    """The kit's own function for an exercise."""
+    return _entry(name)[1]
+
+
+def _entry(name: str) -> tuple[str, Callable, Callable]:
+    if name not in EXERCISES:
+        raise LabkitError(f"exercise name={name!r} does not exist; available: {', '.join(EXERCISES)}")
+    return EXERCISES[name]
+
+
+def verify(name: str, fn: Callable) -> Verdict:
+    """Run the checker without printing: ``Verdict(ok, message, fallback)``."""
+    _, _, checker = _entry(name)
+    try:
+        return Verdict(name, True, checker(fn), fallback=False)
+    except NotImplementedError:
+        return Verdict(name, False, "not written yet (the stub raises NotImplementedError)", fallback=True)
+    except Mismatch as exc:
+        return Verdict(name, False, str(exc), fallback=True)
+    except Exception as exc:  # noqa: BLE001 - a learner's bug is reported, never a crash of the notebook
+        return Verdict(name, False, f"your function raised {type(exc).__name__}: {exc}", fallback=True)
+
+
+def check(name: str, fn: Callable) -> Callable:
+    """Check a learner's function, print ✓ or what differs, and return the function to go on with."""
+    v = verify(name, fn)
+    if v.ok:
+        print(f"✓ {name}: {v.message}")
+        return fn
+    print(f"✗ {name}: {v.message}\n  → the notebook goes on with the kit's version "
+          f"(labkit.exercises.solution({name!r})); fix yours and run this cell again.")
+    return solution(name)

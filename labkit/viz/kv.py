@@ -1,0 +1,100 @@
+"""Pictures of the paged KV cache, from engine snapshots (``LLM(..., record_history=True)``).
+
+* :func:`kv_pool_figure` — the block pool: one cell per physical block, coloured by owner, hatched when
+  shared, grey when free, the darker bar showing how many of its slots hold a token;
+* :func:`block_tables_figure` — each running request's block table (logical block → physical block) beside
+  the pool, so indirection is something you can see;
+* :func:`admitted_figure` — how many requests run at once, step by step, for several engines on the same pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+import matplotlib.patches as mpatches
+from matplotlib.figure import Figure
+
+CMAP = matplotlib.colormaps["tab20"]
+
+
+def _draw_pool(ax, snap: dict[str, Any], cols: int) -> float:
+    n, bs = snap["num_blocks"], snap["block_size"]
+    rows = -(-n // cols)
+    held = reserved = 0
+    for b in range(n):
+        r, c = divmod(b, cols)
+        owners = snap["owners"].get(b, [])
+        if owners:
+            fill = max(0, snap["fill"].get(b, 0))
+            held += fill
+            reserved += bs
+            color = CMAP(owners[0] % 20)
+            ax.add_patch(mpatches.Rectangle((c, -r), 0.92, 0.92, color=color, alpha=0.35,
+                                            hatch="///" if len(owners) > 1 else None))
+            ax.add_patch(mpatches.Rectangle((c, -r), 0.92 * fill / bs, 0.92, color=color))
+        else:
+            ax.add_patch(mpatches.Rectangle((c, -r), 0.92, 0.92, color="#dddddd"))
+    ax.set_xlim(-0.2, cols + 0.2)
+    ax.set_ylim(-rows + 0.8, 1.1)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return 100 * (reserved - held) / reserved if reserved else 0.0
+
+
+def _title(snap: dict[str, Any], waste: float) -> str:
+    return (f"step {snap['step']} · running {len(snap['running'])} · waiting {len(snap['waiting'])} · blocks used "
+            f"{len(snap['owners'])}/{snap['num_blocks']} · waste {waste:.1f}% · preemptions {snap['preemptions']}")
+
+
+def kv_pool_figure(snap: dict[str, Any], cols: int = 32) -> Figure:
+    """The block pool of one engine snapshot (``LLMEngine.snapshot()``)."""
+    rows = -(-snap["num_blocks"] // cols)
+    fig = Figure(figsize=(min(12, 0.32 * cols + 1), 0.32 * rows + 1.6))
+    ax = fig.subplots()
+    ax.set_title(_title(snap, _draw_pool(ax, snap, cols)), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def block_tables_figure(snap: dict[str, Any], cols: int = 16, max_requests: int = 8) -> Figure:
+    """Left: every running request's block table, logical block i → the physical block id it names. Right:
+    the pool those ids point into. Shared blocks (prefix caching, parallel samples) appear in several tables."""
+    tables = dict(list(snap.get("block_tables", {}).items())[:max_requests])
+    width = max((len(t) for t in tables.values()), default=1)
+    rows = -(-snap["num_blocks"] // cols)
+    fig = Figure(figsize=(12, max(2.4, 0.42 * max(len(tables), rows) + 1.4)))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(width, 4), cols]})
+    for row, (sid, table) in enumerate(tables.items()):
+        color = CMAP(sid % 20)
+        left.text(-0.3, -row + 0.45, f"req {sid}", ha="right", va="center", fontsize=8)
+        for i, bid in enumerate(table):
+            shared = len(snap["owners"].get(bid, [])) > 1
+            left.add_patch(mpatches.Rectangle((i, -row), 0.92, 0.92, color=color, alpha=0.35,
+                                              hatch="///" if shared else None))
+            left.text(i + 0.46, -row + 0.46, str(bid), ha="center", va="center", fontsize=7)
+    left.set_xlim(-2.2, width + 0.2)
+    left.set_ylim(-max(len(tables), 1) + 0.8, 1.3)
+    left.set_aspect("equal")
+    left.axis("off")
+    left.set_title("block tables: logical block → physical id", fontsize=9)
+    waste = _draw_pool(right, snap, cols)
+    right.set_title("the pool · " + _title(snap, waste).split(" · ", 1)[1], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def admitted_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure:
+    """Requests running at once, step by step, for each engine (label → recorded history)."""
+    fig = Figure(figsize=(7.5, 3.4))
+    ax = fig.subplots()
+    for label, hist in histories.items():
+        ax.step(range(len(hist)), [len(s["running"]) for s in hist], where="post",
+                label=f"{label} ({len(hist)} steps)")
+    ax.set_xlabel("engine step")
+    ax.set_ylabel("requests running at once")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("the same requests, the same KV pool: how many fit at once", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,82 @@
+"""The notebooks' setup cell as Colab meets it: a fresh Python that already has torch and the kit's dependencies
+(as Colab's image does) but not labkit, with the instructor's wheel beside the notebook."""
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUP = next(c for c in json.loads((ROOT / "notebooks" / "00_setup_and_baselines.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code")["source"]
+SETUP = "".join(SETUP)
+
+
+def colab_like_python(tmp: Path) -> Path:
+    """A new venv that sees this environment's packages (torch included) through a .pth file — but not labkit."""
+    env_dir = tmp / "colab"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    theirs = Path(subprocess.check_output([sys.executable, "-c", "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))"], text=True).strip())
+    mirror = tmp / "image-site-packages"
+    mirror.mkdir()
+    for entry in theirs.iterdir():
+        if "labkit" in entry.name.lower():
+            continue  # the kit is what the setup cell must install
+        (mirror / entry.name).symlink_to(entry)
+    ours = subprocess.check_output([str(py), "-c", "import site; print(site.getsitepackages()[0])"], text=True).strip()
+    Path(ours, "colab-image.pth").write_text(str(mirror) + "\n")
+    return py
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(ROOT)], check=True)
+    whl = next(out.glob("labkit-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(whl).namelist()
+    for asset in ("labkit/assets/sentences.txt", "labkit/assets/smollm2-tokenizer/tokenizer.json",
+                  "labkit/assets/smollm2-tokenizer/chat_template.jinja"):
+        assert asset in names, f"the wheel lacks {asset}"
+    return whl
+
+
+def run_setup(py: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
+    code = SETUP + "\nimport torch; print('TORCH', torch.__version__, torch.__file__)\n" \
+                   "from labkit import data; print('SENTENCES', len(data.sentences()))\n"
+    full_env = {k: v for k, v in os.environ.items() if k not in ("LABKIT_SOURCE", "PYTHONPATH", "VIRTUAL_ENV")}
+    full_env.update(PIP_NO_INDEX="1", **env)  # Colab's image already holds every dependency: nothing to download
+    return subprocess.run([str(py), "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_setup_cell_installs_the_wheel_and_keeps_torch(tmp_path, wheel):
+    py = colab_like_python(tmp_path)
+    before = subprocess.check_output([str(py), "-c", "import torch; print(torch.__version__, torch.__file__)"],
+                                     text=True).strip()
+    assert subprocess.run([str(py), "-c", "import labkit"], capture_output=True).returncode != 0  # not there yet
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / wheel.name).write_bytes(wheel.read_bytes())
+    r = run_setup(py, content)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "installing labkit[quant] @ file://" in r.stdout and "device cpu" in r.stdout
+    assert f"TORCH {before}" in r.stdout  # Colab's torch is kept, not replaced
+    assert "SENTENCES" in r.stdout
+    again = run_setup(py, content)  # a second run is a no-op
+    assert again.returncode == 0 and "installing" not in again.stdout
+
+
+@pytest.mark.slow
+def test_setup_cell_without_wheel_or_source_says_what_to_do(tmp_path):
+    py = colab_like_python(tmp_path)
+    r = run_setup(py, tmp_path)
+    assert r.returncode != 0
+    assert "Upload the labkit-*.whl" in r.stderr and "LABKIT_SOURCE" in r.stderr
