@@ -69,6 +69,32 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features that decide which kernels torch, bitsandbytes and ONNX Runtime pick on x86-64.
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The kernel-relevant CPU features of this machine (empty where /proc/cpuinfo is not available)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _CPU_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
+def bnb_cpu_path() -> str | None:
+    """Which 4-bit CPU path bitsandbytes can take: its optional fused GEMM needs the ``kernels`` package
+    (without it bitsandbytes logs "Failed to load CPU gemm_4bit_forward" and falls back); recorded because the
+    same bnb-nf4 variant has been seen to differ slightly between hosts of one machine kind."""
+    if lib_version("bitsandbytes") is None:
+        return None
+    return "fused gemm_4bit (kernels installed)" if lib_version("kernels") else "fallback (no `kernels` package)"
+
+
 def bf16_supported(device: torch.device | str | None = None) -> bool:
     """Whether bf16 matmuls run natively on ``device`` (CPU always emulates them correctly, if slowly)."""
     device = torch.device(device) if device is not None else default_device()
@@ -106,6 +132,7 @@ def describe() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "torch_threads": torch.get_num_threads(),
         "device": str(default_device()),
         "gpu": None,
@@ -113,6 +140,7 @@ def describe() -> dict[str, Any]:
         "fp16_supported": has_cuda(),
         "bf16_supported": bf16_supported(),
         "bnb_backend": bnb_backend(),
+        "bnb_cpu_path": bnb_cpu_path(),
         "ort_providers": ort_providers(),
         "tensorrt": lib_version("tensorrt") is not None,
         "triton": lib_version("triton") is not None,

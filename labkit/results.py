@@ -107,6 +107,36 @@ def load_all(results_dir: str | Path = "results") -> list[Record]:
     return sorted((load(p) for p in d.glob("*.json")), key=lambda r: r.experiment) if d.is_dir() else []
 
 
+def reference_dirs() -> list[Path]:
+    """Where reference records live: ``$LABKIT_REFERENCE``, then ``results/reference`` of the checkout the kit
+    runs from, of the working directory and of its parent (a notebook runs in ``notebooks/``)."""
+    here = Path(__file__).resolve().parent.parent
+    candidates = [os.environ.get("LABKIT_REFERENCE"), here / "results" / "reference",
+                  Path.cwd() / "results" / "reference", Path.cwd().parent / "results" / "reference"]
+    seen, out = set(), []
+    for c in candidates:
+        if c and Path(c).is_dir() and Path(c).resolve() not in seen:
+            seen.add(Path(c).resolve())
+            out.append(Path(c))
+    return out
+
+
+def load_reference(experiment: str, hardware: str | None = None) -> tuple[Record, str] | None:
+    """The reference record of ``experiment`` and the folder (hardware) it came from, or None where none is
+    here (e.g. a Colab runtime with only the wheel). ``hardware`` picks a folder such as ``"cpu-epyc-2core"``;
+    by default the newest record wins."""
+    found = []
+    for d in reference_dirs():
+        for path in d.glob(f"*/{experiment}.json"):
+            if hardware is None or path.parent.name == hardware:
+                found.append(path)
+    if not found:
+        return None
+    rec = [load(p) for p in found]
+    best = max(range(len(rec)), key=lambda i: rec[i].created_at or "")
+    return rec[best], found[best].parent.name
+
+
 def ensure_writable(out_dir: str | Path) -> Path:
     """Create ``out_dir`` if needed and prove it is writable, before any work starts."""
     out = Path(out_dir)

@@ -60,9 +60,15 @@ def test_executed_notebook_shows_each_figure_once(path):
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
                    ).execute()
     seconds = time.perf_counter() - t0
+    total = 0
     for i, c in enumerate(nb.cells):
         if c.cell_type != "code":
             continue
         images = sum(1 for o in c.outputs for k in o.get("data", {}) if k.startswith("image/"))
         assert images <= 1, f"{path.name} cell {i} shows {images} images (a figure displayed twice?)"
+        shown_as_text = [o for o in c.outputs if o.get("data", {}).get("text/plain", "").startswith("<Figure")
+                         and not any(k.startswith("image/") for k in o["data"])]
+        assert not shown_as_text, f"{path.name} cell {i} shows a figure as text, not as an image"
+        total += images
+    assert total >= 1, f"{path.name} shows no figure at all"
     print(f"{path.name}: {seconds:.0f} s in quick mode")

@@ -185,3 +185,35 @@ def _row(runs: list[baselines.Run], reference: list[list[int]]) -> dict:
                                      default=None),
             "matches_reference": all(r["matches_reference"] for r in rows),
             "requests_matching": min(r["requests_matching"] for r in rows)}
+
+
+def kv_policies(model, tok, prompts: list[list[int]], max_tokens: list[int], *, num_blocks: int,
+                block_size: int = 16, max_model_len: int | None = None, repeats: int = 2) -> list[dict]:
+    """The three KV policies on one fixed pool of ``num_blocks``: max-length reservation, exact reservation
+    (both contiguous) and paging — rotated repeats after a warm-up, median tok/s, waste, the most requests that
+    ran at once, and each engine's step history (for :func:`labkit.viz.kv.admitted_figure`)."""
+    max_model_len = max_model_len or max(len(p) for p in prompts) + max(max_tokens)
+    engines = {name: LLM(model, tok, block_size=block_size, num_blocks=num_blocks, max_num_seqs=len(prompts),
+                         max_model_len=max_model_len, paged=paged, kv_reservation=reservation,
+                         record_history=True)
+               for name, (paged, reservation, _) in LABKIT_VARIANTS.items() if name != "labkit-paged-preempt"}
+    for llm in engines.values():
+        run_engine(llm, prompts[:2], [min(4, n) for n in max_tokens[:2]])
+
+    def fn(llm):
+        def go():
+            llm.reset_stats()
+            llm.engine.stats.history.clear()
+            return run_engine(llm, prompts, max_tokens)
+        return go
+
+    runs = measure.interleaved({n: fn(llm) for n, llm in engines.items()}, repeats)
+    rows = []
+    for name, llm in engines.items():
+        tps = [summarize(r)["output_tokens_per_s"] for r in runs[name]]
+        hist = llm.stats.history
+        rows.append({"name": name, "output_tokens_per_s": statistics.median(tps), "repeats": len(tps),
+                     "output_tokens_per_s_min": min(tps), "output_tokens_per_s_max": max(tps),
+                     "most_running_at_once": max(len(s["running"]) for s in hist), "steps": llm.stats.steps,
+                     "kv_waste_pct": llm.stats.kv_waste_pct, "num_blocks": num_blocks, "history": list(hist)})
+    return rows

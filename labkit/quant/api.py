@@ -38,12 +38,20 @@ class Int4Config:
 
 @dataclass(frozen=True)
 class NF4Config:
-    """NF4 weights in blocks of ``group_size``; ``double_quant`` also quantizes the block absmax to 8 bits."""
+    """NF4 weights in blocks of ``group_size``; ``double_quant`` also quantizes the block absmax to 8 bits.
+
+    ``layout="row"`` blocks each row (padding its last block); ``"flat"`` blocks the flattened weight across row
+    boundaries, exactly as bitsandbytes does, so it matches bitsandbytes on any shape.
+    """
 
     group_size: int = 64
     double_quant: bool = True
+    layout: str = "row"
 
     def __post_init__(self) -> None:
+        if self.layout not in ("row", "flat"):
+            raise LabkitError(f"layout={self.layout!r} is not allowed; use 'row' (per-row blocks) or 'flat' "
+                              "(bitsandbytes' blocks over the flattened weight)")
         if self.group_size is None:
             raise LabkitError("group_size=None is not allowed for NF4; use a positive even block size such as 64")
         prim.check_group_size(self.group_size)
@@ -82,7 +90,7 @@ def _make_layer(linear: nn.Linear, config: Config) -> QuantLinear:
     if isinstance(config, Int4Config):
         return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
     if isinstance(config, NF4Config):
-        return NF4Linear.from_linear(linear, config.group_size, config.double_quant)
+        return NF4Linear.from_linear(linear, config.group_size, config.double_quant, config.layout)
     raise _bad_config(config)
 
 

@@ -107,15 +107,21 @@ class Int4Linear(QuantLinear):
 
 
 class NF4Linear(QuantLinear):
-    """NF4 codes (packed) with one absmax per block; with double quantization the absmax are int8 too."""
+    """NF4 codes (packed) with one absmax per block; with double quantization the absmax are int8 too.
+
+    ``layout="row"`` (default): blocks run along each row, the last one zero-padded — the layout GPTQ-style
+    per-row methods and kernels want. ``layout="flat"``: blocks run over the flattened weight, across row
+    boundaries, as bitsandbytes stores it; the two agree only when a row's width is a multiple of the block.
+    """
 
     bits = 4
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, absmax: torch.Tensor,
-                 group_size: int = 64, double_quant: bool = True, bias: torch.Tensor | None = None) -> None:
-        """``codes``: uint8 0..15 NF4 indices ``[out, padded_in]``; ``absmax``: one per block (fp32)."""
+                 group_size: int = 64, double_quant: bool = True, bias: torch.Tensor | None = None,
+                 layout: str = "row") -> None:
+        """``codes``: uint8 0..15 NF4 indices (``[out, padded_in]`` by row, or flat); ``absmax``: one per block."""
         super().__init__(in_features, out_features, bias)
-        self.group_size, self.double_quant = group_size, double_quant
+        self.group_size, self.double_quant, self.layout = group_size, double_quant, layout
         self.register_buffer("qweight", prim.pack_int4(codes))
         if double_quant:
             q, scale, offset = prim.double_quantize(absmax)
@@ -126,10 +132,16 @@ class NF4Linear(QuantLinear):
             self.register_buffer("absmax", absmax.float())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64, double_quant: bool = True) -> NF4Linear:
-        groups, _ = prim.to_groups(linear.weight.detach(), group_size)
-        codes, absmax = prim.quantize_nf4(groups, group_size)
-        return cls(linear.in_features, linear.out_features, codes, absmax, group_size, double_quant, linear.bias)
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64, double_quant: bool = True,
+                    layout: str = "row") -> NF4Linear:
+        w = linear.weight.detach()
+        if layout == "flat":
+            codes, absmax = prim.quantize_nf4(w.reshape(-1), group_size)
+        else:
+            groups, _ = prim.to_groups(w, group_size)
+            codes, absmax = prim.quantize_nf4(groups, group_size)
+        return cls(linear.in_features, linear.out_features, codes, absmax, group_size, double_quant, linear.bias,
+                   layout)
 
     def block_absmax(self) -> torch.Tensor:
         if self.double_quant:
@@ -137,5 +149,8 @@ class NF4Linear(QuantLinear):
         return self.absmax
 
     def dequantize(self) -> torch.Tensor:
+        n = self.out_features * self.in_features
         flat = prim.dequantize_nf4(prim.unpack_int4(self.qweight), self.block_absmax())
+        if self.layout == "flat":
+            return flat[:n].view(self.out_features, self.in_features)
         return prim.from_groups(flat.view(-1, self.group_size), self.out_features, self.in_features)

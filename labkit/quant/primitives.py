@@ -105,6 +105,23 @@ def dequantize_asymmetric(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (q.float() - zero.float()) * scale.float()
 
 
+def quantize_minmax(x: torch.Tensor, bits: int, dim: int = -1
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_1 family: ``2**bits`` levels from each slice's min to its max, a float scale and a float
+    minimum (0.0 need not be exact). Returns uint8 codes, scales and minimums."""
+    check_bits(bits)
+    qmax = 2**bits - 1
+    lo = x.amin(dim=dim, keepdim=True).float()
+    hi = x.amax(dim=dim, keepdim=True).float()
+    scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.clamp(torch.round((x.float() - lo) / scale), 0, qmax).to(torch.uint8)
+    return q, scale, lo
+
+
+def dequantize_minmax(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float() + lo.float()
+
+
 def fake_quantize(w: torch.Tensor, bits: int, *, scheme: str = "symmetric", group_size: int | None = None,
                   per_tensor: bool = False) -> torch.Tensor:
     """Quantize and dequantize a 2-D weight at the given granularity (for lessons and error studies)."""
@@ -117,10 +134,12 @@ def fake_quantize(w: torch.Tensor, bits: int, *, scheme: str = "symmetric", grou
         deq = dequantize_symmetric(*quantize_symmetric(groups, bits))
     elif scheme == "asymmetric":
         deq = dequantize_asymmetric(*quantize_asymmetric(groups, bits))
+    elif scheme == "minmax":
+        deq = dequantize_minmax(*quantize_minmax(groups, bits))
     elif scheme == "nf4":
         deq = dequantize_nf4(*quantize_nf4(groups.reshape(-1), groups.shape[1]))
     else:
-        raise LabkitError(f"scheme={scheme!r} is not supported; use 'symmetric', 'asymmetric' or 'nf4'")
+        raise LabkitError(f"scheme={scheme!r} is not supported; use 'symmetric', 'asymmetric', 'minmax' or 'nf4'")
     return deq.reshape(rows, padded)[:, :cols].to(w.dtype) if not per_tensor else deq.reshape(rows, cols).to(w.dtype)
 
 

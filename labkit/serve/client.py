@@ -139,11 +139,23 @@ def bench_serve(url: str = "http://127.0.0.1:8000", *, model: str | None = None,
         delays.append(t)
         if request_rate != float("inf"):
             t += rng.expovariate(request_rate)
-    results, duration = asyncio.run(_run_load(base, model, work, delays, timeout, max_concurrency))
+    results, duration = _run_coroutine(_run_load(base, model, work, delays, timeout, max_concurrency))
     return summarize_results(results, duration, slo_ttft_ms, slo_tpot_ms,
                              config=dict(url=url, model=model, num_requests=num_requests, request_rate=request_rate,
                                          prompt_len=list(prompt_len), output_len=list(output_len), seed=seed,
                                          max_concurrency=max_concurrency))
+
+
+def _run_coroutine(coro):
+    """``asyncio.run`` — in a worker thread when this thread already runs an event loop (Jupyter does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def _run_load(base: str, model: str, work: list, delays: list[float], timeout: float,

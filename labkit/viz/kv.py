@@ -15,6 +15,8 @@ import matplotlib
 import matplotlib.patches as mpatches
 from matplotlib.figure import Figure
 
+from labkit.viz.plots import new_figure
+
 CMAP = matplotlib.colormaps["tab20"]
 
 
@@ -50,7 +52,7 @@ def _title(snap: dict[str, Any], waste: float) -> str:
 def kv_pool_figure(snap: dict[str, Any], cols: int = 32) -> Figure:
     """The block pool of one engine snapshot (``LLMEngine.snapshot()``)."""
     rows = -(-snap["num_blocks"] // cols)
-    fig = Figure(figsize=(min(12, 0.32 * cols + 1), 0.32 * rows + 1.6))
+    fig = new_figure((min(12, 0.32 * cols + 1), 0.32 * rows + 1.6))
     ax = fig.subplots()
     ax.set_title(_title(snap, _draw_pool(ax, snap, cols)), fontsize=9)
     fig.tight_layout()
@@ -63,7 +65,7 @@ def block_tables_figure(snap: dict[str, Any], cols: int = 16, max_requests: int 
     tables = dict(list(snap.get("block_tables", {}).items())[:max_requests])
     width = max((len(t) for t in tables.values()), default=1)
     rows = -(-snap["num_blocks"] // cols)
-    fig = Figure(figsize=(12, max(2.4, 0.42 * max(len(tables), rows) + 1.4)))
+    fig = new_figure((12, max(2.4, 0.42 * max(len(tables), rows) + 1.4)))
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(width, 4), cols]})
     for row, (sid, table) in enumerate(tables.items()):
         color = CMAP(sid % 20)
@@ -86,7 +88,7 @@ def block_tables_figure(snap: dict[str, Any], cols: int = 16, max_requests: int 
 
 def admitted_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure:
     """Requests running at once, step by step, for each engine (label → recorded history)."""
-    fig = Figure(figsize=(7.5, 3.4))
+    fig = new_figure((7.5, 3.4))
     ax = fig.subplots()
     for label, hist in histories.items():
         ax.step(range(len(hist)), [len(s["running"]) for s in hist], where="post",

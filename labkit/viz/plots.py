@@ -9,10 +9,26 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend().lower() != "macosx" else "Agg")
-import matplotlib.pyplot  # noqa: E402,F401 - registers the notebook's figure display; figures stay outside it
+import io  # noqa: E402
+
 from matplotlib.figure import Figure  # noqa: E402
 
 from labkit.results import Record  # noqa: E402
+
+
+class LabkitFigure(Figure):
+    """A figure outside pyplot that a notebook shows exactly once: it renders itself through ``_repr_png_``
+    (IPython asks for it when the figure is a cell's value or passed to ``display``)."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        return buf.getvalue()
+
+
+def new_figure(figsize: tuple[float, float]) -> LabkitFigure:
+    return LabkitFigure(figsize=figsize)
+
 
 # Which metric to plot against which, per experiment (x, y, higher_is_better for y).
 SCATTERS: dict[str, tuple[str, str]] = {
@@ -20,21 +36,32 @@ SCATTERS: dict[str, tuple[str, str]] = {
 }
 
 
-def metric_bars(record: Record, metric: str, *, title: str | None = None, log: bool = False) -> Figure:
-    """Horizontal bars of ``metric`` for every variant that has it, labelled model/name."""
-    rows = [v for v in record.variants if isinstance(v.get(metric), (int, float))]
-    fig = Figure(figsize=(7, 0.45 * max(len(rows), 2) + 1.2))
+UNITS = {"weight_bytes": (1e-6, "MB"), "peak_memory_bytes": (1e-6, "MB"), "params": (1e-6, "M params")}
+
+
+def metric_bars(record: Record, metric: str, *, title: str | None = None, log: bool = False,
+                model: str | None = None, errors: bool = True) -> Figure:
+    """Horizontal bars of ``metric`` for every variant that has it (of one ``model`` if given), in human units
+    (bytes as MB), with min–max whiskers where the record has ``<metric>_min`` / ``_max`` (repeated runs)."""
+    rows = [v for v in record.variants if isinstance(v.get(metric), (int, float))
+            and (model is None or v.get("model") == model)]
+    scale, unit = UNITS.get(metric, (1.0, ""))
+    fig = new_figure((7, 0.45 * max(len(rows), 2) + 1.2))
     ax = fig.subplots()
-    labels = [f"{v.get('model', '')} · {v['name']}" for v in rows]
-    values = [v[metric] for v in rows]
-    ax.barh(labels, values, color="#4C72B0")
+    labels = [v["name"] if model else f"{v.get('model', '')} · {v['name']}" for v in rows]
+    values = [v[metric] * scale for v in rows]
+    xerr = None
+    if errors and rows and all(f"{metric}_min" in v and f"{metric}_max" in v for v in rows):
+        xerr = [[(v[metric] - v[f"{metric}_min"]) * scale for v in rows],
+                [(v[f"{metric}_max"] - v[metric]) * scale for v in rows]]
+    ax.barh(labels, values, color="#4C72B0", xerr=xerr, capsize=3 if xerr else 0)
     for i, val in enumerate(values):
         ax.text(val, i, f" {val:,.3g}", va="center", fontsize=8)
     ax.invert_yaxis()
     if log:
         ax.set_xscale("log")
-    ax.set_xlabel(metric)
-    ax.set_title(title or f"{record.experiment}: {metric}")
+    ax.set_xlabel(f"{metric} ({unit})" if unit else metric)
+    ax.set_title(title or f"{record.experiment}: {metric}" + (f" · {model}" if model else ""))
     fig.tight_layout()
     return fig
 
@@ -43,12 +70,13 @@ def scatter(record: Record, x: str, y: str, *, model: str | None = None, title: 
     """One point per variant: e.g. memory vs perplexity, each labelled with its name."""
     rows = [v for v in record.variants if isinstance(v.get(x), (int, float)) and isinstance(v.get(y), (int, float))
             and (model is None or v.get("model") == model)]
-    fig = Figure(figsize=(6.5, 4.2))
+    fig = new_figure((6.5, 4.2))
     ax = fig.subplots()
-    ax.scatter([v[x] for v in rows], [v[y] for v in rows], color="#C44E52")
+    sx, unit = UNITS.get(x, (1.0, ""))
+    ax.scatter([v[x] * sx for v in rows], [v[y] for v in rows], color="#C44E52")
     for v in rows:
-        ax.annotate(v["name"], (v[x], v[y]), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.set_xlabel(x)
+        ax.annotate(v["name"], (v[x] * sx, v[y]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel(f"{x} ({unit})" if unit else x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{record.experiment}: {y} vs {x}" + (f" ({model})" if model else ""))

@@ -12,30 +12,55 @@ from torch import nn
 from labkit.quant import primitives as prim
 from labkit.results import Record
 from labkit.viz.kv import block_tables_figure, kv_pool_figure  # noqa: F401 - re-exported for notebooks
-from labkit.viz.plots import scatter
+from labkit.viz.plots import new_figure, scatter
 
-SCHEMES = ("symmetric", "asymmetric", "nf4")
+SCHEMES = ("symmetric", "asymmetric", "minmax", "nf4")  # minmax = llama.cpp's Q4_1 family (float min)
+# Bytes of constants per group when no packed layer exists for a format: fp16 scale (+ min) as GGUF stores them.
+FORMULA_CONST_BYTES = {"symmetric": 2, "asymmetric": 3, "minmax": 4, "nf4": 4}
 
 
-def quant_stats(w: torch.Tensor, scheme: str, bits: int, group_size: int | None) -> dict[str, Any]:
-    """Quantize ``w`` (2-D) with the chosen settings; return the dequantized tensor, SQNR and real bytes."""
+def packed_layer(w: torch.Tensor, scheme: str, bits: int, group_size: int | None, double_quant: bool = False):
+    """The real packed layer for these settings, when labkit has one (int8 per channel, int4, NF4), else None."""
+    from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear
+
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.detach().float().cpu()
+    if scheme == "nf4" and group_size:
+        return NF4Linear.from_linear(lin, group_size, double_quant)
+    if scheme in ("symmetric", "asymmetric") and bits == 4:
+        return Int4Linear.from_linear(lin, group_size, symmetric=scheme == "symmetric")
+    if scheme == "symmetric" and bits == 8 and group_size is None:
+        return Int8Linear.from_linear(lin)
+    return None
+
+
+def quant_stats(w: torch.Tensor, scheme: str, bits: int, group_size: int | None,
+                double_quant: bool = False) -> dict[str, Any]:
+    """Quantize ``w`` (2-D) with the chosen settings; return the dequantized tensor, SQNR and bytes — read from
+    a real packed layer's buffers where labkit has one, else computed (and labelled so)."""
     if scheme == "nf4":
         bits = 4
-    deq = prim.fake_quantize(w, bits, scheme=scheme, group_size=group_size)
-    rows, cols = w.shape
-    g = group_size or cols
-    n_groups = rows * -(-cols // g)
-    const_bytes = {"symmetric": 2, "asymmetric": 3, "nf4": 4}[scheme]  # fp16 scale (+ uint8 zero) | fp32 absmax
-    nbytes = rows * -(-cols // g) * g * bits // 8 + n_groups * const_bytes
+    w = w.detach().float().cpu()
+    layer = packed_layer(w, scheme, bits, group_size, double_quant)
+    if layer is not None:
+        deq, nbytes, source = layer.dequantize(), layer.quantized_bytes(), f"packed {type(layer).__name__}"
+    else:
+        deq = prim.fake_quantize(w, bits, scheme=scheme, group_size=group_size)
+        rows, cols = w.shape
+        g = group_size or cols
+        n_groups = rows * -(-cols // g)
+        nbytes = n_groups * g * bits // 8 + n_groups * FORMULA_CONST_BYTES[scheme]
+        source = "formula (no packed layer for this format)"
     return {"dequantized": deq, "sqnr_db": prim.sqnr(w, deq), "bytes": nbytes, "fp32_bytes": w.numel() * 4,
-            "bits_per_weight": 8 * nbytes / w.numel()}
+            "bits_per_weight": 8 * nbytes / w.numel(), "bytes_source": source}
 
 
 def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int = 4,
-                          group_size: int | None = 64, title: str = "") -> tuple[Figure, dict[str, Any]]:
+                          group_size: int | None = 64, title: str = "",
+                          double_quant: bool = False) -> tuple[Figure, dict[str, Any]]:
     """Weight histogram with the quantization grid of the widest group, and the error histogram."""
-    w = w.detach().float()
-    stats = quant_stats(w, scheme, bits, group_size)
+    w = w.detach().float().cpu()
+    stats = quant_stats(w, scheme, bits, group_size, double_quant)
     groups, _ = prim.to_groups(w, group_size)
     widest = groups[groups.abs().amax(1).argmax()]
     if scheme == "nf4":
@@ -43,10 +68,13 @@ def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int
     elif scheme == "symmetric":
         qmax = 2 ** (bits - 1) - 1
         grid = torch.arange(-qmax, qmax + 1) * widest.abs().max() / qmax
+    elif scheme == "minmax":
+        _, s, lo = prim.quantize_minmax(widest.unsqueeze(0), bits)
+        grid = torch.arange(2**bits) * s[0] + lo[0]
     else:
         _, s, z = prim.quantize_asymmetric(widest.unsqueeze(0), bits)
         grid = (torch.arange(2**bits) - z[0]) * s[0]
-    fig = Figure(figsize=(11, 3.6))
+    fig = new_figure((11, 3.6))
     a, b = fig.subplots(1, 2)
     a.hist(w.reshape(-1).numpy(), bins=200, color="#4C72B0", alpha=0.8)
     if len(grid) <= 64:
@@ -57,34 +85,48 @@ def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int
     err = (stats["dequantized"] - w).reshape(-1).numpy()
     b.hist(err, bins=200, color="#DD8452")
     b.set_title(f"error · SQNR {stats['sqnr_db']:.1f} dB · {stats['bits_per_weight']:.2f} bits/weight · "
-                f"{stats['bytes'] / 1024:.0f} KiB (fp32 {stats['fp32_bytes'] / 1024:.0f})", fontsize=9)
+                f"{stats['bytes'] / 1e3:.0f} kB (fp32 {stats['fp32_bytes'] / 1e3:.0f}) · {stats['bytes_source']}",
+                fontsize=8)
     fig.tight_layout()
     return fig, stats
 
 
 class QuantExplorer:
-    """Pick a layer, scheme, bits and group size → histograms, SQNR and bytes; plus the measured scatter."""
+    """Pick a model, layer, scheme, bits, group size and double quantization → histograms, SQNR and bytes (from
+    a real packed layer where one exists); below, the measured variants of the record."""
 
-    def __init__(self, model: nn.Module, record: Record | None = None, model_name: str | None = None) -> None:
+    def __init__(self, models: nn.Module | dict[str, nn.Module], record: Record | None = None,
+                 model_name: str | None = None) -> None:
         import ipywidgets as W
 
-        self.layers = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.models = models if isinstance(models, dict) else {model_name or "model": models}
         self.record, self.model_name = record, model_name
-        self.layer = W.Dropdown(options=list(self.layers), description="layer")
+        self.model = W.Dropdown(options=list(self.models), description="model")
+        self.layer = W.Dropdown(options=self._layers(self.model.value), description="layer")
         self.scheme = W.ToggleButtons(options=SCHEMES, value="asymmetric", description="scheme")
         self.bits = W.ToggleButtons(options=[2, 3, 4, 8], value=4, description="bits")
         self.group = W.Dropdown(options=[("per channel", None), ("256", 256), ("128", 128), ("64", 64), ("32", 32)],
                                 value=64, description="group")
+        self.double_quant = W.Checkbox(value=False, description="double quant (nf4)")
         self.out = W.Output()
-        for control in (self.layer, self.scheme, self.bits, self.group):
+        self.model.observe(self._switch_model, names="value")
+        for control in (self.layer, self.scheme, self.bits, self.group, self.double_quant):
             control.observe(lambda _change: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.layer, self.group]), self.scheme, self.bits, self.out])
+        self.box = W.VBox([W.HBox([self.model, self.layer]), W.HBox([self.group, self.double_quant]), self.scheme,
+                           self.bits, self.out])
+
+    def _layers(self, name: str) -> list[str]:
+        return [n for n, m in self.models[name].named_modules() if isinstance(m, nn.Linear)]
+
+    def _switch_model(self, change) -> None:
+        self.layer.options = self._layers(change["new"])  # resets the layer, which redraws
 
     def update(self) -> dict[str, Any]:
         from IPython.display import display
 
-        fig, stats = quant_explorer_figure(self.layers[self.layer.value], self.scheme.value, self.bits.value,
-                                           self.group.value, title=self.layer.value)
+        w = self.models[self.model.value].get_submodule(self.layer.value).weight
+        fig, stats = quant_explorer_figure(w, self.scheme.value, self.bits.value, self.group.value,
+                                           title=self.layer.value, double_quant=self.double_quant.value)
         self.out.clear_output(wait=True)
         with self.out:
             display(fig)
@@ -99,9 +141,6 @@ class QuantExplorer:
 
         display(self.box)
         self.update()
-
-
-# ------------------------------------------------------------------------------------------ KV cache viewer
 
 
 class KVCacheViewer:

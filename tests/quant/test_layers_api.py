@@ -126,3 +126,28 @@ def test_gptq_checks_every_layer_before_swapping_any():
     with pytest.raises(ValueError, match=r"group_size=64 must divide in_features=48 of layer '2'"):
         gptq_quantize_(model, torch.randn(2, 64), group_size=64, skip=(), progress=False)
     assert all(isinstance(m, nn.Linear) for m in model)  # nothing half-quantized
+
+
+@pytest.mark.parametrize("shape,dtype", [((100, 37), torch.float32), ((3, 130), torch.bfloat16), ((1, 50), torch.float32),
+                                         ((64, 128), torch.float32)])
+def test_flat_nf4_layout_matches_bitsandbytes_on_any_shape(shape, dtype):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    lin = nn.Linear(shape[1], shape[0], bias=False)
+    lin.weight.data = lin.weight.data.to(dtype)
+    packed, state = bnbF.quantize_4bit(lin.weight.data, blocksize=64, quant_type="nf4")
+    theirs = bnbF.dequantize_4bit(packed, state).float()
+    flat = NF4Linear.from_linear(lin, 64, double_quant=False, layout="flat").dequantize()
+    absmax = lin.weight.float().abs().max()
+    tol = (1e-5 if dtype == torch.float32 else 2**-8) * absmax  # bitsandbytes hands bf16 weights back in bf16
+    assert (flat - theirs).abs().max() <= tol
+    row = NF4Linear.from_linear(lin, 64, double_quant=False).dequantize()
+    if shape[1] % 64 and shape[0] > 1:  # blocks straddle rows in bitsandbytes' layout, never in labkit's rows
+        assert (row - theirs).abs().max() > 1e-2 * absmax
+    else:
+        assert (row - theirs).abs().max() <= tol
+
+
+def test_nf4_layout_is_validated():
+    with pytest.raises(ValueError, match="layout='blocky'"):
+        NF4Config(layout="blocky")

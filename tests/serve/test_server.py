@@ -328,3 +328,12 @@ def test_load_generator_bad_arguments():
         bench_serve("http://127.0.0.1:1", num_requests=1, request_rate=0)
     with pytest.raises(LabkitError, match=r"prompt_len=\(10, 5\)"):
         bench_serve("http://127.0.0.1:1", num_requests=1, prompt_len=(10, 5))
+
+
+def test_load_generator_runs_inside_an_event_loop_as_in_jupyter(server):
+    import asyncio
+
+    async def notebook_cell():
+        return bench_serve(server.url, num_requests=2, prompt_len=(4, 6), output_len=(2, 3), seed=2)
+
+    assert asyncio.run(notebook_cell())["completed"] == 2

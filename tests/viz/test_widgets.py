@@ -95,3 +95,37 @@ def test_kv_viewer_reruns_when_controls_change(tiny_lm):
     assert first == 4 and viewer.history[0]["block_size"] == 8 and viewer.step.value == 0
     viewer.num_blocks.value = 8  # 8 blocks of 8 cannot hold max_model_len=64 + ...: reported, not raised
     assert viewer.reload() == [] or viewer.history
+
+
+def test_bytes_come_from_a_real_packed_layer_where_one_exists(weight):
+    from labkit.quant.layers import NF4Linear
+
+    s = widgets.quant_stats(weight, "nf4", 4, 64, double_quant=True)
+    assert s["bytes_source"] == "packed NF4Linear"
+    lin = torch.nn.Linear(200, 64, bias=False)
+    lin.weight.data = weight
+    assert s["bytes"] == NF4Linear.from_linear(lin, 64, True).quantized_bytes()
+    assert s["bytes"] < widgets.quant_stats(weight, "nf4", 4, 64)["bytes"]  # double quant saves constants
+    assert widgets.quant_stats(weight, "asymmetric", 3, 64)["bytes_source"].startswith("formula")
+
+
+def test_minmax_scheme_recovers_weights_that_sit_on_its_grid():
+    from labkit.quant import primitives as prim
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    on_grid = prim.fake_quantize(w, 4, scheme="minmax", group_size=32)  # like SmolLM2's Q4_1-born weights
+    assert widgets.quant_stats(on_grid, "minmax", 4, 32)["sqnr_db"] > 80
+    assert widgets.quant_stats(on_grid, "asymmetric", 4, 32)["sqnr_db"] < 40
+
+
+def test_explorer_switches_models_and_toggles_double_quant(tiny_lm):
+    from torch import nn
+
+    other = nn.Sequential(nn.Linear(64, 32))
+    ex = widgets.QuantExplorer({"tiny": tiny_lm, "other": other})
+    ex.model.value = "other"
+    assert list(ex.layer.options) == ["0"]
+    ex.scheme.value = "nf4"
+    plain = ex.update()["bytes"]
+    ex.double_quant.value = True
+    assert ex.update()["bytes"] < plain

@@ -1,0 +1,30 @@
+"""Bad command lines get one clear line on stderr and exit code 2 — never a traceback."""
+
+import pytest
+
+from labkit import cli
+
+
+@pytest.mark.parametrize("argv,env,words", [
+    (["serve", "--port", "70000"], {}, "port=70000 must be an integer in 0..65535"),
+    (["bench-serve", "--prompt-len", "10", "5"], {}, "prompt_len=(10, 5) must be (MIN, MAX)"),
+    (["bench-serve", "--num-requests", "0"], {}, "num_requests=0"),
+    (["bench-serve", "--out", "/nonexistent-dir/x.json"], {}, "the directory '/nonexistent-dir' does not exist"),
+    (["bench-serve", "--url", "http://127.0.0.1:1"], {}, "no OpenAI-compatible server answers"),
+    (["run", "baseline", "--quick"], {"LABKIT_DEVICE": "gpu"}, "LABKIT_DEVICE='gpu' is not a device"),
+    (["run", "baseline", "--quick"], {"LABKIT_DEVICE": "cuda"}, "no CUDA GPU"),
+])
+def test_one_clear_line_and_exit_2(argv, env, words, capsys, monkeypatch, tmp_path):
+    import torch
+
+    if env.get("LABKIT_DEVICE") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if argv[0] == "run":
+        argv = [*argv, "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"labkit {argv[0]}: error:")
