@@ -21,6 +21,8 @@ def colab_like_python(tmp: Path) -> Path:
     env_dir = tmp / "colab"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    # ensurepip's old setuptools would shadow the image's (torch requires a recent one); Colab has a recent one
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=False, capture_output=True)
     theirs = Path(subprocess.check_output([sys.executable, "-c", "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))"], text=True).strip())
     mirror = tmp / "image-site-packages"
     mirror.mkdir()
@@ -60,8 +62,9 @@ def run_setup(py: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
 def test_setup_cell_installs_the_wheel_and_keeps_torch(tmp_path, wheel):
     py = colab_like_python(tmp_path)
     before = subprocess.check_output([str(py), "-c", "import torch; print(torch.__version__, torch.__file__)"],
-                                     text=True).strip()
-    assert subprocess.run([str(py), "-c", "import labkit"], capture_output=True).returncode != 0  # not there yet
+                                     text=True, cwd=tmp_path).strip()
+    not_yet = subprocess.run([str(py), "-c", "import labkit"], capture_output=True, cwd=tmp_path)
+    assert not_yet.returncode != 0  # the kit is not in the image: the setup cell must install it
     content = tmp_path / "content"
     content.mkdir()
     (content / wheel.name).write_bytes(wheel.read_bytes())

@@ -72,7 +72,11 @@ def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tu
             from labkit.quant.bnb import load_causal_lm_bnb
 
             model, tok = load_causal_lm_bnb(config.llm, mode, device=str(device))
+            # bitsandbytes' CPU backend repacks 4-bit weights on the first forward and replaces the
+            # double-quantized absmax by bf16 values, so a model holds more bytes once it has run:
+            # weight_bytes (measured after evaluation) is what it holds while serving; this is as loaded.
             return model, tok, {"bits_per_param_quantized": bits_per_param_quantized(model),
+                                "weight_bytes_as_loaded": measure.weight_bytes(model),
                                 "method": f"bitsandbytes {env.lib_version('bitsandbytes')}"}
         return build
 
@@ -114,7 +118,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
             ppl = evaluate.perplexity(model, tok, window=config.ppl_window, stride=config.ppl_stride,
                                       max_windows=config.ppl_max_windows)
         fp32_ppl = ppl if name == "fp32" else fp32_ppl
-        rec.add(name, model=config.llm, params=measure.param_count(model), weight_bytes=measure.weight_bytes(model),
+        rec.add(name, model=config.llm, params=measure.param_count(model),
+                weight_bytes=measure.weight_bytes(model),  # after evaluation: what the model holds while it runs
                 perplexity=ppl, peak_memory_bytes=pm.peak_bytes, peak_memory_kind=pm.kind,
                 **({"perplexity_ratio": ppl / fp32_ppl} if fp32_ppl else {}), **extra)
         models[name] = model
