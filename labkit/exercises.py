@@ -225,6 +225,39 @@ def _check_paged_attention(fn: Callable) -> str:
     return "attention over the gathered pages equals attention over contiguous K/V (partial last block included)"
 
 
+# ------------------------------------------------------------------------------------------ 03: distillation
+
+def _kit_hinton(student_logits, teacher_logits, labels, temperature=4.0, alpha=0.9):
+    from labkit.distill.losses import hinton_loss
+
+    return hinton_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha)
+
+
+def _check_hinton(fn: Callable) -> str:
+    g = _gen(6)
+    for temperature, alpha in ((1.0, 0.5), (4.0, 0.9), (8.0, 1.0), (2.0, 0.0)):
+        s, t = torch.randn(16, 10, generator=g) * 3, torch.randn(16, 10, generator=g) * 3
+        y = torch.randint(0, 10, (16,), generator=g)
+        got, want = fn(s, t, y, temperature, alpha), _kit_hinton(s, t, y, temperature, alpha)
+        if not isinstance(got, torch.Tensor) or got.numel() != 1:
+            raise Mismatch("return the loss as a single-number tensor (average over the batch)")
+        if not torch.allclose(got.float(), want, rtol=1e-4, atol=1e-5):
+            soft_only = _kit_hinton(s, t, y, temperature, 1.0)
+            if temperature != 1 and alpha > 0 and torch.allclose(
+                    got.float(), want - alpha * soft_only * (1 - 1 / temperature**2), rtol=1e-4, atol=1e-5):
+                raise Mismatch(f"T={temperature:g}: the soft term is missing its T² factor (softening shrinks its "
+                               "gradients by 1/T²; multiply the KL by T² to keep them comparable)")
+            raise Mismatch(f"T={temperature:g}, alpha={alpha:g}: your loss is {float(got):.5f}, the kit's "
+                           f"{float(want):.5f} — check the KL direction KL(teacher ‖ student), the T² factor and the "
+                           "alpha mix")
+    s = torch.randn(4, 10, generator=g, requires_grad=True)
+    t = torch.randn(4, 10, generator=g, requires_grad=True)
+    fn(s, t, torch.zeros(4, dtype=torch.long), 4.0, 0.9).backward()
+    if t.grad is not None and t.grad.abs().sum() > 0:
+        raise Mismatch("gradient reached the teacher's logits: detach them — only the student learns")
+    return "T² · KL(teacher_T ‖ student_T) mixed with cross-entropy by alpha; no gradient into the teacher"
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
@@ -237,6 +270,7 @@ EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
     "double_quantize": ("01", prim.double_quantize, _check_double_quantize),
     "slot": ("06", kit_slot, _check_slot),
     "paged_attention": ("06", kit_paged_attention, _check_paged_attention),
+    "hinton_loss": ("03", _kit_hinton, _check_hinton),
 }
 
 

@@ -222,3 +222,42 @@ def kv_history(model, tokenizer, prompts, params, *, max_model_len: int = 384, m
         llm.generate(prompts, params, use_tqdm=False)
         return llm.stats.history
     return rerun
+
+
+class TemperatureExplorer:
+    """A temperature slider over real examples → the teacher's softened distribution, its entropy, and the
+    measured accuracy of the KD student trained at the nearest temperature (from the record)."""
+
+    def __init__(self, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, record: Record | None = None,
+                 n_examples: int = 20) -> None:
+        import ipywidgets as W
+
+        self.images, self.labels, self.record = images[:n_examples], labels[:n_examples], record
+        with torch.no_grad():
+            self.logits = teacher(self.images)
+        self.temperature = W.FloatLogSlider(value=4, base=2, min=-1, max=4, step=0.25, description="T",
+                                            continuous_update=False)
+        self.example = W.IntSlider(value=0, min=0, max=len(self.images) - 1, description="example")
+        self.out = W.Output()
+        for w in (self.temperature, self.example):
+            w.observe(lambda _c: self.update(), names="value")
+        self.box = W.VBox([W.HBox([self.example, self.temperature]), self.out])
+
+    def update(self) -> dict[str, Any]:
+        from IPython.display import display
+
+        from labkit.viz.distill import temperature_explorer_figure
+
+        i = self.example.value
+        fig, stats = temperature_explorer_figure(self.images[i], self.logits[i], int(self.labels[i]),
+                                                 self.temperature.value, self.record)
+        self.out.clear_output(wait=True)
+        with self.out:
+            display(fig)
+        return stats
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+        self.update()

@@ -129,3 +129,20 @@ def test_explorer_switches_models_and_toggles_double_quant(tiny_lm):
     plain = ex.update()["bytes"]
     ex.double_quant.value = True
     assert ex.update()["bytes"] < plain
+
+
+def test_temperature_explorer_softens_and_reads_the_sweep():
+    from labkit.results import Record
+    from labkit.zoo import DigitsCNN
+
+    rec = Record("distillation")
+    for t, acc in ((1, 0.85), (4, 0.93)):
+        rec.add(f"student-kd-T{t}", accuracy=acc, accuracy_std=0.01)
+    torch.manual_seed(0)
+    ex = widgets.TemperatureExplorer(DigitsCNN().eval(), torch.rand(5, 1, 8, 8), torch.arange(5), rec)
+    ex.temperature.value = 1
+    cold = ex.update()
+    ex.temperature.value = 8
+    hot = ex.update()
+    assert hot["entropy_bits"] > cold["entropy_bits"]
+    assert cold["nearest_temperature"] == 1 and hot["nearest_temperature"] == 4 and hot["kd_accuracy"] == 0.93

@@ -1,0 +1,237 @@
+"""Distillation: a narrow CNN student learns from the digits teacher on 5 labelled images per class, with and
+without the teacher's soft targets, over several seeds; a layer-dropped SmolLM2 student recovers with next-token
+loss vs token-level KD for the same steps on the same text.
+
+Scratch and KD students see *the same* labelled images, so the KD gain is what soft targets carry beyond hard
+labels. Two more variants show the common practical setting — distilling on a larger unlabelled transfer set — and
+its control: the teacher's hard pseudo-labels on the same transfer set.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from labkit import data, env, evaluate, measure, zoo
+from labkit.distill import layer_dropped_lm, narrow_cnn, token_kd_loss, train
+from labkit.distill.losses import hinton_loss
+from labkit.results import Record
+
+
+@dataclass
+class Config:
+    teacher: str = "digits-cnn"
+    student_width: int = 16
+    labels_per_class: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    epochs: int = 200  # on the labelled images (one mini-batch each epoch)
+    transfer_epochs: int = 20  # on the whole training split, unlabelled
+    temperature: float = 4.0
+    alpha: float = 0.9
+    temperatures: tuple[float, ...] = (1, 2, 4, 8)
+    lr: float = 3e-3
+    latency_batch: int = 256
+    latency_repeats: int = 5
+    run_lm: bool = True
+    llm: str = "smollm2-135m"
+    lm_keep: tuple[int, ...] = tuple(range(0, 10)) + tuple(range(20, 30))  # drop the middle third
+    lm_steps: int = 400
+    lm_batch: int = 8
+    lm_seq_len: int = 256
+    lm_calib_samples: int = 1024
+    lm_lr: float = 3e-4
+    lm_kd_weight: float = 0.5  # KD loss weight; the rest is next-token loss
+    ppl_window: int = 256
+    ppl_max_windows: int | None = 8
+
+    @classmethod
+    def quick(cls) -> Config:
+        # 32 steps of 4 x 64 tokens over 32 calibration windows: 4 passes over little text, what 2 CPU cores afford
+        return cls(seeds=(0, 1, 2), lm_steps=32, lm_batch=4, lm_seq_len=64, lm_calib_samples=32)
+
+
+def labelled_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of ``per_class`` examples of every class, chosen with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in range(int(y.max()) + 1):
+        ids = (y == c).nonzero().flatten()
+        idx += ids[torch.randperm(len(ids), generator=g)[:per_class]].tolist()
+    return torch.tensor(sorted(idx))
+
+
+def _accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def run(config: Config | None = None, progress: bool = True) -> Record:
+    config = config or Config()
+    rec = Record("distillation", env=env.describe())
+    extra = _cnn_variants(rec, config, progress)
+    if config.run_lm:
+        extra.update(_lm_variants(rec, config, progress))
+    rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------ CNN
+
+def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
+    teacher = zoo.load_vision(config.teacher, progress=False)
+    splits = data.digits_splits()
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    with torch.no_grad():
+        tlog = teacher(xtr)
+    ce = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
+
+    def kd(temperature: float):
+        def loss(m, b):
+            return hinton_loss(m(b[0]), b[1], b[2], temperature=temperature, alpha=config.alpha)
+        return loss
+
+    def transfer_kd(m, b):  # soft targets on every image; the hard loss only where a label exists (-100: none)
+        s = m(b[0])
+        soft = hinton_loss(s, b[1], None, temperature=config.temperature, alpha=1.0)
+        has = b[2] != -100
+        hard = F.cross_entropy(s[has], b[2][has]) if has.any() else s.sum() * 0
+        return config.alpha * soft + (1 - config.alpha) * hard
+
+    runs: dict[str, list[float]] = {}
+    curves: dict[str, list[float]] = {}
+    jobs = ["student-scratch", "student-kd"] + [f"student-kd-T{t:g}" for t in config.temperatures] + \
+        ["student-kd-transfer", "student-pseudo-transfer"]
+    bar = tqdm(total=len(jobs) * len(config.seeds), desc="distillation students x seeds", disable=not progress)
+    student = None
+    for seed in config.seeds:
+        sub = labelled_subset(ytr, config.labels_per_class, seed)
+        labels = torch.full_like(ytr, -100)
+        labels[sub] = ytr[sub]
+        pseudo = tlog.argmax(1)
+        pseudo[sub] = ytr[sub]
+        for name in jobs:
+            torch.manual_seed(seed)
+            student = narrow_cnn(config.student_width)
+            if name == "student-scratch":
+                args = ((xtr[sub], ytr[sub]), ce, config.epochs)
+            elif name.startswith("student-kd-T") or name == "student-kd":
+                t = config.temperature if name == "student-kd" else float(name.rsplit("T", 1)[1])
+                args = ((xtr[sub], tlog[sub], ytr[sub]), kd(t), config.epochs)
+            elif name == "student-kd-transfer":
+                args = ((xtr, tlog, labels), transfer_kd, config.transfer_epochs)
+            else:
+                args = ((xtr, pseudo), ce, config.transfer_epochs)
+            hist = train(student, args[0], args[1], epochs=args[2], lr=config.lr, seed=seed,
+                         eval_fn=(lambda m: _accuracy(m, xte, yte)) if seed == config.seeds[0] else None)
+            runs.setdefault(name, []).append(_accuracy(student, xte, yte))
+            if hist.metric:
+                curves[name] = hist.metric
+            bar.update(1)
+    bar.close()
+    lat = _latency({"teacher": teacher, "student": student}, xte, config)
+    t_params = measure.param_count(teacher)
+    rec.add("teacher", model=config.teacher, params=t_params, weight_bytes=measure.weight_bytes(teacher),
+            accuracy=_accuracy(teacher, xte, yte), accuracy_std=0.0, seeds=1, **lat["teacher"],
+            speedup_vs_baseline=1.0, notes="trained on the full labelled training split")
+    s_params = measure.param_count(student)
+    for name, accs in runs.items():
+        rec.add(name, model=f"digits-cnn-w{config.student_width}", params=s_params,
+                weight_bytes=measure.weight_bytes(student), accuracy=statistics.mean(accs),
+                accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0, seeds=len(accs),
+                accuracy_per_seed=accs, accuracy_curve_seed0=curves.get(name), **lat["student"],
+                speedup_vs_baseline=lat["teacher"]["latency_ms_median"] / lat["student"]["latency_ms_median"])
+    return {"labelled_images": config.labels_per_class * 10, "transfer_images": len(xtr), "test_images": len(xte),
+            "student_params_ratio": s_params / t_params,
+            "latency": f"batch of {config.latency_batch} test images, {config.latency_repeats} rotated repeats"}
+
+
+def _latency(models: dict, x: torch.Tensor, config: Config) -> dict[str, dict]:
+    batch = x[:config.latency_batch]
+
+    def timer(m):
+        def go() -> float:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    m(batch)
+                return (time.perf_counter() - t0) / 20
+        return go
+
+    fns = {k: timer(m) for k, m in models.items()}
+    for fn in fns.values():
+        fn()
+    times = measure.interleaved(fns, config.latency_repeats)
+    return {k: {"latency_ms_median": 1e3 * statistics.median(v), "latency_ms_iqr": 1e3 * measure.iqr(v),
+                "latency_batch": config.latency_batch} for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------ LM
+
+def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
+    teacher, tok = zoo.load_causal_lm(config.llm, progress=False)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ppl = lambda m: evaluate.perplexity(m, tok, window=config.ppl_window, stride=config.ppl_window,  # noqa: E731
+                                        max_windows=config.ppl_max_windows)
+    calib = data.calibration_batches(tok, n=config.lm_calib_samples, seq_len=config.lm_seq_len)
+    rec.add("lm-teacher", model=config.llm, params=measure.param_count(teacher), perplexity=ppl(teacher),
+            layers=teacher.config.num_hidden_layers)
+    init = layer_dropped_lm(teacher, keep=list(config.lm_keep))
+    base = {"model": f"{config.llm}-{len(config.lm_keep)}L", "params": measure.param_count(init),
+            "layers": len(config.lm_keep)}
+    rec.add("lm-student-init", **base, perplexity=ppl(init), steps=0)
+
+    def next_token(m, b):
+        logits = m(input_ids=b[0]).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[0][:, 1:].reshape(-1))
+
+    def kd(m, b):
+        with torch.no_grad():
+            t = teacher(input_ids=b[0]).logits
+        logits = m(input_ids=b[0]).logits
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[0][:, 1:].reshape(-1))
+        return config.lm_kd_weight * token_kd_loss(logits, t) + (1 - config.lm_kd_weight) * lm
+
+    for name, loss in (("lm-student-lmloss", next_token), ("lm-student-kd", kd)):
+        student = copy.deepcopy(init)
+        t0 = time.perf_counter()
+        hist = train(student, (calib,), loss, epochs=10**6, batch_size=config.lm_batch, lr=config.lm_lr, seed=0,
+                     max_steps=config.lm_steps, desc=name, progress=progress)
+        rec.add(name, **base, perplexity=ppl(student), steps=hist.steps, tokens=hist.examples * config.lm_seq_len,
+                train_loss=hist.train_loss, train_s=round(time.perf_counter() - t0, 1))
+    passes = config.lm_steps * config.lm_batch / config.lm_calib_samples
+    return {"lm_note": f"{config.lm_steps} steps of {config.lm_batch} x {config.lm_seq_len} tokens over "
+                       f"{config.lm_calib_samples} calibration windows ({passes:.1f} passes) for both students (same "
+                       "data, same order, same learning rate); "
+                       + ("quick mode: tens of steps on 2 CPU cores, far from converged — full mode is sized for a "
+                          "Colab GPU" if config.lm_steps < 100 else "full mode"),
+            "lm_kd_loss": f"{config.lm_kd_weight} x forward token KL(teacher||student) + "
+                          f"{1 - config.lm_kd_weight:g} x next-token loss"}
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+def check_targets(rec: Record) -> dict[str, dict]:
+    v = {x["name"]: x for x in rec.variants}
+    out = {}
+
+    def add(key, value, limit, kind):
+        ok = None if value is None or limit is None else (value <= limit if kind == "max" else value >= limit)
+        out[key] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
+
+    if "teacher" in v and "student-kd" in v:
+        add("student params / teacher params", v["student-kd"]["params"] / v["teacher"]["params"], 0.5, "max")
+        add("student-kd accuracy - student-scratch accuracy", v["student-kd"]["accuracy"]
+            - v["student-scratch"]["accuracy"], 0.0, "min")
+        add("student-kd accuracy / teacher accuracy", v["student-kd"]["accuracy"] / v["teacher"]["accuracy"],
+            0.95, "min")
+    if "lm-student-kd" in v:
+        add("lm-student-kd perplexity - lm-student-lmloss perplexity",
+            v["lm-student-kd"]["perplexity"] - v["lm-student-lmloss"]["perplexity"], 0.0, "max")
+    return out
