@@ -11,6 +11,7 @@ Each returns a :class:`Run`: the generated ids per request and per-request timin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -123,15 +124,19 @@ class HFContinuous:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        # transformers >= 5.17 calls the page size ``page_size``; 5.4 to 5.16 call it ``block_size``.
+        # transformers >= 5.17 calls the page size ``page_size``; earlier versions called it ``block_size``.
         fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
         size_name = "page_size" if "page_size" in fields else "block_size"
         self.config = {size_name: max(page_size, 4), "num_blocks": num_blocks, "max_batch_tokens": max_batch_tokens}
         gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=-1,
                                pad_token_id=model.config.pad_token_id or 0)
+        # Its own copy of the model: the manager switches the copy's attention to a paged implementation while it
+        # runs (transformers 5.17 keeps it switched), which must not touch the model the other baselines share.
+        model = copy.deepcopy(model)
+        self.model, self.attn_implementation = model, getattr(model.config, "_attn_implementation", None)
         self.manager = model.init_continuous_batching(
             generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**self.config))
-        if hasattr(self.manager, "warmup"):  # transformers >= 5.10 (CUDA graphs); earlier ones warm up on use
+        if hasattr(self.manager, "warmup"):  # captures CUDA graphs on a GPU
             self.manager.warmup()
         self.manager.start()
 
@@ -143,7 +148,14 @@ class HFContinuous:
 
     def close(self) -> None:
         self.manager.stop(block=True, timeout=30)
-        self.manager.destroy()
+        if hasattr(self.manager, "destroy"):  # transformers >= 5.17 frees its cache explicitly
+            self.manager.destroy()
+        # Some versions (5.17) leave the model on their paged attention after stopping; restore the original so
+        # ordinary forwards and generate() keep working on the same model.
+        current = getattr(self.model.config, "_attn_implementation", None)
+        if self.attn_implementation and current != self.attn_implementation and \
+                hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(self.attn_implementation)
 
     @torch.no_grad()
     def run(self, prompts: list[list[int]], max_tokens: list[int]) -> Run:
