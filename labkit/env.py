@@ -158,14 +158,6 @@ def describe() -> dict[str, Any]:
     return info
 
 
-def hardware_label() -> str:
-    """Short label for tables: the GPU name if any, else the CPU and thread count."""
-    info = describe()
-    if info["gpu"]:
-        return info["gpu"]["name"]
-    return f"{info['cpu']} ({info['torch_threads']} threads)"
-
-
 def format_table(info: dict[str, Any] | None = None) -> str:
     """Human-readable two-column table of :func:`describe`."""
     info = info or describe()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from labkit import LabkitError
-from labkit.results import Record, ensure_writable, load_all
+from labkit.results import Record, atomic_write_text, ensure_writable, load_all
 from labkit.viz.plots import record_figures
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -53,8 +51,4 @@ def build(results_dir: str | Path = "results", out: str | Path = "reports/index.
     body = "".join(record_html(r) for r in records)
     doc = (f"<!doctype html><html><head><meta charset=utf-8><title>labkit report</title><style>{_CSS}</style>"
            f"</head><body><h1>labkit report</h1>{body}</body></html>")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".html.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(doc)
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, doc)
