@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from labkit.viz.plots import new_figure
+from labkit.viz.plots import finish_line_plot, new_figure
 
 
 def softened(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -94,10 +94,4 @@ def curves_figure(record, names=("student-scratch", "student-kd")):
         if v["name"] in names and v.get("accuracy_curve_seed0"):
             curve = v["accuracy_curve_seed0"]
             ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], label=v["name"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy, %")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("learning curves, seed 0", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish_line_plot(fig, ax, "epoch", "test accuracy, %", "learning curves, seed 0")

@@ -15,7 +15,7 @@ import matplotlib
 import matplotlib.patches as mpatches
 from matplotlib.figure import Figure
 
-from labkit.viz.plots import new_figure
+from labkit.viz.plots import finish_line_plot, new_figure
 
 CMAP = matplotlib.colormaps["tab20"]
 
@@ -93,10 +93,5 @@ def admitted_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure:
     for label, hist in histories.items():
         ax.step(range(len(hist)), [len(s["running"]) for s in hist], where="post",
                 label=f"{label} ({len(hist)} steps)")
-    ax.set_xlabel("engine step")
-    ax.set_ylabel("requests running at once")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("the same requests, the same KV pool: how many fit at once", fontsize=10)
-    fig.tight_layout()
-    return fig
+    return finish_line_plot(fig, ax, "engine step", "requests running at once",
+                            "the same requests, the same KV pool: how many fit at once")

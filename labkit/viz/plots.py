@@ -30,6 +30,17 @@ def new_figure(figsize: tuple[float, float]) -> LabkitFigure:
     return LabkitFigure(figsize=figsize)
 
 
+def finish_line_plot(fig: Figure, ax, xlabel: str, ylabel: str, title: str) -> Figure:
+    """Labels, a light grid, the legend and the title every line plot of the kit gets."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # Which metric to plot against which, per experiment (x, y, higher_is_better for y).
 SCATTERS: dict[str, tuple[str, str]] = {
     "quantization": ("weight_bytes", "perplexity"),

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server over real HTTP on loopback, with the tiny random model."""
 
+import contextlib
 import http.client
 import json
 import socket
@@ -229,18 +230,27 @@ def test_metrics_report_engine_state(server):
     assert int(m["labkit_generation_tokens_total"]) == before + 5
 
 
-def test_a_failing_engine_step_fails_its_requests_and_serving_goes_on(server):
-    runner = server.service.engine.runner
+@contextlib.contextmanager
+def failing_step(srv, at: int, message: str):
+    """Make the engine's ``at``-th model step from now raise ``RuntimeError(message)``."""
+    runner = srv.service.engine.runner
     real_run, calls = runner.run, {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure")
+        if calls["n"] == at:
+            raise RuntimeError(message)
         return real_run(*a, **k)
 
     runner.run = flaky
     try:
+        yield
+    finally:
+        runner.run = real_run
+
+
+def test_a_failing_engine_step_fails_its_requests_and_serving_goes_on(server):
+    with failing_step(server, 3, "injected failure"):
         status, body = request(server, "POST", "/v1/completions", {"prompt": [5] * 6, "max_tokens": 8,
                                                                    "ignore_eos": True})
         assert status == 500
@@ -249,28 +259,14 @@ def test_a_failing_engine_step_fails_its_requests_and_serving_goes_on(server):
         chunks = sse(server, "/v1/completions", {"prompt": [5] * 6, "max_tokens": 4, "ignore_eos": True,
                                                  "stream": True})
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the next request is served
-    finally:
-        runner.run = real_run
     assert no_leak(server) and healthy(server)
     assert server.service.failed_steps >= 1
 
 
 def test_a_failing_step_mid_stream_sends_an_error_event(server):
-    runner = server.service.engine.runner
-    real_run, calls = runner.run, {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("boom")
-        return real_run(*a, **k)
-
-    runner.run = flaky
-    try:
+    with failing_step(server, 4, "boom"):
         chunks = sse(server, "/v1/completions", {"prompt": [9] * 6, "max_tokens": 20, "ignore_eos": True,
                                                  "stream": True})
-    finally:
-        runner.run = real_run
     assert "error" in chunks[-1] and "boom" in chunks[-1]["error"]["message"]
     assert no_leak(server) and healthy(server)
 
