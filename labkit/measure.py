@@ -214,7 +214,7 @@ def benchmark(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, min_
         raise LabkitError(f"repeats={repeats} must be at least 1")
     if warmup < 0:
         raise LabkitError(f"warmup={warmup} must be 0 or more")
-    dev = device_of(device) if isinstance(device, (nn.Module, torch.Tensor)) else torch.device(device or "cpu")
+    dev = device_of(device)
     threads = threads or torch.get_num_threads()
     for _ in range(warmup):
         fn()
@@ -266,12 +266,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3,
 
 
 def device_of(obj: Any) -> torch.device:
-    """The device a model's parameters or a tensor live on (CPU when there are none)."""
+    """The device named by ``obj``: a device or its name, a tensor's, a model's parameters'; CPU for None."""
     if isinstance(obj, torch.Tensor):
         return obj.device
     if isinstance(obj, nn.Module):
         return model_device(obj)
-    return torch.device("cpu")
+    return torch.device(obj or "cpu")
 
 
 def _sync(dev: torch.device) -> None:

@@ -167,11 +167,17 @@ def _latency(models: dict, x: torch.Tensor, config: Config) -> dict[str, dict]:
     for fn in fns.values():
         fn()
     times = measure.interleaved(fns, config.latency_repeats)
-    return {k: {"latency_ms_median": 1e3 * statistics.median(v), "latency_ms_iqr": 1e3 * measure.iqr(v),
-                "latency_batch": config.latency_batch} for k, v in times.items()}
+    spreads = {k: measure.spread(v) for k, v in times.items()}
+    return {k: {"latency_ms_median": 1e3 * s["median"], "latency_ms_iqr": 1e3 * s["iqr"],
+                "latency_batch": config.latency_batch} for k, s in spreads.items()}
 
 
 # ------------------------------------------------------------------------------------------------ LM
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each position's logits against the next token."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
 
 def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
     teacher, tok = zoo.load_causal_lm(config.llm, progress=False)
@@ -188,15 +194,14 @@ def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
     rec.add("lm-student-init", **base, perplexity=ppl(init), steps=0)
 
     def next_token(m, b):
-        logits = m(input_ids=b[0]).logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[0][:, 1:].reshape(-1))
+        return _next_token_loss(m(input_ids=b[0]).logits, b[0])
 
     def kd(m, b):
         with torch.no_grad():
             t = teacher(input_ids=b[0]).logits
         logits = m(input_ids=b[0]).logits
-        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[0][:, 1:].reshape(-1))
-        return config.lm_kd_weight * token_kd_loss(logits, t) + (1 - config.lm_kd_weight) * lm
+        return config.lm_kd_weight * token_kd_loss(logits, t) + \
+            (1 - config.lm_kd_weight) * _next_token_loss(logits, b[0])
 
     for name, loss in (("lm-student-lmloss", next_token), ("lm-student-kd", kd)):
         student = copy.deepcopy(init)

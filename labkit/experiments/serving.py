@@ -202,18 +202,17 @@ def kv_policies(model, tok, prompts: list[list[int]], max_tokens: list[int], *, 
 
     def fn(llm):
         def go():
-            llm.reset_stats()
-            llm.engine.stats.history.clear()
+            llm.reset_stats()  # fresh stats, so the history is this run's alone
             return run_engine(llm, prompts, max_tokens)
         return go
 
     runs = measure.interleaved({n: fn(llm) for n, llm in engines.items()}, repeats)
     rows = []
     for name, llm in engines.items():
-        tps = [summarize(r)["output_tokens_per_s"] for r in runs[name]]
+        sp = measure.spread([summarize(r)["output_tokens_per_s"] for r in runs[name]])
         hist = llm.stats.history
-        rows.append({"name": name, "output_tokens_per_s": statistics.median(tps), "repeats": len(tps),
-                     "output_tokens_per_s_min": min(tps), "output_tokens_per_s_max": max(tps),
+        rows.append({"name": name, "output_tokens_per_s": sp["median"], "repeats": sp["n"],
+                     "output_tokens_per_s_min": sp["min"], "output_tokens_per_s_max": sp["max"],
                      "most_running_at_once": max(len(s["running"]) for s in hist), "steps": llm.stats.steps,
                      "kv_waste_pct": llm.stats.kv_waste_pct, "num_blocks": num_blocks, "history": list(hist)})
     return rows

@@ -131,18 +131,11 @@ class BlockManager:
         """
         if seq.block_table:
             raise LabkitError(f"sequence {seq.seq_id} already has blocks")
-        if not self.can_allocate(seq, reserve_tokens, contiguous):
-            raise LabkitError("out of KV blocks (call can_allocate first)")
         if contiguous:
-            if self.enable_prefix_caching:
-                raise LabkitError("contiguous allocation does not share blocks; switch prefix caching off")
-            start = self._free_run(self._blocks_for(seq, reserve_tokens))
-            taken = range(start, start + self._blocks_for(seq, reserve_tokens))
-            self.free_ids = deque(b for b in self.free_ids if not start <= b < taken.stop)
-            for bid in taken:
-                self._claim(self.blocks[bid])
-                seq.block_table.append(bid)
+            self._allocate_run(seq, self._blocks_for(seq, reserve_tokens))
             return
+        if not self.can_allocate(seq, reserve_tokens):
+            raise LabkitError("out of KV blocks (call can_allocate first)")
         hits = self._lookup(seq)
         for bid in hits:
             block = self.blocks[bid]
@@ -154,6 +147,18 @@ class BlockManager:
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         while len(seq.block_table) < self._blocks_for(seq, reserve_tokens):
             seq.block_table.append(self._take_free().block_id)
+
+    def _allocate_run(self, seq: Sequence, length: int) -> None:
+        """Contiguous allocation: the first run of ``length`` consecutive free blocks."""
+        if self.enable_prefix_caching:
+            raise LabkitError("contiguous allocation does not share blocks; switch prefix caching off")
+        start = self._free_run(length)
+        if start is None:
+            raise LabkitError("out of KV blocks (call can_allocate first)")
+        self.free_ids = deque(b for b in self.free_ids if not start <= b < start + length)
+        for bid in range(start, start + length):
+            self._claim(self.blocks[bid])
+            seq.block_table.append(bid)
 
     def mark_computed(self, seq: Sequence, num_computed_tokens: int) -> None:
         """Record that KV for the first ``num_computed_tokens`` is written; publish newly full blocks' hashes."""

@@ -42,10 +42,6 @@ class IncrementalDetokenizer:
         self.offset = len(self.ids)
         return text
 
-    def text(self) -> str:
-        """The whole text so far, as the non-streamed response would give it."""
-        return self._decode(self.ids)
-
 
 class TextStream:
     """Deltas of a response's text with ``stop`` strings applied; ``stopped`` once one is found."""
@@ -55,7 +51,6 @@ class TextStream:
         self.stop = [s for s in (stop or []) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.pending = ""  # decoded, not yet sent
-        self.sent = ""
         self.stopped = False
 
     def _emit(self, final: bool) -> str:
@@ -64,11 +59,9 @@ class TextStream:
             if i >= 0:
                 self.stopped = True
                 out, self.pending = self.pending[:i], ""
-                self.sent += out
                 return out
         cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
         out, self.pending = self.pending[:cut], self.pending[cut:]
-        self.sent += out
         return out
 
     def push(self, token_id: int) -> str:

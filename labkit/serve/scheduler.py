@@ -91,13 +91,12 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            contiguous = not self.config.paged
-            if not self.bm.can_allocate(seq, self._reserve(seq), contiguous):
+            contiguous, reserve = not self.config.paged, self._reserve(seq)
+            if not self.bm.can_allocate(seq, reserve, contiguous):
                 break
-            remaining = len(seq) - self.bm.cached_tokens(seq)
-            if not self.config.enable_chunked_prefill and remaining > budget:
+            if not self.config.enable_chunked_prefill and len(seq) - self.bm.cached_tokens(seq) > budget:
                 break  # checked before allocating: no blocks taken and given back
-            self.bm.allocate(seq, self._reserve(seq), contiguous)
+            self.bm.allocate(seq, reserve, contiguous)
             remaining = len(seq) - seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = Status.RUNNING
