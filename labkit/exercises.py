@@ -258,6 +258,42 @@ def _check_hinton(fn: Callable) -> str:
     return "T² · KL(teacher_T ‖ student_T) mixed with cross-entropy by alpha; no gradient into the teacher"
 
 
+# ------------------------------------------------------------------------------------------ 02: pruning
+
+def _kit_global_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    from labkit.prune.unstructured import global_magnitude_masks
+
+    return global_magnitude_masks(weights, sparsity)
+
+
+def _check_global_masks(fn: Callable) -> str:
+    g = _gen(7)
+    # layers of very different scales: a global threshold prunes the small-scale layer much harder
+    weights = [torch.randn(16, 8, generator=g) * 0.1, torch.randn(32, 16, generator=g), torch.randn(10, 32, generator=g) * 3]
+    total = sum(w.numel() for w in weights)
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        got = fn(weights, sparsity)
+        want = _kit_global_masks(weights, sparsity)
+        if not isinstance(got, (list, tuple)) or len(got) != len(weights):
+            raise Mismatch(f"return one mask per weight tensor ({len(weights)}), got {type(got).__name__}")
+        for i, (m, w) in enumerate(zip(got, want)):
+            if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(w.shape):
+                raise Mismatch(f"mask {i} must be a tensor of shape {tuple(w.shape)}")
+        per_layer = [float((~m.bool()).float().mean()) for m in got]
+        if sparsity > 0 and max(per_layer) - min(per_layer) < 0.05:
+            raise Mismatch(f"sparsity={sparsity}: every layer lost the same fraction ({per_layer[0]:.2f}) — that is "
+                           "layer-wise pruning; rank all weights together with one threshold")
+        removed = sum(int((~m.bool()).sum()) for m in got)
+        if removed != round(sparsity * total):
+            raise Mismatch(f"sparsity={sparsity}: you remove {removed} of {total} weights; expected exactly "
+                           f"{round(sparsity * total)}")
+        for i, (m, w) in enumerate(zip(got, want)):
+            if not torch.equal(m.bool(), w):
+                raise Mismatch(f"sparsity={sparsity}: mask {i} keeps different weights than the global |w| ranking "
+                               "(prune the smallest absolute values, keep the largest)")
+    return "one global |w| threshold, exact count, small-scale layers pruned hardest"
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
@@ -270,6 +306,7 @@ EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
     "double_quantize": ("01", prim.double_quantize, _check_double_quantize),
     "slot": ("06", kit_slot, _check_slot),
     "paged_attention": ("06", kit_paged_attention, _check_paged_attention),
+    "global_magnitude_masks": ("02", _kit_global_masks, _check_global_masks),
     "hinton_loss": ("03", _kit_hinton, _check_hinton),
 }
 

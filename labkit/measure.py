@@ -265,6 +265,39 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3,
     return out
 
 
+def compare_latency(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, inner: int = 1, warmup: int = 1,
+                    device: Any = None) -> dict[str, dict[str, Any]]:
+    """Latency of each of ``fns`` (same inputs, one process): ``warmup`` untimed calls each, then ``repeats``
+    rotated rounds (:func:`interleaved`), each timing ``inner`` back-to-back calls (their mean, so sub-millisecond
+    work is not drowned by the clock). Returns per name ``latency_ms_median``, ``_iqr``, ``_min``, ``_max``, ``_runs``.
+    A speed-up between two names is the ratio of their medians."""
+    if inner < 1:
+        raise LabkitError(f"inner={inner} must be at least 1")
+    dev = device_of(device)
+
+    def timer(fn: Callable[[], Any]) -> Callable[[], float]:
+        def go() -> float:
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(dev)
+            return (time.perf_counter() - t0) / inner
+        return go
+
+    timers = {k: timer(f) for k, f in fns.items()}
+    for t in timers.values():
+        for _ in range(warmup):
+            t()
+    out = {}
+    for name, times in interleaved(timers, repeats).items():
+        s = spread(times)
+        out[name] = {"latency_ms_median": 1e3 * s["median"], "latency_ms_iqr": 1e3 * s["iqr"],
+                     "latency_ms_min": 1e3 * s["min"], "latency_ms_max": 1e3 * s["max"],
+                     "latency_ms_runs": [round(1e3 * t, 4) for t in times]}
+    return out
+
+
 def device_of(obj: Any) -> torch.device:
     """The device named by ``obj``: a device or its name, a tensor's, a model's parameters'; CPU for None."""
     if isinstance(obj, torch.Tensor):

@@ -39,6 +39,9 @@ WRONG = {  # a mistake a learner makes, and words the message must contain
     "slot": (lambda table, bs, t: table[t // bs] + t % bs, "block_size="),
     "paged_attention": (lambda q, k, v, table, bs, n: exercises.kit_paged_attention(q, k, v, table, bs, n) * 1.01,
                         "attention output"),
+    "global_magnitude_masks": (lambda ws, s: [w.abs() >= w.abs().flatten().kthvalue(max(1, round(s * w.numel())))[0]
+                                             if s else torch.ones_like(w, dtype=torch.bool) for w in ws],
+                               "layer-wise"),
     "hinton_loss": (lambda s, t, y, T, a: a * torch.nn.functional.kl_div(
         torch.log_softmax(s / T, -1), torch.log_softmax(t.detach() / T, -1), log_target=True, reduction="batchmean")
         + (1 - a) * torch.nn.functional.cross_entropy(s, y), "T² factor"),

@@ -11,6 +11,7 @@ EXPERIMENTS: dict[str, str] = {
     "baseline": "labkit.experiments.baseline",
     "quantization": "labkit.experiments.quantization",
     "serving": "labkit.experiments.serving",
+    "pruning": "labkit.experiments.pruning",
     "distillation": "labkit.experiments.distillation",
 }
 

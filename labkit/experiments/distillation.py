@@ -153,23 +153,11 @@ def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
 
 def _latency(models: dict, x: torch.Tensor, config: Config) -> dict[str, dict]:
     batch = x[:config.latency_batch]
-
-    def timer(m):
-        def go() -> float:
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    m(batch)
-                return (time.perf_counter() - t0) / 20
-        return go
-
-    fns = {k: timer(m) for k, m in models.items()}
-    for fn in fns.values():
-        fn()
-    times = measure.interleaved(fns, config.latency_repeats)
-    spreads = {k: measure.spread(v) for k, v in times.items()}
-    return {k: {"latency_ms_median": 1e3 * s["median"], "latency_ms_iqr": 1e3 * s["iqr"],
-                "latency_batch": config.latency_batch} for k, s in spreads.items()}
+    with torch.no_grad():
+        lat = measure.compare_latency({k: (lambda m=m: m(batch)) for k, m in models.items()},
+                                      repeats=config.latency_repeats, inner=20)
+    return {k: {"latency_ms_median": v["latency_ms_median"], "latency_ms_iqr": v["latency_ms_iqr"],
+                "latency_batch": config.latency_batch} for k, v in lat.items()}
 
 
 # ------------------------------------------------------------------------------------------------ LM

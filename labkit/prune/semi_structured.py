@@ -1,0 +1,76 @@
+"""2:4 semi-structured sparsity: in every group of 4 consecutive weights along the input dimension, keep 2.
+
+The pattern is what NVIDIA's Sparse Tensor Cores (Ampere and later) accelerate: the GPU stores the 2 kept values
+plus 2-bit indices (half the values' bytes, plus metadata) and multiplies at up to twice the dense rate. On a CPU
+nothing runs faster — the mask still costs accuracy, which is what can be measured there. On a supporting GPU,
+:func:`to_semi_structured` swaps the masked fp16/bf16 weights for ``torch.sparse.to_sparse_semi_structured``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from labkit import LabkitError
+from labkit.prune.unstructured import apply_masks, prunable_layers
+
+
+def two_four_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep-mask with the ``n`` largest-|w| of every ``m`` consecutive weights of each row (magnitude N:M)."""
+    if weight.shape[-1] % m:
+        raise LabkitError(f"weight has {weight.shape[-1]} input features; {n}:{m} sparsity needs a multiple of {m}")
+    groups = weight.detach().abs().reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, groups.topk(n, dim=1).indices, True)
+    return keep.view_as(weight)
+
+
+def is_2_4(weight: torch.Tensor) -> bool:
+    """True when no group of 4 consecutive weights of a row has more than 2 non-zeros."""
+    return weight.shape[-1] % 4 == 0 and int((weight.reshape(-1, 4) != 0).sum(1).max()) <= 2
+
+
+def apply_2_4(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, torch.Tensor]:
+    """Mask every Linear layer (not ``skip``) to 2:4 through ``torch.nn.utils.prune``; returns the masks."""
+    masks = {name: two_four_mask(m.weight) for name, m in prunable_layers(model, skip) if isinstance(m, nn.Linear)}
+    if not masks:
+        raise LabkitError("no Linear layer to make 2:4 sparse")
+    apply_masks(model, masks)
+    return masks
+
+
+def semi_structured_support() -> tuple[bool, str]:
+    """Whether this machine can run 2:4 sparse matmuls, and why not."""
+    if not torch.cuda.is_available():
+        return False, ("no CUDA GPU: 2:4 sparse kernels need an NVIDIA GPU with compute capability 8.0+ (A100, "
+                       "H100, L4, RTX 30xx+); on Colab pick an A100 or L4 runtime")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return False, f"GPU {torch.cuda.get_device_name()} is sm_{major}{minor}; 2:4 sparse kernels need sm_80+"
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return False, f"torch {torch.__version__} lacks torch.sparse.to_sparse_semi_structured (needs 2.1+)"
+    return True, f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def to_semi_structured(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> int:
+    """Replace each 2:4-masked Linear weight (fp16/bf16, on CUDA) with its compressed semi-structured form, so
+    matmuls use Sparse Tensor Cores. Returns the number of layers converted."""
+    ok, why = semi_structured_support()
+    if not ok:
+        raise LabkitError(f"2:4 sparse kernels are not available here: {why}")
+    from torch.sparse import to_sparse_semi_structured
+
+    n = 0
+    for name, m in prunable_layers(model, skip):
+        if not isinstance(m, nn.Linear):
+            continue
+        w = m.weight.detach()
+        if w.dtype not in (torch.float16, torch.bfloat16) or w.device.type != "cuda":
+            raise LabkitError(f"layer {name!r} is {w.dtype} on {w.device}; convert the model to fp16/bf16 on CUDA")
+        if not is_2_4(w):
+            raise LabkitError(f"layer {name!r} is not 2:4 sparse; call apply_2_4 and make_permanent first")
+        m.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        n += 1
+    return n

@@ -1,0 +1,64 @@
+"""Per-layer sensitivity: prune one layer at a time, measure, and let the curve propose per-layer ratios.
+
+Layers differ: a network's first conv or an LLM's attention output may collapse at 30% while a wide MLP shrugs
+off 80%. A uniform ratio is limited by the most sensitive layer; the scan finds which ones those are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from labkit import LabkitError
+from labkit.prune.unstructured import check_sparsity, global_magnitude_masks, prunable_layers
+
+
+def scan(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: Iterable[float] = (0.3, 0.5, 0.7, 0.9),
+         *, layers: Iterable[str] | None = None, skip: Iterable[str] = ("lm_head",), progress: bool = False
+         ) -> list[dict]:
+    """``evaluate(model)`` with one layer at a time magnitude-pruned to each sparsity (weights restored after).
+
+    Rows ``{"layer", "sparsity", "metric"}``, plus ``{"layer": "dense", "sparsity": 0}``.
+    """
+    sparsities = [check_sparsity(s) for s in sparsities]
+    all_layers = dict(prunable_layers(model, skip))
+    names = list(all_layers) if layers is None else list(layers)
+    for n in names:
+        if n not in all_layers:
+            raise LabkitError(f"layers names {n!r}, which is not a prunable layer; known: {', '.join(all_layers)}")
+    rows = [{"layer": "dense", "sparsity": 0.0, "metric": float(evaluate(model))}]
+    bar = tqdm(total=len(names) * len(sparsities), desc="sensitivity scan", disable=not progress)
+    for name in names:
+        w = all_layers[name].weight
+        saved = w.detach().clone()
+        for s in sparsities:
+            with torch.no_grad():
+                w.copy_(saved * global_magnitude_masks([saved], s)[0])
+            rows.append({"layer": name, "sparsity": s, "metric": float(evaluate(model))})
+            bar.update(1)
+        with torch.no_grad():
+            w.copy_(saved)
+    bar.close()
+    return rows
+
+
+def propose_ratios(rows: list[dict], tolerance: float, *, higher_is_better: bool = True) -> dict[str, float]:
+    """Per layer, the highest scanned sparsity whose metric stays within ``tolerance`` of the dense one
+    (0 when none does): a starting point for per-layer ratios, since errors of layers add up when combined."""
+    if tolerance < 0:
+        raise LabkitError(f"tolerance={tolerance} must be >= 0 (the metric drop allowed per layer)")
+    dense = next((r["metric"] for r in rows if r["layer"] == "dense"), None)
+    if dense is None:
+        raise LabkitError("rows have no 'dense' entry; pass the output of sensitivity.scan")
+    out: dict[str, float] = {}
+    for r in rows:
+        if r["layer"] == "dense":
+            continue
+        drop = dense - r["metric"] if higher_is_better else r["metric"] - dense
+        best = out.setdefault(r["layer"], 0.0)
+        if drop <= tolerance and r["sparsity"] > best:
+            out[r["layer"]] = r["sparsity"]
+    return out
