@@ -46,8 +46,10 @@ def train(model: nn.Module, data: tuple[torch.Tensor, ...], loss_fn: Callable[[n
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
     hist = History()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress)
-    for epoch in bar:
+    by_step = max_steps is not None  # a step budget: the bar counts steps, else epochs
+    bar = tqdm(total=max_steps if by_step else epochs, desc=desc, unit="step" if by_step else "epoch",
+               disable=not progress)
+    for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
         total, batches = 0.0, 0
@@ -62,13 +64,19 @@ def train(model: nn.Module, data: tuple[torch.Tensor, ...], loss_fn: Callable[[n
             total, batches = total + float(loss.detach()), batches + 1
             hist.steps += 1
             hist.examples += len(batch[0])
+            if by_step:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         model.eval()
         hist.epochs.append(epoch + 1)
         hist.train_loss.append(total / max(batches, 1))
+        if not by_step:
+            bar.update(1)
         if eval_fn is not None:
             with torch.no_grad():
                 hist.metric.append(float(eval_fn(model)))
             bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", metric=f"{hist.metric[-1]:.4g}")
         if max_steps is not None and hist.steps >= max_steps:
             break
+    bar.close()
     return hist

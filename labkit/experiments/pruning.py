@@ -206,6 +206,7 @@ def recover(pruned, teacher, tok, config: Config, progress: bool = False):
     for p in teacher.parameters():
         p.requires_grad_(False)
     text = data.calibration_batches(tok, n=config.recovery_samples, seq_len=config.recovery_seq_len)
+    text = text.to(measure.model_device(student))
 
     def kd(m, b):
         with torch.no_grad():

@@ -117,7 +117,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, ratio: float, *, impor
     params0 = param_count(model)
     try:
         with warnings.catch_warnings():  # torch-pruning notes norm weights it would prune along their last dim
-            warnings.filterwarnings("ignore", message=".*unwrapped_parameters.*")
+            warnings.filterwarnings("ignore", message="(?s).*unwrapped_parameters")
             pruner = tp.pruner.MetaPruner(model, example_inputs, importance=crit, pruning_ratio=ratio,
                                           ignored_layers=ignored, round_to=round_to,
                                           output_transform=output_transform, unwrapped_parameters=[])

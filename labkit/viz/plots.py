@@ -97,6 +97,11 @@ def scatter(record: Record, x: str, y: str, *, model: str | None = None, title: 
 
 def record_figures(record: Record) -> list[Figure]:
     """The standard figures for a record, used by the HTML report."""
+    if record.experiment == "pruning":
+        from labkit.viz.prune import tradeoff_figure
+
+        return [tradeoff_figure(record, m, "accuracy" if m == "digits-cnn" else "perplexity")
+                for m in dict.fromkeys(v.get("model") for v in record.variants)]
     if record.experiment in SCATTERS:
         x, y = SCATTERS[record.experiment]
         models = sorted({v.get("model") for v in record.variants if y in v})

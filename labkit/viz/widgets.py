@@ -261,3 +261,40 @@ class TemperatureExplorer:
 
         display(self.box)
         self.update()
+
+
+class SparsityExplorer:
+    """A sparsity slider and a method choice over a precomputed sweep (``labkit.experiments.pruning.sweep``) →
+    accuracy, params, latency, and the weight histogram with the pruned region shaded."""
+
+    def __init__(self, model: nn.Module, sweep: list[dict[str, Any]]) -> None:
+        import ipywidgets as W
+
+        from labkit.viz.prune import all_weights
+
+        self.sweep, self.weights = sweep, all_weights(model)
+        levels = sorted({r["sparsity"] for r in sweep})
+        self.sparsity = W.SelectionSlider(options=[(f"{s:.0%}", s) for s in levels], value=levels[len(levels) // 2],
+                                          description="sparsity", continuous_update=False)
+        self.method = W.ToggleButtons(options=list(dict.fromkeys(r["method"] for r in sweep)), description="method")
+        self.out = W.Output()
+        for w in (self.sparsity, self.method):
+            w.observe(lambda _c: self.update(), names="value")
+        self.box = W.VBox([W.HBox([self.sparsity, self.method]), self.out])
+
+    def update(self) -> dict[str, Any]:
+        from IPython.display import display
+
+        from labkit.viz.prune import sparsity_explorer_figure
+
+        fig, row = sparsity_explorer_figure(self.sweep, self.method.value, self.sparsity.value, self.weights)
+        self.out.clear_output(wait=True)
+        with self.out:
+            display(fig)
+        return row
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+        self.update()

@@ -146,3 +146,34 @@ def test_temperature_explorer_softens_and_reads_the_sweep():
     hot = ex.update()
     assert hot["entropy_bits"] > cold["entropy_bits"]
     assert cold["nearest_temperature"] == 1 and hot["nearest_temperature"] == 4 and hot["kd_accuracy"] == 0.93
+
+
+def _sweep():
+    rows = []
+    for method in ("global", "layer", "structured"):
+        for s in (0.0, 0.5, 0.9):
+            rows.append({"method": method, "sparsity": s, "accuracy": 0.97 - s * (0.5 if method == "structured" else 0.2),
+                         "params": int(21546 * (1 - s if method == "structured" else 1)), "nonzero_weights": 1,
+                         "weight_bytes": 86184, "latency_ms_median": 2.0 * (1 - s / 2 if method == "structured" else 1)})
+    return rows
+
+
+def test_sparsity_explorer_moves_with_its_controls():
+    from labkit.zoo import DigitsCNN
+
+    ex = widgets.SparsityExplorer(DigitsCNN(), _sweep())
+    ex.method.value = "structured"
+    ex.sparsity.value = 0.9
+    row = ex.update()
+    assert row["method"] == "structured" and row["sparsity"] == 0.9 and row["params"] == int(21546 * 0.1)
+    ex.method.value = "global"
+    assert ex.update()["params"] == 21546
+
+
+def test_histogram_shades_exactly_the_pruned_weights():
+    from labkit.viz.prune import weight_histogram
+
+    w = torch.arange(-50, 50).float()
+    fig = weight_histogram(w, 0.5)
+    label = fig.axes[0].get_legend().get_texts()[0].get_text()
+    assert "|w| ≤ 25" in label and "50%" in label
