@@ -45,7 +45,8 @@ gpu-check:
 # Wheels the lent GPU machines lack and cannot download (they reach no registry); carry wheels/ there.
 gpu-wheels: venv
 	$(BIN)/pip download -q --no-deps -d wheels hypothesis sortedcontainers attrs fastapi starlette uvicorn h11 \
-		httpx httpcore anyio sniffio idna certifi click annotated-doc gguf "bitsandbytes>=0.47"
+		httpx httpcore anyio sniffio idna certifi click annotated-doc gguf "bitsandbytes>=0.47" \
+		torch-pruning onnx onnxscript onnx-ir ml-dtypes
 
 lab: venv
 	$(BIN)/jupyter lab notebooks/

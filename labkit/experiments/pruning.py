@@ -63,6 +63,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     extra = _cnn_variants(rec, config, progress)
     if config.run_lm:
         extra.update(_lm_variants(rec, config, progress))
+    extra["gpu_2_4_matmul"] = prune.semi_structured.matmul_speedup()
     rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
     return rec
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from labkit import LabkitError
-from labkit.prune.unstructured import apply_masks, prunable_layers
+from labkit.prune.unstructured import apply_masks, make_permanent, prunable_layers
 
 
 def two_four_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -74,3 +74,28 @@ def to_semi_structured(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> 
         m.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
         n += 1
     return n
+
+
+def matmul_speedup(features: int = 4096, tokens: int = 2048, repeats: int = 5) -> dict:
+    """Time one fp16 ``features x features`` Linear on ``tokens`` rows, dense vs 2:4 semi-structured, on this GPU
+    (rotated repeats, median). Without support, ``{"status": "skipped", "reason": ...}``."""
+    ok, why = semi_structured_support()
+    if not ok:
+        return {"status": "skipped", "reason": why}
+    from labkit.measure import compare_latency
+
+    torch.manual_seed(0)
+    dense = nn.Linear(features, features, bias=False).half().cuda().eval()
+    apply_2_4(dense, skip=())
+    make_permanent(dense)
+    sparse = nn.Linear(features, features, bias=False).half().cuda().eval()
+    sparse.weight = nn.Parameter(dense.weight.detach().clone(), requires_grad=False)
+    to_semi_structured(sparse, skip=())
+    x = torch.randn(tokens, features, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        max_diff = float((sparse(x) - dense(x)).abs().max())
+        lat = compare_latency({"dense-fp16": lambda: dense(x), "2:4-fp16": lambda: sparse(x)}, repeats=repeats,
+                              inner=20, warmup=3, device="cuda")
+    return {"status": "ok", "device": why, "shape": f"{tokens} x {features} @ {features} x {features}",
+            "max_abs_diff": max_diff, **{f"{k}_ms": v["latency_ms_median"] for k, v in lat.items()},
+            "speedup": lat["dense-fp16"]["latency_ms_median"] / lat["2:4-fp16"]["latency_ms_median"]}

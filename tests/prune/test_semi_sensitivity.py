@@ -44,6 +44,21 @@ def test_no_gpu_says_what_2_4_needs():
         prune.to_semi_structured(torch.nn.Linear(8, 8))
 
 
+def test_matmul_speedup_says_why_it_skips():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = prune.semi_structured.matmul_speedup()
+    assert out["status"] == "skipped" and "CUDA" in out["reason"]
+
+
+@pytest.mark.gpu
+def test_semi_structured_matmul_speedup_record():
+    out = prune.semi_structured.matmul_speedup(features=1024, tokens=512, repeats=3)
+    if out["status"] == "skipped":
+        pytest.skip(out["reason"])
+    assert out["max_abs_diff"] < 0.5 and out["speedup"] > 0
+
+
 @pytest.mark.gpu
 def test_semi_structured_matmul_matches_the_masked_dense_one():
     ok, why = prune.semi_structured_support()
