@@ -13,6 +13,8 @@ EXPERIMENTS: dict[str, str] = {
     "serving": "labkit.experiments.serving",
     "pruning": "labkit.experiments.pruning",
     "distillation": "labkit.experiments.distillation",
+    "onnx": "labkit.experiments.onnx",
+    "tensorrt": "labkit.experiments.tensorrt",
 }
 
 

@@ -1,0 +1,101 @@
+"""TensorRT vs the other graph compilers on MiniLM (batch 8 x 128 tokens).
+
+On a CUDA GPU with the ``tensorrt`` package: PyTorch fp32 and fp16, ``torch.compile``, ORT CUDA (when
+onnxruntime-gpu is installed), TensorRT fp32 and fp16 engines (built, serialised, reloaded, then timed). Anywhere
+else the record says ``"status": "skipped"`` with the reason, and still measures the compilers this machine has:
+PyTorch eager, ``torch.compile`` and ONNX Runtime with and without the transformer optimizer's fusions.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from labkit import env, evaluate, measure, zoo
+from labkit import export as X
+from labkit.experiments.onnx import encoder_inputs
+from labkit.export import tensorrt as T
+from labkit.results import Record
+
+
+@dataclass
+class Config:
+    encoder: str = "minilm-l6"
+    batch: int = 8
+    seq_len: int = 128
+    max_batch: int = 64
+    max_seq_len: int = 512
+    repeats: int = 7
+    exporter: str = "dynamo"
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(repeats=5)
+
+
+def run(config: Config | None = None, progress: bool = True) -> Record:
+    config = config or Config()
+    rec = Record("tensorrt", env=env.describe())
+    ok, why = T.support()
+    model, tok = zoo.load_encoder(config.encoder)
+    feeds = encoder_inputs(tok, config)
+    with tempfile.TemporaryDirectory() as d:
+        path = X.export_encoder(model, tok, Path(d) / "minilm.onnx", exporter=config.exporter)
+        extra = _gpu(rec, model, path, feeds, config, Path(d)) if ok else _cpu(rec, model, path, feeds, config, Path(d))
+    rec.config = {**asdict(config), "status": "ok" if ok else "skipped", "reason": why, **extra}
+    return rec
+
+
+def _add_all(rec: Record, fns: dict, feeds: dict, config: Config, device: str, ref_name: str, extra: dict) -> None:
+    with torch.no_grad():
+        outs = {k: fn().float().cpu() for k, fn in fns.items()}  # warms up and compiles outside the clock
+        lat = measure.compare_latency(fns, repeats=config.repeats, inner=5 if device == "cuda" else 2, device=device)
+    mask = feeds["attention_mask"].cpu()
+    ref = X.mean_pool(outs[ref_name], mask)
+    for name in fns:
+        rec.add(name, model=config.encoder, device=device, **lat[name],
+                speedup_vs_baseline=lat[ref_name]["latency_ms_median"] / lat[name]["latency_ms_median"],
+                cosine_to_reference=evaluate.cosine(X.mean_pool(outs[name], mask), ref),
+                batch=config.batch, seq_len=config.seq_len, **extra.get(name, {}))
+
+
+def _cpu(rec, model, path, feeds, config, d) -> dict:
+    fused = d / "fused.onnx"
+    fusions = X.transformer_fuse(path, fused, num_heads=model.config.num_attention_heads,
+                                 hidden_size=model.config.hidden_size)
+    compiled = torch.compile(model)
+    sessions = {"ort-fp32": X.session(path), "ort-fp32-fused": X.session(fused)}
+    fns = {"pytorch-fp32": lambda: model(**feeds).last_hidden_state,
+           "torch-compile": lambda: compiled(**feeds).last_hidden_state}
+    fns.update({k: (lambda s=s: torch.from_numpy(X.run(s, feeds)[0])) for k, s in sessions.items()})
+    _add_all(rec, fns, feeds, config, "cpu", "pytorch-fp32", {})
+    return {"transformer_fusions": fusions, "note": "no TensorRT here: the graph compilers this CPU has, measured"}
+
+
+def _gpu(rec, model, path, feeds, config, d) -> dict:
+    model = model.to("cuda")
+    cuda = {k: v.cuda() for k, v in feeds.items()}
+    half = zoo.load_encoder(config.encoder, dtype=torch.float16, device="cuda")[0]
+    compiled = torch.compile(model)
+    shapes = {n: ((1, 2), (config.batch, config.seq_len), (config.max_batch, config.max_seq_len))
+              for n in ("input_ids", "attention_mask")}
+    engines, extra = {}, {}
+    for name, fp16 in (("tensorrt-fp32", False), ("tensorrt-fp16", True)):
+        t0 = time.perf_counter()
+        built = T.build_engine(path, d / f"{name}.engine", shapes=shapes, fp16=fp16)
+        build_s = time.perf_counter() - t0
+        engines[name] = T.Engine(built)  # reloaded from the serialised file, as a deployment would
+        extra[name] = {"build_s": round(build_s, 1), "weight_bytes": built.stat().st_size}
+    fns = {"pytorch-fp32": lambda: model(**cuda).last_hidden_state,
+           "pytorch-fp16": lambda: half(**cuda).last_hidden_state,
+           "torch-compile": lambda: compiled(**cuda).last_hidden_state}
+    if "CUDAExecutionProvider" in X.available_providers():
+        sess = X.session(path, providers=("cuda",))
+        fns["ort-cuda-fp32"] = lambda: X.run_bound(sess, cuda)[0]
+    fns.update({k: (lambda e=e: e(**cuda)[0]) for k, e in engines.items()})
+    _add_all(rec, fns, cuda, config, "cuda", "pytorch-fp32", extra)
+    return {"gpu": torch.cuda.get_device_name(), "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
