@@ -294,6 +294,50 @@ def _check_global_masks(fn: Callable) -> str:
     return "one global |w| threshold, exact count, small-scale layers pruned hardest"
 
 
+# ------------------------------------------------------------------------------------------ 04/05: graphs
+
+def _kit_parity(reference, output) -> dict[str, float]:
+    from labkit.export.onnx import parity
+
+    return parity(reference, output)
+
+
+def _check_parity(fn: Callable) -> str:
+    g = _gen(8)
+    ref = torch.randn(6, 16, 32, generator=g)
+    cases = [("identical", ref.clone()), ("small noise", ref + 1e-3 * torch.randn(ref.shape, generator=g)),
+             ("one row flipped", torch.cat([-ref[:1], ref[1:]])), ("scaled", ref * 3)]
+    for what, out in cases:
+        got = fn(ref, out.numpy())  # ORT returns numpy arrays: the check must take them
+        want = _kit_parity(ref, out)
+        if not isinstance(got, dict) or set(got) != {"max_abs_diff", "cosine"}:
+            raise Mismatch("return a dict with exactly the keys 'max_abs_diff' and 'cosine'")
+        for key in ("max_abs_diff", "cosine"):
+            if not math.isclose(float(got[key]), want[key], rel_tol=1e-4, abs_tol=1e-5):
+                hint = (" — cosine per row (flatten everything after the first axis), then the mean"
+                        if key == "cosine" else " — the largest |reference - output| over every element")
+                raise Mismatch(f"{what}: your {key} is {float(got[key]):.6g}, the kit's {want[key]:.6g}{hint}")
+    return "max |difference| and mean row cosine, from torch tensors or numpy arrays"
+
+
+def _kit_bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x + bias)
+
+
+def _check_bias_gelu(fn: Callable) -> str:
+    g = _gen(9)
+    for shape in ((4, 8), (2, 16, 32), (1, 1, 5)):
+        x, b = torch.randn(shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+        got = fn(x, b)
+        tanh = F.gelu(x + b, approximate="tanh")
+        if isinstance(got, torch.Tensor) and got.shape == x.shape and torch.allclose(got, tanh, atol=1e-6) \
+                and not torch.allclose(tanh, _kit_bias_gelu(x, b), atol=1e-6):
+            raise Mismatch("that is the tanh approximation (FastGelu); BiasGelu is the exact erf form: "
+                           "0.5·y·(1 + erf(y/√2)) with y = x + bias")
+        _close("bias_gelu", got, _kit_bias_gelu(x, b), f"shape {shape}", atol=1e-5, rtol=1e-5)
+    return "gelu(x + bias) with the exact erf: what ONNX Runtime's BiasGelu computes in one pass"
+
+
 # ------------------------------------------------------------------------------------------ registry
 
 EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
@@ -308,6 +352,8 @@ EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
     "paged_attention": ("06", kit_paged_attention, _check_paged_attention),
     "global_magnitude_masks": ("02", _kit_global_masks, _check_global_masks),
     "hinton_loss": ("03", _kit_hinton, _check_hinton),
+    "parity": ("04", _kit_parity, _check_parity),
+    "bias_gelu": ("05", _kit_bias_gelu, _check_bias_gelu),
 }
 
 

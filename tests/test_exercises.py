@@ -42,6 +42,11 @@ WRONG = {  # a mistake a learner makes, and words the message must contain
     "global_magnitude_masks": (lambda ws, s: [w.abs() >= w.abs().flatten().kthvalue(max(1, round(s * w.numel())))[0]
                                              if s else torch.ones_like(w, dtype=torch.bool) for w in ws],
                                "layer-wise"),
+    "parity": (lambda r, o: {"max_abs_diff": float((torch.as_tensor(r) - torch.as_tensor(o)).abs().max()),
+                             "cosine": float(torch.nn.functional.cosine_similarity(torch.as_tensor(r).flatten(),
+                                                                                   torch.as_tensor(o).flatten(), dim=0))},
+               "cosine per row"),
+    "bias_gelu": (lambda x, b: torch.nn.functional.gelu(x + b, approximate="tanh"), "tanh approximation"),
     "hinton_loss": (lambda s, t, y, T, a: a * torch.nn.functional.kl_div(
         torch.log_softmax(s / T, -1), torch.log_softmax(t.detach() / T, -1), log_target=True, reduction="batchmean")
         + (1 - a) * torch.nn.functional.cross_entropy(s, y), "T² factor"),

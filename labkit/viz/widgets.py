@@ -298,3 +298,49 @@ class SparsityExplorer:
 
         display(self.box)
         self.update()
+
+
+class GraphExplorer:
+    """Pick an ONNX graph (exported, fused, quantized ...) and slide along it → a block of its nodes drawn, with the
+    graph's operator counts: fusion and quantization become visible node by node."""
+
+    def __init__(self, graphs: dict[str, Any], n: int = 14) -> None:
+        import ipywidgets as W
+        import onnx
+
+        from labkit.viz.graph import SKIP
+
+        self.protos = {k: onnx.load(str(v), load_external_data=False) for k, v in graphs.items()}
+        self.nodes = {k: [nd for nd in p.graph.node if nd.op_type not in SKIP] for k, p in self.protos.items()}
+        self.n = n
+        self.graph = W.Dropdown(options=list(graphs), description="graph")
+        self.start = W.IntSlider(value=0, min=0, max=max(len(v) for v in self.nodes.values()) - 1, step=1,
+                                 description="from node", continuous_update=False)
+        self.out = W.Output()
+        for w in (self.graph, self.start):
+            w.observe(lambda _c: self.update(), names="value")
+        self.box = W.VBox([W.HBox([self.graph, self.start]), self.out])
+
+    def update(self) -> dict[str, Any]:
+        from collections import Counter
+
+        from IPython.display import display
+
+        from labkit.viz.graph import draw_block
+
+        nodes = self.nodes[self.graph.value]
+        start = min(self.start.value, max(len(nodes) - self.n, 0))
+        block = nodes[start:start + self.n]
+        fig = draw_block(block, f"{self.graph.value}: compute nodes {start}–{start + len(block) - 1} of {len(nodes)}")
+        counts = Counter(nd.op_type for nd in self.protos[self.graph.value].graph.node)
+        self.out.clear_output(wait=True)
+        with self.out:
+            display(fig)
+            print("all nodes:", sum(counts.values()), "·", ", ".join(f"{k} {v}" for k, v in counts.most_common(8)))
+        return {"start": start, "ops": [nd.op_type for nd in block], "total_nodes": sum(counts.values())}
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+        self.update()
