@@ -102,6 +102,9 @@ def record_figures(record: Record) -> list[Figure]:
 
         return [tradeoff_figure(record, m, "accuracy" if m == "digits-cnn" else "perplexity")
                 for m in dict.fromkeys(v.get("model") for v in record.variants)]
+    if record.experiment in ("onnx", "tensorrt"):  # one latency chart per model: like compared with like
+        return [metric_bars(record, "latency_ms_median", model=m, title=f"{record.experiment}: {m} latency (ms)")
+                for m in dict.fromkeys(v.get("model") for v in record.variants)]
     if record.experiment in SCATTERS:
         x, y = SCATTERS[record.experiment]
         models = sorted({v.get("model") for v in record.variants if y in v})
