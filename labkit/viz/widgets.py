@@ -344,3 +344,64 @@ class GraphExplorer:
 
         display(self.box)
         self.update()
+
+
+class TradeoffExplorer:
+    """Axes, model, hardware and an allowed-quality-loss slider over every record present → the scatter with its
+    Pareto front and the chosen variant (the smallest or fastest within the threshold), with its recipe."""
+
+    def __init__(self, rows: list[dict[str, Any]], model: str | None = None) -> None:
+        import ipywidgets as W
+
+        from labkit.select import COSTS, HIGHER_IS_BETTER
+
+        self.rows = rows
+        models = sorted({r["model"] for r in rows if r.get("model") and any(m in r for m in HIGHER_IS_BETTER)})
+        self.model = W.Dropdown(options=models, value=model or models[0], description="model")
+        self.metric = W.Dropdown(description="quality")
+        self.cost = W.Dropdown(options=list(COSTS), value="weight_bytes", description="cost")
+        self.hardware = W.Dropdown(description="hardware")
+        self.within = W.FloatLogSlider(value=0.01, base=10, min=-3, max=0, step=0.25, description="allowed loss",
+                                       continuous_update=False)
+        self.out = W.Output()
+        self._refresh_options()
+        self.model.observe(lambda _c: (self._refresh_options(), self.update()), names="value")
+        for w in (self.metric, self.cost, self.hardware, self.within):
+            w.observe(lambda _c: self.update(), names="value")
+        self.box = W.VBox([W.HBox([self.model, self.metric, self.cost]), W.HBox([self.hardware, self.within]),
+                           self.out])
+
+    def _refresh_options(self) -> None:
+        from labkit.select import HIGHER_IS_BETTER
+
+        mine = [r for r in self.rows if r.get("model") == self.model.value]
+        for control, options in ((self.metric, [m for m in HIGHER_IS_BETTER if any(m in r for r in mine)]),
+                                 (self.hardware, sorted({r["hardware"] for r in mine}))):
+            control.options = options
+            control.value = options[0] if options else None
+
+    def update(self) -> dict[str, Any]:
+        from IPython.display import display
+
+        from labkit.viz.tradeoff import tradeoff_figure
+
+        self.out.clear_output(wait=True)
+        try:
+            fig, info = tradeoff_figure(self.rows, model=self.model.value, metric=self.metric.value,
+                                        cost=self.cost.value, within=self.within.value, hardware=self.hardware.value)
+        except Exception as exc:  # noqa: BLE001 - a combination without data is a message, not a crash
+            with self.out:
+                print(exc)
+            return {"choice": None, "reason": str(exc)}
+        with self.out:
+            display(fig)
+            print(info["reason"])
+            if info["recipe"]:
+                print("recipe:", " → ".join(info["recipe"]))
+        return info
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+        self.update()

@@ -177,3 +177,21 @@ def test_histogram_shades_exactly_the_pruned_weights():
     fig = weight_histogram(w, 0.5)
     label = fig.axes[0].get_legend().get_texts()[0].get_text()
     assert "|w| ≤ 25" in label and "50%" in label
+
+
+def test_tradeoff_explorer_choice_moves_with_the_threshold():
+    r = Record("pruning")
+    r.add("dense", model="m", weight_bytes=100.0, accuracy=0.975, latency_ms_median=2.0)
+    r.add("small", model="m", weight_bytes=40.0, accuracy=0.970, latency_ms_median=1.5, recipe=["prune 40%", "fine-tune"])
+    r.add("tiny", model="m", weight_bytes=10.0, accuracy=0.60, latency_ms_median=1.4)
+    rows = [{**v, "experiment": "pruning", "hardware": "here"} for v in r.variants]
+    ex = widgets.TradeoffExplorer(rows)
+    ex.within.value = 0.01
+    info = ex.update()
+    assert info["choice"] == "small" and info["recipe"] == ["prune 40%", "fine-tune"]
+    assert info["front"] == ["tiny", "small", "dense"]
+    ex.within.value = 0.5
+    assert ex.update()["choice"] == "tiny"
+    ex.cost.value = "latency_ms_median"
+    ex.within.value = 0.001
+    assert ex.update()["choice"] == "dense"
