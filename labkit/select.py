@@ -60,6 +60,20 @@ def load_rows(results_dir: str | Path | None = "results", *, include_reference: 
     return rows
 
 
+def human(key: str, value: float) -> str:
+    """A number in the units people read: bytes as kB/MB/GB, latency in ms, params in k/M, quality as is."""
+    if key == "weight_bytes":
+        for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if value >= div:
+                return f"{value / div:.3g} {unit}"
+        return f"{value:.0f} B"
+    if key == "params":
+        return f"{value / 1e6:.3g} M" if value >= 1e6 else f"{value / 1e3:.3g} k" if value >= 1e3 else f"{value:.0f}"
+    if key.startswith("latency_ms"):
+        return f"{value:.3g} ms"
+    return f"{value:.4g}"
+
+
 def dominates(a: tuple[float, float], b: tuple[float, float], higher_is_better: bool) -> bool:
     """``a = (cost, quality)`` is at least as good as ``b`` in both and strictly better in one."""
     qa, qb = (a[1], b[1]) if higher_is_better else (-a[1], -b[1])
@@ -140,6 +154,7 @@ def select(rows: list[dict], *, model: str, metric: str, within: float | None = 
         raise LabkitError(f"no variant of {model} has {bound}; the closest is {closest['name']} at "
                           f"{closest[metric]:.4g}, {short(closest):.3g} short")
     best = min(ok, key=lambda r: (r[cost], short(r)))
-    reason = (f"{best['name']} has the lowest {cost} ({best[cost]:,.4g}; {base['name']}: {base[cost]:,.4g}) among "
-              f"the {len(ok)} of {len(rows)} variants with {bound}: {metric} {best[metric]:.4g}")
+    reason = (f"{best['name']} has the lowest {cost} ({human(cost, best[cost])}; {base['name']}: "
+              f"{human(cost, base[cost])}) among the {len(ok)} of {len(rows)} variants with {bound}: {metric} "
+              f"{human(metric, best[metric])}")
     return Choice(best, base, reason, [r for r in rows if r["on_pareto_front"]])

@@ -15,6 +15,7 @@ EXPERIMENTS: dict[str, str] = {
     "distillation": "labkit.experiments.distillation",
     "onnx": "labkit.experiments.onnx",
     "tensorrt": "labkit.experiments.tensorrt",
+    "capstone": "labkit.experiments.capstone",
 }
 
 

@@ -1,0 +1,187 @@
+"""Capstone: compose the techniques in sequence and measure after every stage.
+
+``digits-cnn``: teacher → distilled student (half width, soft targets on the training images) → structured prune
+(30 % of channels, Taylor) + KD fine-tune → ONNX Runtime fp32 → ORT static INT8. ``smollm2-135m``: dense →
+structured MLP prune (30 %) + KD recovery → INT8 / NF4 (and GPTQ in full mode) weights → served by the paged engine.
+Every stage records its quality, ``params``, ``weight_bytes``, ``latency_ms_median`` (timed together in rotated
+rounds, same inputs) and for the LLM serving throughput; each carries ``stage``, ``recipe`` and
+``on_pareto_front`` (memory vs quality and latency vs quality within its model). ``labkit.select`` then answers
+"the smallest / fastest variant within X of the baseline".
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from labkit import data, env, evaluate, measure, prune, select, zoo
+from labkit import export as X
+from labkit.distill import narrow_cnn, train
+from labkit.distill.losses import hinton_loss
+from labkit.experiments import pruning as P
+from labkit.quant import Int8Config, NF4Config, quantize_
+from labkit.results import Record
+
+
+@dataclass
+class Config:
+    student_width: int = 16
+    distill_epochs: int = 30
+    prune_ratio: float = 0.3
+    finetune_epochs: int = 10
+    cnn_batch: int = 256
+    repeats: int = 5
+    run_lm: bool = True
+    llm: str = "smollm2-135m"
+    mlp_ratio: float = 0.3
+    recovery_steps: int = 400
+    quant: tuple[str, ...] = ("int8", "nf4", "gptq")
+    ppl_max_windows: int | None = 16
+    serve_requests: int = 32
+    serve_prompt_len: tuple[int, int] = (16, 128)
+    serve_output_len: tuple[int, int] = (16, 64)
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(distill_epochs=20, finetune_epochs=8, repeats=3, recovery_steps=12, quant=("int8", "nf4"),
+                   ppl_max_windows=4, serve_requests=8, serve_output_len=(8, 24))
+
+
+def run(config: Config | None = None, progress: bool = True) -> Record:
+    config = config or Config()
+    rec = Record("capstone", env=env.describe())
+    _cnn(rec, config, progress)
+    if config.run_lm:
+        _lm(rec, config, progress)
+    mark_fronts(rec)
+    rec.config = {**asdict(config), "decisions": decisions(rec)}
+    return rec
+
+
+def mark_fronts(rec: Record) -> None:
+    """Set ``on_pareto_front`` (memory vs quality) and ``on_latency_front`` per model, over the record's variants."""
+    rows = [{**v, "hardware": "here"} for v in rec.variants]
+    for model in {v["model"] for v in rec.variants}:
+        metric = "accuracy" if any("accuracy" in v for v in rec.variants if v["model"] == model) else "perplexity"
+        for cost, key in (("weight_bytes", "on_pareto_front"), ("latency_ms_median", "on_latency_front")):
+            front = {r["name"] for r in select.candidates(rows, model=model, metric=metric, cost=cost)
+                     if r["on_pareto_front"]}
+            for v in rec.variants:
+                if v["model"] == model:
+                    v[key] = v["name"] in front
+
+
+def decisions(rec: Record) -> dict[str, str]:
+    rows = [{**v, "hardware": "here"} for v in rec.variants]
+    out = {}
+    for model, metric, within in (("digits-cnn", "accuracy", 0.015), ("smollm2-135m", "perplexity", 0.5)):
+        if any(v["model"] == model for v in rec.variants):
+            for cost in ("weight_bytes", "latency_ms_median"):
+                try:
+                    out[f"{model} smallest {cost} within {within:g}"] = select.select(
+                        rows, model=model, metric=metric, within=within, cost=cost).reason
+                except Exception as exc:  # noqa: BLE001 - a decision that cannot be made is recorded as such
+                    out[f"{model} smallest {cost} within {within:g}"] = str(exc)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ CNN
+
+def _cnn(rec: Record, config: Config, progress: bool) -> None:
+    splits = data.digits_splits()
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    teacher = zoo.load_vision("digits-cnn", progress=False)
+    with torch.no_grad():
+        soft = teacher(xtr)
+
+    def kd(m, b):
+        return hinton_loss(m(b[0]), b[1], b[2], temperature=4.0, alpha=0.9)
+
+    bar = tqdm(total=4, desc="capstone: digits-cnn stages", disable=not progress)
+    torch.manual_seed(0)
+    student = narrow_cnn(config.student_width)
+    train(student, (xtr, soft, ytr), kd, epochs=config.distill_epochs, lr=3e-3)
+    bar.update(1)
+    pruned = copy.deepcopy(student)
+    prune.prune_cnn(pruned, config.prune_ratio, importance_name="taylor", calibration=(xtr, ytr))
+    train(pruned, (xtr, soft, ytr), kd, epochs=config.finetune_epochs, lr=1e-3)
+    bar.update(1)
+    batch = xte.repeat(-(-config.cnn_batch // len(xte)), 1, 1, 1)[:config.cnn_batch]
+    with tempfile.TemporaryDirectory() as d:
+        path = X.export_cnn(pruned, Path(d) / "cnn.onnx")
+        calib = [{"images": xtr[i * 64:(i + 1) * 64].numpy()} for i in range(8)]
+        qpath = X.quantize_static_int8(path, Path(d) / "cnn-int8.onnx", calib)
+        sessions = {"ort": X.session(path), "ort-int8": X.session(qpath)}
+        bar.update(1)
+        stages = [
+            ("teacher", 0, ["digits-cnn (trained on the labelled training split)"], teacher, None, None),
+            ("distilled", 1, ["KD student, half width, T=4 soft targets"], student, None, None),
+            ("pruned-finetuned", 2, [f"prune {config.prune_ratio:.0%} channels (Taylor)", "KD fine-tune"], pruned,
+             None, None),
+            ("onnx-runtime", 3, ["export ONNX", "ORT fp32"], pruned, sessions["ort"], path),
+            ("onnx-runtime-int8", 4, ["ORT static INT8 (QDQ)"], pruned, sessions["ort-int8"], qpath),
+        ]
+        fns = {}
+        for name, _, _, m, sess, _ in stages:
+            fns[name] = (lambda s=sess: s.run(None, {"images": batch.numpy()})) if sess else (lambda m=m: m(batch))
+        with torch.no_grad():
+            lat = measure.compare_latency(fns, repeats=config.repeats, inner=10)
+        recipe: list[str] = []
+        for name, stage, steps, m, sess, f in stages:
+            recipe = recipe + steps if stage else steps
+            logits = torch.from_numpy(X.run(sess, {"images": xte})[0]) if sess else m(xte).detach()
+            rec.add(name, model="digits-cnn", stage=stage, recipe=list(recipe),
+                    accuracy=evaluate.accuracy(logits, yte), params=measure.param_count(m),
+                    weight_bytes=f.stat().st_size if f else measure.weight_bytes(m), **lat[name],
+                    speedup_vs_baseline=lat["teacher"]["latency_ms_median"] / lat[name]["latency_ms_median"],
+                    batch=config.cnn_batch)
+        bar.update(1)
+    bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ LLM
+
+def _lm(rec: Record, config: Config, progress: bool) -> None:
+    from labkit.serve import LLM
+    from labkit.serve.bench import make_workload, run_engine, summarize
+
+    dense, tok = zoo.load_causal_lm(config.llm, progress=False)
+    pcfg = P.Config.quick() if config.recovery_steps < 100 else P.Config()
+    pcfg.recovery_steps, pcfg.mlp_ratio = config.recovery_steps, config.mlp_ratio
+    calib = data.calibration_batches(tok, n=pcfg.calib_samples, seq_len=pcfg.calib_seq_len)
+    pruned = copy.deepcopy(dense)
+    prune.prune_llm_mlp(pruned, config.mlp_ratio, calibration_ids=calib)
+    recovered, info = P.recover(pruned, dense, tok, pcfg, progress)
+    del pruned
+    models = {"dense": (0, ["smollm2-135m fp32"], dense),
+              "pruned-recovered": (1, ["smollm2-135m fp32", f"prune {config.mlp_ratio:.0%} MLP channels (Taylor)",
+                                      f"KD recovery {info['recovery_steps']} steps"], recovered)}
+    for q in config.quant:
+        m = copy.deepcopy(recovered)
+        if q == "gptq":
+            from labkit.quant.gptq import gptq_quantize_
+
+            gptq_quantize_(m, data.calibration_batches(tok, n=16, seq_len=256), group_size=64, progress=False)
+        else:
+            quantize_(m, Int8Config() if q == "int8" else NF4Config(64, double_quant=False))
+        models[f"pruned-recovered-{q}"] = (2, models["pruned-recovered"][1] + [f"{q} weights"], m)
+    ids = torch.randint(0, dense.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lat = measure.compare_latency({k: (lambda m=m: m(input_ids=ids, use_cache=False, logits_to_keep=1))
+                                       for k, (_, _, m) in models.items()}, repeats=config.repeats, inner=1)
+    prompts, outs = make_workload(tok, config.serve_requests, config.serve_prompt_len, config.serve_output_len)
+    for name, (stage, recipe, m) in tqdm(models.items(), desc="capstone: smollm2 stages", disable=not progress):
+        llm = LLM(m, tok, max_num_seqs=config.serve_requests, max_model_len=256)
+        run_engine(llm, prompts[:2], [4, 4])  # warm-up outside the clock
+        served = summarize(run_engine(llm, prompts, outs))
+        rec.add(name, model=config.llm, stage=stage, recipe=recipe + ["served by labkit's paged engine"],
+                perplexity=evaluate.perplexity(m, tok, window=256, max_windows=config.ppl_max_windows),
+                params=measure.param_count(m), weight_bytes=measure.weight_bytes(m), **lat[name],
+                speedup_vs_baseline=lat["dense"]["latency_ms_median"] / lat[name]["latency_ms_median"],
+                output_tokens_per_s=served["output_tokens_per_s"], serve_requests=config.serve_requests,
+                **({"recovery_steps": info["recovery_steps"]} if stage else {}))
