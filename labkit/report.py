@@ -11,14 +11,28 @@ from labkit import LabkitError
 from labkit.results import Record, atomic_write_text, ensure_writable, load_all
 from labkit.viz.plots import record_figures
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}.meta{color:#666;font-size:12px}"""
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
+.wrap{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:13px;margin:.6em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}th{background:#f3f3f3}
+td:first-child,td:nth-child(2){text-align:left}.meta{color:#666;font-size:12px}.headline{font-size:15px;margin:.3em 0}
+img{max-width:100%;height:auto}details{margin:.5em 0}summary{cursor:pointer;color:#345}
+nav a{margin-right:1em}.ok{color:#2a7a2a}.miss{color:#b22}"""
+
+ORDER = ("baseline", "quantization", "pruning", "distillation", "onnx", "tensorrt", "serving", "capstone")
+CURATED = ("model", "name", "stage", "params", "weight_bytes", "accuracy", "perplexity", "cosine_to_reference",
+           "latency_ms_median", "speedup_vs_baseline", "tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s",
+           "kv_waste_pct", "matches_reference", "on_pareto_front")
+LABELS = {"weight_bytes": "memory", "latency_ms_median": "latency (median ± IQR)", "speedup_vs_baseline": "× baseline",
+          "output_tokens_per_s": "output tok/s", "tokens_per_s": "tok/s", "decode_tokens_per_s": "decode tok/s",
+          "cosine_to_reference": "cosine", "kv_waste_pct": "KV waste %", "on_pareto_front": "Pareto"}
+NOTEBOOKS = {"baseline": "00_setup_and_baselines", "quantization": "01_quantization", "pruning": "02_pruning",
+             "distillation": "03_distillation", "onnx": "04_onnx_runtime", "tensorrt": "05_tensorrt",
+             "serving": "06_paged_attention_serving", "capstone": "07_capstone"}
 
 
 def _fig_png(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -28,27 +42,105 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def record_html(rec: Record) -> str:
-    df = rec.to_frame()
-    cols = [c for c in df.columns if c != "provenance"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(row[c]) if row[c] == row[c] else ''}</td>" for c in cols) + "</tr>"
-                   for _, row in df.iterrows())
-    figs = "".join(f'<img src="data:image/png;base64,{_fig_png(f)}"/>' for f in record_figures(rec))
+def human(key: str, row: dict) -> str:
+    """One cell in the units people read (MB, ms ± IQR, ×, %)."""
+    from labkit.select import human as human_number
+
+    v = row.get(key)
+    if v is None or v != v:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if key == "latency_ms_median":
+        iqr = row.get("latency_ms_iqr")
+        return f"{v:.3g} ms" + (f" ± {iqr:.2g}" if isinstance(iqr, float) else "")
+    if key == "speedup_vs_baseline":
+        return f"{v:.2f}×"
+    if key in ("accuracy",):
+        return f"{100 * v:.1f} %"
+    if key in ("weight_bytes", "params"):
+        return human_number(key, v)
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return html.escape(str(v))
+
+
+def headline(rec: Record) -> str:
+    """The measured claim in one sentence: the best speed-up or the smallest variant and what it cost in quality,
+    then how many of the record's targets hold."""
+    rows = [v for v in rec.variants if isinstance(v.get("speedup_vs_baseline"), (int, float))]
+    parts = []
+
+    def keeps_quality(v: dict) -> bool:  # within 1.5 points / 0.01 cosine / +10 % perplexity of its baseline
+        ones = [b for b in rows if b["speedup_vs_baseline"] == 1.0]  # the baseline: its own model's, else the record's
+        base = next((b for b in ones if b.get("model") == v.get("model")), ones[0] if ones else None)
+        for q, ok in (("accuracy", lambda a, b: a >= b - 0.015), ("cosine_to_reference", lambda a, b: a >= b - 0.01),
+                      ("perplexity", lambda a, b: a <= 1.1 * b)):
+            if base is not None and isinstance(v.get(q), (int, float)) and isinstance(base.get(q), (int, float)):
+                return ok(v[q], base[q])
+        return True
+
+    good = [v for v in rows if keeps_quality(v)]
+    if good:
+        best = max(good, key=lambda v: v["speedup_vs_baseline"])
+        q = next((k for k in ("accuracy", "perplexity", "cosine_to_reference") if k in best), None)
+        parts.append(f"Fastest at baseline quality: <b>{html.escape(str(best.get('model', '')))} "
+                     f"{html.escape(best['name'])}</b>, {best['speedup_vs_baseline']:.2f}× its baseline"
+                     + (f" ({q} {human(q, best)})" if q else ""))
+    sized = [v for v in rec.variants if isinstance(v.get("weight_bytes"), (int, float))]
+    if sized and len({v.get("weight_bytes") for v in sized}) > 1:
+        small = min(sized, key=lambda v: v["weight_bytes"])
+        parts.append(f"smallest: {html.escape(str(small.get('model', '')))} {html.escape(small['name'])} "
+                     f"({human('weight_bytes', small)})")
+    targets = rec.config.get("targets") or {}
+    if targets:
+        met = sum(1 for t in targets.values() if t.get("ok"))
+        cls = "ok" if met == len(targets) else "miss"
+        parts.append(f"<span class={cls}>{met} of {len(targets)} targets met</span>")
+    if rec.config.get("status") == "skipped":
+        parts.append(f"skipped on this machine: {html.escape(str(rec.config.get('reason')))}")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def _table(rows: list[dict], cols: list[str], fmt) -> str:
+    head = "".join(f"<th>{html.escape(LABELS.get(c, c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(c, r)}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<div class=wrap><table><tr>{head}</tr>{body}</table></div>"
+
+
+def record_html(rec: Record, report_dir: Path | None = None) -> str:
+    cols = [c for c in CURATED if any(c in v for v in rec.variants)]
+    curated = _table(rec.variants, cols, human)
+    full_cols = [c for c in rec.to_frame().columns if c not in ("provenance", "recipe") and not c.endswith("_runs")]
+    full = _table(rec.variants, full_cols, lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else "")
+    figs = "".join(f'<img alt="{html.escape(rec.experiment)} figure" src="data:image/png;base64,{_fig_png(f)}"/>'
+                   for f in record_figures(rec))
     hw = rec.env.get("gpu") or {"name": f"{rec.env.get('cpu')} ({rec.env.get('torch_threads')} threads)"}
-    return (f"<h2>{html.escape(rec.experiment)}</h2><p class=meta>{html.escape(hw['name'])} · "
-            f"torch {rec.env.get('libraries', {}).get('torch')} · {rec.created_at} · labkit {rec.labkit_version}</p>"
-            f"<table><tr>{head}</tr>{body}</table>{figs}")
+    nb = NOTEBOOKS.get(rec.experiment)
+    rendered = report_dir is not None and nb is not None and (report_dir / "notebooks" / f"{nb}.html").exists()
+    link = f' · executed notebook: <a href="notebooks/{nb}.html">{nb}</a>' if rendered else \
+        (f" · notebook: notebooks/{nb}.ipynb" if nb else "")
+    env = html.escape(f"{hw['name']} · torch {rec.env.get('libraries', {}).get('torch')} · python "
+                      f"{rec.env.get('python')} · {rec.created_at} · labkit {rec.labkit_version}")
+    return (f'<section id="{html.escape(rec.experiment)}"><h2>{html.escape(rec.experiment)}</h2>'
+            f"<p class=headline>{headline(rec)}</p><p class=meta>{env}{link}</p>{curated}{figs}"
+            f"<details><summary>full record ({len(rec.variants)} variants, every field)</summary>{full}</details>"
+            "</section>")
 
 
 def build(results_dir: str | Path = "results", out: str | Path = "reports/index.html") -> Path:
-    """Render every record under ``results_dir`` into ``out`` (written atomically)."""
+    """Render every record under ``results_dir`` into ``out`` (written atomically), in the notebooks' order."""
     out = Path(out)
     ensure_writable(out.parent)
     records = load_all(results_dir)
     if not records:
         raise LabkitError(f"no result records in {str(results_dir)!r}; run `labkit run EXPERIMENT --quick` first")
-    body = "".join(record_html(r) for r in records)
-    doc = (f"<!doctype html><html><head><meta charset=utf-8><title>labkit report</title><style>{_CSS}</style>"
-           f"</head><body><h1>labkit report</h1>{body}</body></html>")
+    records.sort(key=lambda r: (ORDER.index(r.experiment) if r.experiment in ORDER else len(ORDER), r.experiment))
+    nav = "".join(f'<a href="#{html.escape(r.experiment)}">{html.escape(r.experiment)}</a>' for r in records)
+    body = "".join(record_html(r, out.parent) for r in records)
+    doc = (f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
+           f"<title>labkit report</title><style>{_CSS}</style></head><body><h1>labkit: inference optimization, "
+           f"measured</h1><p class=meta>Every number below was measured by <code>labkit run EXPERIMENT</code> on the "
+           f"machine named under each section; speed-ups are ratios of medians in one process.</p><nav>{nav}</nav>"
+           f"{body}</body></html>")
     return atomic_write_text(out, doc)

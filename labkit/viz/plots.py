@@ -110,6 +110,7 @@ def record_figures(record: Record) -> list[Figure]:
         models = sorted({v.get("model") for v in record.variants if y in v})
         return [scatter(record, x, y, model=m) for m in models]
     for metric in ("output_tokens_per_s", "tokens_per_s", "weight_bytes", "perplexity", "accuracy"):
-        if any(metric in v for v in record.variants):
-            return [metric_bars(record, metric)]
+        models = list(dict.fromkeys(v.get("model") for v in record.variants if metric in v))
+        if models:  # one chart per model: SmolLM2's decode tok/s never shares an axis with MiniLM's encode tok/s
+            return [metric_bars(record, metric, model=m) for m in models]
     return []
