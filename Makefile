@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export LABKIT_CACHE ?= $(HOME)/.cache/labkit
 
-.PHONY: venv report test lab lint clean dist gpu-check gpu-wheels
+.PHONY: venv report test lab lint clean dist gpu-check gpu-wheels browser
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,7 +25,13 @@ report: venv
 	$(BIN)/labkit report
 	@echo "open reports/index.html"
 
-test: venv
+# Browser tests drive Debian's chromium through Playwright; on Linux as root it is installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(uname)" = Linux ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } \
+		|| echo "chromium is not installed: the browser tests will skip"
+
+test: venv browser
 	LABKIT_QUICK=1 $(BIN)/python -m pytest tests --nbmake notebooks -p no:cacheprovider
 
 # sdist + wheel for workshops and Colab: the wheel carries every asset the kit loads (tokenizer, sentences).
