@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from labkit import data, env, evaluate, measure, zoo
 from labkit.distill import layer_dropped_lm, narrow_cnn, token_kd_loss, train
 from labkit.distill.losses import hinton_loss
-from labkit.results import Record
+from labkit.results import Record, target
 
 
 @dataclass
@@ -215,8 +215,7 @@ def check_targets(rec: Record) -> dict[str, dict]:
     out = {}
 
     def add(key, value, limit, kind):
-        ok = None if value is None or limit is None else (value <= limit if kind == "max" else value >= limit)
-        out[key] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
+        target(out, key, value, limit, kind)
 
     if "teacher" in v and "student-kd" in v:
         add("student params / teacher params", v["student-kd"]["params"] / v["teacher"]["params"], 0.5, "max")

@@ -17,7 +17,7 @@ import torch
 
 from labkit import data, env, evaluate, measure, zoo
 from labkit import export as X
-from labkit.results import Record
+from labkit.results import Record, target
 
 
 @dataclass
@@ -168,8 +168,7 @@ def check_targets(rec: Record) -> dict[str, dict]:
     out = {}
 
     def add(key, value, limit, kind):
-        ok = None if value is None or limit is None else (value <= limit if kind == "max" else value >= limit)
-        out[key] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
+        target(out, key, value, limit, kind)
 
     enc = [x for (m, _), x in v.items() if m == "minilm-l6"]
     int8 = [x for x in enc if "int8" in x["name"] and x["cosine_to_reference"] >= 0.99]

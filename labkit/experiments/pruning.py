@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from labkit import data, env, evaluate, measure, prune, zoo
 from labkit.distill import token_kd_loss, train
-from labkit.results import Record
+from labkit.results import Record, target
 
 
 @dataclass
@@ -245,8 +245,7 @@ def check_targets(rec: Record) -> dict[str, dict]:
     out = {}
 
     def add(key, value, limit, kind):
-        ok = None if value is None or limit is None else (value <= limit if kind == "max" else value >= limit)
-        out[key] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
+        target(out, key, value, limit, kind)
 
     ft = next((v for k, v in cnn.items() if k.startswith("structured") and k.endswith("-finetuned")), None)
     if ft and "dense" in cnn:
