@@ -71,3 +71,22 @@ def test_report_embeds_table_and_figure(tmp_path):
 def test_report_without_records_says_what_to_do(tmp_path):
     with pytest.raises(LabkitError, match="labkit run"):
         report.build(tmp_path, tmp_path / "index.html")
+
+
+def test_report_speaks_human_units_and_links_rendered_notebooks(tmp_path):
+    rec = results.Record("pruning")
+    rec.add("dense", model="m", weight_bytes=86184, accuracy=0.975, latency_ms_median=2.36, latency_ms_iqr=0.09,
+            speedup_vs_baseline=1.0)
+    rec.add("small", model="m", weight_bytes=30572, accuracy=0.975, latency_ms_median=1.47, latency_ms_iqr=0.06,
+            speedup_vs_baseline=1.6)
+    rec.config = {"targets": {"t": {"ok": True}, "u": {"ok": False}}}
+    rec.save(tmp_path / "results")
+    out = report.build(tmp_path / "results", tmp_path / "reports" / "index.html")
+    html = out.read_text()
+    assert "86.2 kB" in html and "1.47 ms ± 0.06" in html and "1.60×" in html and "97.5 %" in html
+    assert "Fastest at baseline quality: <b>m small</b>" in html and "1 of 2 targets met" in html
+    assert "notebook: notebooks/02_pruning.ipynb" in html and "<a href" not in html.split("<nav>")[1].split("</nav>")[1]
+    (tmp_path / "reports" / "notebooks").mkdir()
+    (tmp_path / "reports" / "notebooks" / "02_pruning.html").write_text("<html></html>")
+    html = report.build(tmp_path / "results", tmp_path / "reports" / "index.html").read_text()
+    assert 'executed notebook: <a href="notebooks/02_pruning.html">' in html
