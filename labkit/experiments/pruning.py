@@ -106,11 +106,10 @@ def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
                                       repeats=config.repeats, inner=20)
     speed = _speedups(lat, "dense")
     for name, m in models.items():
-        weights = [lay.weight for _, lay in prune.prunable_layers(m)]
-        nonzero = sum(int((w != 0).sum()) for w in weights)
-        rec.add(name, model=config.cnn, params=measure.param_count(m), nonzero_weights=nonzero,
-                weight_bytes=measure.weight_bytes(m), csr_weight_bytes=sum(prune.csr_bytes(w) for w in weights),
-                macs=_macs(m, example), accuracy=evaluate.classifier_accuracy(m, xte, yte), **lat[name],
+        rec.add(name, model=config.cnn, params=measure.param_count(m), nonzero_weights=prune.nonzero_weights(m),
+                weight_bytes=measure.weight_bytes(m),
+                csr_weight_bytes=sum(prune.csr_bytes(lay.weight) for _, lay in prune.prunable_layers(m)),
+                macs=prune.macs(m, example), accuracy=evaluate.classifier_accuracy(m, xte, yte), **lat[name],
                 speedup_vs_baseline=speed[name], batch=config.cnn_batch)
     dense = models["dense"]
     sens = prune.scan(copy.deepcopy(dense), lambda m: evaluate.classifier_accuracy(m, xte, yte),
@@ -121,13 +120,6 @@ def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
             "cnn_sweep": sweep(dense, xte, yte, config.sweep_sparsities, batch, config.repeats, progress),
             "cnn_latency": f"batch of {config.cnn_batch} test images, 20 calls per timed sample, "
                            f"{config.repeats} rotated rounds"}
-
-
-def _macs(model, example) -> int:
-    import torch_pruning as tp
-
-    with torch.no_grad():
-        return int(tp.utils.count_ops_and_params(model, example)[0])
 
 
 def sweep(dense, x: torch.Tensor, y: torch.Tensor, sparsities, batch: torch.Tensor, repeats: int = 3,
@@ -150,9 +142,8 @@ def sweep(dense, x: torch.Tensor, y: torch.Tensor, sparsities, batch: torch.Tens
                                        tqdm(variants.items(), desc="sparsity sweep", disable=not progress)},
                                       repeats=repeats, inner=10)
     for (method, s), m in variants.items():
-        weights = [lay.weight for _, lay in prune.prunable_layers(m)]
         rows.append({"method": method, "sparsity": s, "accuracy": evaluate.classifier_accuracy(m, x, y),
-                     "params": measure.param_count(m), "nonzero_weights": sum(int((w != 0).sum()) for w in weights),
+                     "params": measure.param_count(m), "nonzero_weights": prune.nonzero_weights(m),
                      "weight_bytes": measure.weight_bytes(m), "latency_ms_median": lat[(method, s)]["latency_ms_median"]})
     return rows
 
@@ -187,11 +178,10 @@ def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
     speed = _speedups(lat, "dense")
     prompt = tok(config.prompt, return_tensors="pt").input_ids
     for name, m in tqdm(models.items(), desc="perplexity per variant", disable=not progress):
-        weights = [lay.weight for _, lay in prune.prunable_layers(m)]
         extra = info if name.endswith("-recovered") else {}
         rec.add(name, model=config.llm, params=measure.param_count(m), weight_bytes=measure.weight_bytes(m),
-                nonzero_weights=sum(int((w != 0).sum()) for w in weights),
-                mlp_intermediate_size=m.config.intermediate_size, perplexity=ppl(m), **lat[name],
+                nonzero_weights=prune.nonzero_weights(m), mlp_intermediate_size=m.config.intermediate_size,
+                perplexity=ppl(m), **lat[name],
                 speedup_vs_baseline=speed[name], batch=config.lm_batch, seq_len=config.lm_seq_len,
                 sample=generate(m, tok, prompt, config.new_tokens), **extra)
     return {"lm_prune_seconds": round(res.seconds, 2), "lm_calibration": f"{config.calib_samples} x "

@@ -121,7 +121,7 @@ def prune_channels(model: nn.Module, example_inputs: Any, ratio: float, *, impor
             pruner = tp.pruner.MetaPruner(model, example_inputs, importance=crit, pruning_ratio=ratio,
                                           ignored_layers=ignored, round_to=round_to,
                                           output_transform=output_transform, unwrapped_parameters=[])
-        macs0 = _macs(model, example_inputs) if count_macs else None
+        macs0 = macs(model, example_inputs) if count_macs else None
     except Exception as exc:  # tracing failures surface as many exception types
         raise LabkitError(f"torch-pruning could not trace {type(model).__name__} with the given example_inputs "
                           f"({type(exc).__name__}: {exc}); pass inputs its forward accepts (for a transformers LM: "
@@ -135,11 +135,12 @@ def prune_channels(model: nn.Module, example_inputs: Any, ratio: float, *, impor
     after = _shapes(model)
     changed = {n: (before[n], after[n]) for n in after if n in before and before[n] != after[n]}
     return PruneResult(params0, param_count(model), macs0,
-                       _macs(model, example_inputs) if count_macs else None,
+                       macs(model, example_inputs) if count_macs else None,
                        time.perf_counter() - t0, changed)
 
 
-def _macs(model: nn.Module, example_inputs: Any) -> int:
+def macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward on ``example_inputs`` (Torch-Pruning's counter)."""
     import torch_pruning as tp
 
     with torch.no_grad():
@@ -346,7 +347,10 @@ def save_pruned(model: nn.Module, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    else:
+        tmp.unlink(missing_ok=True)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(tmp)
     else:

@@ -106,6 +106,12 @@ def sparsity_report(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> lis
     return rows
 
 
+def nonzero_weights(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> int:
+    """Non-zero weights over the prunable layers (the :func:`sparsity_report` total, parameters minus zeros)."""
+    total = sparsity_report(model, skip)[-1]
+    return total["params"] - total["zeros"]
+
+
 # --------------------------------------------------------------------------------- what sparse storage saves
 
 def csr_bytes(weight: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> int:

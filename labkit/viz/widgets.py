@@ -91,7 +91,23 @@ def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int
     return fig, stats
 
 
-class QuantExplorer:
+class Explorer:
+    """What every explorer shares: shown in a notebook, it displays its controls (``self.box``) and draws once
+    (``self.update()``); each control's change calls ``update`` again."""
+
+    box: Any
+
+    def update(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+        self.update()
+
+
+class QuantExplorer(Explorer):
     """Pick a model, layer, scheme, bits, group size and double quantization → histograms, SQNR and bytes (from
     a real packed layer where one exists); below, the measured variants of the record."""
 
@@ -136,14 +152,8 @@ class QuantExplorer:
                 display(sc)
         return stats
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.box)
-        self.update()
-
-
-class KVCacheViewer:
+class KVCacheViewer(Explorer):
     """Step through an engine's recorded schedule (``LLM(..., record_history=True)``).
 
     With ``rerun(block_size, num_blocks, prefix_caching) -> history`` it also shows those three controls and
@@ -203,12 +213,6 @@ class KVCacheViewer:
                   snap.get("prefix_hit_blocks", 0))
         return snap
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.box)
-        self.update()
-
 
 def kv_history(model, tokenizer, prompts, params, *, max_model_len: int = 384, max_num_seqs: int = 8,
                max_num_batched_tokens: int = 128):
@@ -224,7 +228,7 @@ def kv_history(model, tokenizer, prompts, params, *, max_model_len: int = 384, m
     return rerun
 
 
-class TemperatureExplorer:
+class TemperatureExplorer(Explorer):
     """A temperature slider over real examples → the teacher's softened distribution, its entropy, and the
     measured accuracy of the KD student trained at the nearest temperature (from the record)."""
 
@@ -256,14 +260,8 @@ class TemperatureExplorer:
             display(fig)
         return stats
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.box)
-        self.update()
-
-
-class SparsityExplorer:
+class SparsityExplorer(Explorer):
     """A sparsity slider and a method choice over a precomputed sweep (``labkit.experiments.pruning.sweep``) →
     accuracy, params, latency, and the weight histogram with the pruned region shaded."""
 
@@ -293,14 +291,8 @@ class SparsityExplorer:
             display(fig)
         return row
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.box)
-        self.update()
-
-
-class GraphExplorer:
+class GraphExplorer(Explorer):
     """Pick an ONNX graph (exported, fused, quantized ...) and slide along it → a block of its nodes drawn, with the
     graph's operator counts: fusion and quantization become visible node by node."""
 
@@ -339,14 +331,8 @@ class GraphExplorer:
             print("all nodes:", sum(counts.values()), "·", ", ".join(f"{k} {v}" for k, v in counts.most_common(8)))
         return {"start": start, "ops": [nd.op_type for nd in block], "total_nodes": sum(counts.values())}
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
 
-        display(self.box)
-        self.update()
-
-
-class TradeoffExplorer:
+class TradeoffExplorer(Explorer):
     """Axes, model, hardware and an allowed-quality-loss slider over every record present → the scatter with its
     Pareto front and the chosen variant (the smallest or fastest within the threshold), with its recipe."""
 
@@ -399,9 +385,3 @@ class TradeoffExplorer:
             if info["recipe"]:
                 print("recipe:", " → ".join(info["recipe"]))
         return info
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.box)
-        self.update()
