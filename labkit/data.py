@@ -82,17 +82,26 @@ def _encode(tokenizer: Any, split: str) -> torch.Tensor:
 _ENCODED: dict[tuple, torch.Tensor] = {}
 
 
-def calibration_batches(tokenizer: Any, n: int = 32, seq_len: int = 256) -> torch.Tensor:
-    """``[n, seq_len]`` token ids from the calibration split (consecutive, non-overlapping)."""
+def calibration_batches(tokenizer: Any, n: int = 32, seq_len: int = 256,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """``[n, seq_len]`` token ids from the calibration split (consecutive, non-overlapping), on ``device``."""
     ids = _encode(tokenizer, "calibration")
     if n * seq_len > len(ids):
         raise LabkitError(f"n*seq_len={n * seq_len} exceeds the {len(ids)} calibration tokens")
-    return ids[: n * seq_len].view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len).to(device or "cpu")
+
+
+def digits_splits(seed: int = 0, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Digits ``{"train"|"val"|"test": (x[N,1,8,8] in [0,1], y[N])}``, 60/20/20, fixed permutation, on ``device``."""
+    splits = _digits_splits(seed)
+    if device is None or torch.device(device).type == "cpu":
+        return splits
+    return {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
 
 
 @lru_cache(maxsize=4)
-def digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Digits ``{"train"|"val"|"test": (x[N,1,8,8] in [0,1], y[N])}``, 60/20/20, fixed permutation."""
+def _digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+
     from sklearn.datasets import load_digits
 
     d = load_digits()

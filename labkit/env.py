@@ -10,6 +10,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from dataclasses import field
 from functools import lru_cache
 from typing import Any
 
@@ -20,13 +21,34 @@ from labkit import LabkitError
 _LIBS = ("torch", "transformers", "gguf", "numpy", "pandas", "bitsandbytes", "onnx", "onnxruntime",
          "torch-pruning", "tensorrt", "triton", "vllm", "ipywidgets")
 
+# One library, several distributions: TensorRT installs as ``tensorrt`` or as its CUDA-specific wheels, ONNX Runtime's
+# CUDA build is ``onnxruntime-gpu`` (which still imports as ``onnxruntime``).
+_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-bindings", "tensorrt-cu12-bindings",
+                 "tensorrt-cu11"),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+}
+
 
 def lib_version(name: str) -> str | None:
-    """Installed version of distribution ``name``, or None when it is not installed."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """Installed version of library ``name`` (any of its distributions), or None when it is not installed."""
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def lib_distribution(name: str) -> str | None:
+    """Which distribution provides library ``name`` (e.g. ``onnxruntime-gpu`` for ``onnxruntime``), or None."""
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            importlib.metadata.version(dist)
+            return dist
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def on_colab() -> bool:
@@ -51,6 +73,33 @@ def default_device() -> torch.device:
             raise LabkitError(f"LABKIT_DEVICE={forced!r}: labkit runs on 'cpu', 'cuda' or 'cuda:N'")
         return dev
     return torch.device("cuda" if has_cuda() else "cpu")
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """The device an experiment was asked for, checked: None means :func:`default_device`. A device this machine
+    does not have is a clear error naming the value and what is allowed here."""
+    if device is None:
+        return default_device()
+    here = ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if has_cuda() else [])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LabkitError(f"device={device!r} is not a device; allowed here: {', '.join(here)}") from None
+    if dev.type == "cuda":
+        if not has_cuda():
+            raise LabkitError(f"device={device!r} but this machine has no CUDA GPU; allowed here: {', '.join(here)}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LabkitError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                              f"allowed here: {', '.join(here)}")
+    elif dev.type != "cpu":
+        raise LabkitError(f"device={device!r}: labkit's experiments run on {', '.join(here)}")
+    return dev
+
+
+def device_field() -> Any:
+    """The ``device`` field of every experiment ``Config``: a device name, by default :func:`default_device`'s
+    (so a GPU run, Colab's included, trains and serves on the GPU); checked by :func:`resolve_device`."""
+    return field(default_factory=lambda: str(default_device()))
 
 
 def quick_mode() -> bool:
@@ -96,11 +145,28 @@ def bnb_cpu_path() -> str | None:
 
 
 def bf16_supported(device: torch.device | str | None = None) -> bool:
-    """Whether bf16 matmuls run natively on ``device`` (CPU always emulates them correctly, if slowly)."""
+    """Whether bf16 runs on ``device`` *natively*. On CUDA that means compute capability 8.0 or newer: a T4 (7.5)
+    runs bf16 only by emulation, slowly, and ``torch.cuda.is_bf16_supported()`` says True there unless asked for
+    native support alone. A CPU always computes bf16 correctly (natively where it has AVX512-BF16 or AMX)."""
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return True
+
+
+def bf16_note(device: torch.device | str | None = None) -> str:
+    """One sentence on how bf16 runs on ``device``: native, emulated (slow) or on this CPU's vector units."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        if bf16_supported(device):
+            return "bf16 native on this GPU"
+        if torch.cuda.is_bf16_supported(including_emulation=True):
+            return "bf16 emulated on this GPU (compute capability < 8.0): correct but slow; use fp16 here"
+        return "bf16 not supported on this GPU"
+    flags = set(cpu_flags())
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "bf16 native on this CPU (" + ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) + ")"
+    return "bf16 converted in software on this CPU (no AVX512-BF16/AMX)"
 
 
 def bnb_backend() -> str | None:
@@ -139,10 +205,12 @@ def describe() -> dict[str, Any]:
         "colab": on_colab(),
         "fp16_supported": has_cuda(),
         "bf16_supported": bf16_supported(),
+        "bf16_note": bf16_note(),
         "bnb_backend": bnb_backend(),
         "bnb_cpu_path": bnb_cpu_path(),
         "ort_providers": ort_providers(),
         "tensorrt": lib_version("tensorrt") is not None,
+        "onnxruntime_distribution": lib_distribution("onnxruntime"),
         "triton": lib_version("triton") is not None,
         "vllm": lib_version("vllm") is not None,
         "libraries": {name: lib_version(name) for name in _LIBS},

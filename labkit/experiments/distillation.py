@@ -49,11 +49,18 @@ class Config:
     lm_kd_weight: float = 0.5  # KD loss weight; the rest is next-token loss
     ppl_window: int = 256
     ppl_max_windows: int | None = 8
+    device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
         # 32 steps of 4 x 64 tokens over 32 calibration windows: 4 passes over little text, what 2 CPU cores afford
         return cls(seeds=(0, 1, 2), lm_steps=32, lm_batch=4, lm_seq_len=64, lm_calib_samples=32)
+
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(seeds=(0,), epochs=1, transfer_epochs=1, temperatures=(2,), latency_repeats=1, lm_steps=1,
+                   lm_batch=1, lm_seq_len=16, lm_calib_samples=2, ppl_window=16, ppl_max_windows=1)
 
 
 def labelled_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
@@ -73,19 +80,20 @@ def _accuracy(model, x, y) -> float:
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
+    dev = env.resolve_device(config.device)
     rec = Record("distillation", env=env.describe())
-    extra = _cnn_variants(rec, config, progress)
+    extra = _cnn_variants(rec, config, dev, progress)
     if config.run_lm:
-        extra.update(_lm_variants(rec, config, progress))
+        extra.update(_lm_variants(rec, config, dev, progress))
     rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
     return rec
 
 
 # ------------------------------------------------------------------------------------------------ CNN
 
-def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
-    teacher = zoo.load_vision(config.teacher, progress=False)
-    splits = data.digits_splits()
+def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool) -> dict:
+    teacher = zoo.load_vision(config.teacher, device=dev, progress=False)
+    splits = data.digits_splits(device=dev)
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     with torch.no_grad():
         tlog = teacher(xtr)
@@ -117,7 +125,7 @@ def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
         pseudo[sub] = ytr[sub]
         for name in jobs:
             torch.manual_seed(seed)
-            student = narrow_cnn(config.student_width)
+            student = narrow_cnn(config.student_width).to(dev)
             if name == "student-scratch":
                 args = ((xtr[sub], ytr[sub]), ce, config.epochs)
             elif name.startswith("student-kd-T") or name == "student-kd":
@@ -127,14 +135,14 @@ def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
                 args = ((xtr, tlog, labels), transfer_kd, config.transfer_epochs)
             else:
                 args = ((xtr, pseudo), ce, config.transfer_epochs)
-            hist = train(student, args[0], args[1], epochs=args[2], lr=config.lr, seed=seed,
+            hist = train(student, args[0], args[1], epochs=args[2], lr=config.lr, seed=seed, device=dev,
                          eval_fn=(lambda m: _accuracy(m, xte, yte)) if seed == config.seeds[0] else None)
             runs.setdefault(name, []).append(_accuracy(student, xte, yte))
             if hist.metric:
                 curves[name] = hist.metric
             bar.update(1)
     bar.close()
-    lat = _latency({"teacher": teacher, "student": student}, xte, config)
+    lat = _latency({"teacher": teacher, "student": student}, xte, config, dev)
     t_params = measure.param_count(teacher)
     rec.add("teacher", model=config.teacher, params=t_params, weight_bytes=measure.weight_bytes(teacher),
             accuracy=_accuracy(teacher, xte, yte), accuracy_std=0.0, seeds=1, **lat["teacher"],
@@ -151,11 +159,11 @@ def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
             "latency": f"batch of {config.latency_batch} test images, {config.latency_repeats} rotated repeats"}
 
 
-def _latency(models: dict, x: torch.Tensor, config: Config) -> dict[str, dict]:
+def _latency(models: dict, x: torch.Tensor, config: Config, dev: torch.device) -> dict[str, dict]:
     batch = x[:config.latency_batch]
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(batch)) for k, m in models.items()},
-                                      repeats=config.latency_repeats, inner=20)
+                                      repeats=config.latency_repeats, inner=20, device=dev)
     return {k: {"latency_ms_median": v["latency_ms_median"], "latency_ms_iqr": v["latency_ms_iqr"],
                 "latency_batch": config.latency_batch} for k, v in lat.items()}
 
@@ -167,13 +175,13 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
-    teacher, tok = zoo.load_causal_lm(config.llm, progress=False)
+def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool) -> dict:
+    teacher, tok = zoo.load_causal_lm(config.llm, device=dev, progress=False)
     for p in teacher.parameters():
         p.requires_grad_(False)
     ppl = lambda m: evaluate.perplexity(m, tok, window=config.ppl_window, stride=config.ppl_window,  # noqa: E731
                                         max_windows=config.ppl_max_windows)
-    calib = data.calibration_batches(tok, n=config.lm_calib_samples, seq_len=config.lm_seq_len)
+    calib = data.calibration_batches(tok, n=config.lm_calib_samples, seq_len=config.lm_seq_len, device=dev)
     rec.add("lm-teacher", model=config.llm, params=measure.param_count(teacher), perplexity=ppl(teacher),
             layers=teacher.config.num_hidden_layers)
     init = layer_dropped_lm(teacher, keep=list(config.lm_keep))
@@ -195,7 +203,8 @@ def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
         student = copy.deepcopy(init)
         t0 = time.perf_counter()
         hist = train(student, (calib,), loss, epochs=10**6, batch_size=config.lm_batch, lr=config.lm_lr, seed=0,
-                     max_steps=config.lm_steps, desc=name, progress=progress)
+                     max_steps=config.lm_steps, desc=name, device=dev, progress=progress)
+
         rec.add(name, **base, perplexity=ppl(student), steps=hist.steps, tokens=hist.examples * config.lm_seq_len,
                 train_loss=hist.train_loss, train_s=round(time.perf_counter() - t0, 1))
     passes = config.lm_steps * config.lm_batch / config.lm_calib_samples

@@ -4,6 +4,9 @@
 ``torch.compile``, ORT fp32 (its own optimisations at level "all"), ORT after the transformer optimizer's offline
 fusions, dynamic INT8 (per-channel MatMul weights) on each graph, and on a GPU ORT CUDA fp16. ``digits-cnn`` at batch
 256: PyTorch, ORT fp32, static INT8 (QDQ, calibrated on training images). All timed in one process in rotated rounds.
+
+``device``: the CPU comparison (PyTorch vs ORT's CPU provider) always runs on the CPU, where ORT's CPU provider
+works; with ``device="cuda"`` (the default on a GPU) the CUDA rows are added on that GPU.
 """
 
 from __future__ import annotations
@@ -32,10 +35,17 @@ class Config:
     exporter: str = "dynamo"
     torch_compile: bool = True
     profile_runs: int = 5
+    device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
         return cls(repeats=5, profile_runs=3)
+
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(batch=2, seq_len=16, cnn_batch=16, calibration_batches=1, repeats=1, torch_compile=False,
+                   profile_runs=1)
 
 
 def encoder_inputs(tok, config: Config) -> dict[str, torch.Tensor]:
@@ -62,16 +72,17 @@ def _pytorch_fns(model, feeds, config: Config) -> dict:
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
+    dev = env.resolve_device(config.device)
     rec = Record("onnx", env=env.describe())
     with tempfile.TemporaryDirectory() as d:
-        extra = _encoder(rec, config, Path(d))
+        extra = _encoder(rec, config, Path(d), dev)
         extra.update(_cnn(rec, config, Path(d)))
     rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
     return rec
 
 
-def _encoder(rec: Record, config: Config, d: Path) -> dict:
-    model, tok = zoo.load_encoder(config.encoder)
+def _encoder(rec: Record, config: Config, d: Path, dev: torch.device) -> dict:
+    model, tok = zoo.load_encoder(config.encoder, device="cpu")  # the CPU comparison; CUDA rows below
     feeds = encoder_inputs(tok, config)
     t0 = time.perf_counter()
     path = X.export_encoder(model, tok, d / "minilm.onnx", exporter=config.exporter)
@@ -104,7 +115,8 @@ def _encoder(rec: Record, config: Config, d: Path) -> dict:
                 cosine_to_reference=cos,
                 graph_nodes=sum(X.op_counts(onnx_file).values()) if onnx_file else None,
                 batch=config.batch, seq_len=config.seq_len)
-    _cuda_variants(rec, model, path, feeds, ref, config, d)
+    if dev.type == "cuda":
+        _cuda_variants(rec, model, path, feeds, ref, config, d, dev)
     profiles = {k: X.profile_ops(files[k], feeds, runs=config.profile_runs) for k in ("ort-fp32", "ort-int8-dynamic")}
     return {"export_s": round(export_s, 1), "transformer_fusions": fusions,
             "ort_level_nodes": {lvl: sum(X.optimized_counts(path, lvl).values()) for lvl in X.LEVELS},
@@ -115,30 +127,32 @@ def _encoder(rec: Record, config: Config, d: Path) -> dict:
                        f"{config.repeats} rotated rounds, {torch.get_num_threads()} threads for PyTorch and ORT"}
 
 
-def _cuda_variants(rec: Record, model, path: Path, feeds: dict, ref: torch.Tensor, config: Config, d: Path) -> None:
+def _cuda_variants(rec: Record, model, path: Path, feeds: dict, ref: torch.Tensor, config: Config, d: Path,
+                   dev: torch.device) -> None:
     """On a CUDA machine with onnxruntime-gpu: ORT CUDA fp16 (IO binding) vs PyTorch fp32 on the same GPU."""
-    if not (torch.cuda.is_available() and "CUDAExecutionProvider" in X.available_providers()):
+    if "CUDAExecutionProvider" not in X.available_providers():
         return
     from labkit.export.tensorrt import to_fp16_onnx
 
-    gpu_model = model.to("cuda")
-    cuda_feeds = {k: v.cuda() for k, v in feeds.items()}
+    gpu_model = model.to(dev)
+    cuda_feeds = {k: v.to(dev) for k, v in feeds.items()}
     sess = X.session(to_fp16_onnx(path, d / "minilm-fp16.onnx"), providers=("cuda",))
     with torch.no_grad():
         fns = {"pytorch-fp32-cuda": lambda: gpu_model(**cuda_feeds).last_hidden_state,
                "ort-cuda-fp16": lambda: X.run_bound(sess, cuda_feeds)[0]}
         outs = {k: fn().float().cpu() for k, fn in fns.items()}
-        lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device="cuda")
+        lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device=dev)
     model.to("cpu")
     for name in fns:
-        rec.add(name, model=config.encoder, **lat[name], device="cuda",
+        rec.add(name, model=config.encoder, **lat[name], device=str(dev), provider=sess.get_providers()[0],
                 speedup_vs_baseline=lat["pytorch-fp32-cuda"]["latency_ms_median"] / lat[name]["latency_ms_median"],
                 baseline="pytorch-fp32-cuda", cosine_to_reference=evaluate.cosine(
                     X.mean_pool(outs[name], feeds["attention_mask"]), ref), batch=config.batch, seq_len=config.seq_len)
 
 
 def _cnn(rec: Record, config: Config, d: Path) -> dict:
-    model = zoo.load_vision(config.cnn, progress=False)
+    model = zoo.load_vision(config.cnn, device="cpu", progress=False)  # compared with ORT's CPU provider
+
     splits = data.digits_splits()
     (xtr, _), (xte, yte) = splits["train"], splits["test"]
     path = X.export_cnn(model, d / "cnn.onnx", exporter=config.exporter)

@@ -50,6 +50,7 @@ class Config:
     ppl_max_windows: int | None = 16
     prompt: str = "The Python interpreter reads"
     new_tokens: int = 24
+    device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
@@ -57,13 +58,23 @@ class Config:
                    recovery_lr=3e-4, ppl_max_windows=6, repeats=3, sweep_sparsities=(0.0, 0.3, 0.5, 0.7, 0.9))
 
 
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(finetune_epochs=1, sweep_sparsities=(0.0, 0.5), sensitivity_sparsities=(0.5,), repeats=1,
+                   lm_repeats=1, calib_samples=2, calib_seq_len=16, recovery_steps=1, recovery_batch=1,
+                   recovery_seq_len=16, recovery_samples=2, lm_seq_len=16, ppl_window=16, ppl_max_windows=1,
+                   new_tokens=2)
+
+
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
+    dev = env.resolve_device(config.device)
     rec = Record("pruning", env=env.describe())
-    extra = _cnn_variants(rec, config, progress)
+    extra = _cnn_variants(rec, config, dev, progress)
     if config.run_lm:
-        extra.update(_lm_variants(rec, config, progress))
-    extra["gpu_2_4_matmul"] = prune.semi_structured.matmul_speedup()
+        extra.update(_lm_variants(rec, config, dev, progress))
+    extra["gpu_2_4_matmul"] = prune.semi_structured.matmul_speedup(device=dev)
     rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
     return rec
 
@@ -74,11 +85,12 @@ def _speedups(lat: dict[str, dict], base: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ CNN
 
-def cnn_models(config: Config, progress: bool = False) -> dict:
+def cnn_models(config: Config, progress: bool = False, device: torch.device | None = None) -> dict:
     """The five digits-cnn variants and what building them produced (pruning result, fine-tune curve)."""
-    splits = data.digits_splits()
+    device = device or env.resolve_device(config.device)
+    splits = data.digits_splits(device=device)
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
-    dense = zoo.load_vision(config.cnn, progress=False)
+    dense = zoo.load_vision(config.cnn, device=device, progress=False)
     models = {"dense": dense}
     for s in (0.5, 0.9):
         m = copy.deepcopy(dense)
@@ -91,19 +103,19 @@ def cnn_models(config: Config, progress: bool = False) -> dict:
     tuned = copy.deepcopy(pruned)
     hist = train(tuned, (xtr, ytr), lambda m, b: F.cross_entropy(m(b[0]), b[1]), epochs=config.finetune_epochs,
                  lr=config.finetune_lr, eval_fn=lambda m: evaluate.classifier_accuracy(m, xte, yte),
-                 desc="fine-tune pruned cnn", progress=progress)
+                 desc="fine-tune pruned cnn", device=device, progress=progress)
     models[f"{tag}-finetuned"] = tuned
     return {"models": models, "result": res, "history": hist, "test": (xte, yte)}
 
 
-def _cnn_variants(rec: Record, config: Config, progress: bool) -> dict:
-    built = cnn_models(config, progress)
+def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool) -> dict:
+    built = cnn_models(config, progress, dev)
     models, (xte, yte) = built["models"], built["test"]
     batch = xte.repeat(-(-config.cnn_batch // len(xte)), 1, 1, 1)[:config.cnn_batch]
-    example = torch.zeros(1, 1, 8, 8)
+    example = torch.zeros(1, 1, 8, 8, device=dev)
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(batch)) for k, m in models.items()},
-                                      repeats=config.repeats, inner=20)
+                                      repeats=config.repeats, inner=20, device=dev)
     speed = _speedups(lat, "dense")
     for name, m in models.items():
         rec.add(name, model=config.cnn, params=measure.param_count(m), nonzero_weights=prune.nonzero_weights(m),
@@ -140,7 +152,7 @@ def sweep(dense, x: torch.Tensor, y: torch.Tensor, sparsities, batch: torch.Tens
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(batch)) for k, m in
                                        tqdm(variants.items(), desc="sparsity sweep", disable=not progress)},
-                                      repeats=repeats, inner=10)
+                                      repeats=repeats, inner=10, device=batch.device)
     for (method, s), m in variants.items():
         rows.append({"method": method, "sparsity": s, "accuracy": evaluate.classifier_accuracy(m, x, y),
                      "params": measure.param_count(m), "nonzero_weights": prune.nonzero_weights(m),
@@ -150,8 +162,8 @@ def sweep(dense, x: torch.Tensor, y: torch.Tensor, sparsities, batch: torch.Tens
 
 # ------------------------------------------------------------------------------------------------ LM
 
-def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
-    dense, tok = zoo.load_causal_lm(config.llm, progress=False)
+def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool) -> dict:
+    dense, tok = zoo.load_causal_lm(config.llm, device=dev, progress=False)
     dense.config.use_cache = False
     ppl = lambda m: evaluate.perplexity(m, tok, window=config.ppl_window, max_windows=config.ppl_max_windows)  # noqa: E731
     models = {"dense": dense}
@@ -161,22 +173,22 @@ def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
     m = copy.deepcopy(dense)
     prune.apply_2_4(m)
     models["semi-structured-2:4"] = prune.make_permanent(m)
-    calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len)
+    calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len, device=dev)
     m = copy.deepcopy(dense)
     res = prune.prune_llm_mlp(m, config.mlp_ratio, importance_name="taylor", calibration_ids=calib)
     tag = f"structured-mlp-{round(config.mlp_ratio * 100)}"
     models[tag] = m
-    recovered, info = recover(m, dense, tok, config, progress)
+    recovered, info = recover(m, dense, tok, config, progress, device=dev)
     models[f"{tag}-recovered"] = recovered
     for p in dense.parameters():
         p.requires_grad_(False)
     ids = torch.randint(0, dense.config.vocab_size, (config.lm_batch, config.lm_seq_len),
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(input_ids=ids, use_cache=False, logits_to_keep=1))
-                                       for k, m in models.items()}, repeats=config.lm_repeats, inner=2)
+                                       for k, m in models.items()}, repeats=config.lm_repeats, inner=2, device=dev)
     speed = _speedups(lat, "dense")
-    prompt = tok(config.prompt, return_tensors="pt").input_ids
+    prompt = tok(config.prompt, return_tensors="pt").input_ids.to(dev)
     for name, m in tqdm(models.items(), desc="perplexity per variant", disable=not progress):
         extra = info if name.endswith("-recovered") else {}
         rec.add(name, model=config.llm, params=measure.param_count(m), weight_bytes=measure.weight_bytes(m),
@@ -191,13 +203,15 @@ def _lm_variants(rec: Record, config: Config, progress: bool) -> dict:
             "lm_recovery_curve": info["recovery_loss"]}
 
 
-def recover(pruned, teacher, tok, config: Config, progress: bool = False):
-    """Distil ``teacher``'s next-token distributions into a copy of ``pruned`` (forward KL on calibration text)."""
-    student = copy.deepcopy(pruned)
+def recover(pruned, teacher, tok, config: Config, progress: bool = False, device: torch.device | None = None):
+    """Distil ``teacher``'s next-token distributions into a copy of ``pruned`` (forward KL on calibration text),
+    on ``device`` (default: the config's)."""
+    device = device or env.resolve_device(config.device)
+    student = copy.deepcopy(pruned).to(device)
+    teacher.to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    text = data.calibration_batches(tok, n=config.recovery_samples, seq_len=config.recovery_seq_len)
-    text = text.to(measure.model_device(student))
+    text = data.calibration_batches(tok, n=config.recovery_samples, seq_len=config.recovery_seq_len, device=device)
 
     def kd(m, b):
         with torch.no_grad():
@@ -213,7 +227,8 @@ def recover(pruned, teacher, tok, config: Config, progress: bool = False):
 
     t0 = time.perf_counter()
     hist = train(student, (text,), loss_fn, epochs=10**6, batch_size=config.recovery_batch, lr=config.recovery_lr,
-                 max_steps=config.recovery_steps, desc="KD recovery", progress=progress)
+                 max_steps=config.recovery_steps, desc="KD recovery", device=device, progress=progress)
+
     student.eval()
     return student, {"recovery_steps": hist.steps, "recovery_tokens": hist.examples * config.recovery_seq_len,
                      "recovery_s": round(time.perf_counter() - t0, 1), "recovery_loss": losses}

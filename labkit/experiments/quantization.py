@@ -39,6 +39,12 @@ class Config(LLMMetricsConfig):
         return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=16, repeats=3,
                    calib_samples=32, calib_seq_len=256)
 
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(ppl_window=16, ppl_stride=16, ppl_max_windows=1, prefill_len=8, decode_prompt_len=4,
+                   decode_tokens=2, repeats=1, calib_samples=2, calib_seq_len=16)
+
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in LLM_VARIANTS]
         if unknown:
@@ -62,7 +68,8 @@ def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tu
         from labkit.quant.gptq import gptq_quantize_
 
         model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
-        calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len)
+        calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len, device=device)
+
         gptq_quantize_(model, calib, group_size=config.gptq_group_size, progress=False)
         return model, tok, {"method": "gptq", "group_size": config.gptq_group_size,
                             "bits_per_param_quantized": bits_per_param_quantized(model)}
@@ -103,7 +110,7 @@ def _unavailable(name: str, device: torch.device) -> str | None:
 def run(config: Config | None = None, progress: bool = True) -> Record:
     """Build every variant and score it (untimed), then time decode for all of them in rotated rounds."""
     config = config or Config()
-    device = env.default_device()
+    device = env.resolve_device(config.device)
     rec = Record("quantization", env=env.describe())
     builders = _builders(config, device)
     models, skipped = {}, {}

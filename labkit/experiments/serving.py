@@ -42,15 +42,23 @@ class Config:
     preempt_budget_fraction: float = 0.25
     repeats: int = 3
     warmup_requests: int = 4
+    device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
         return cls(num_requests=32, prompt_len=(16, 192), output_len=(8, 96))
 
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(num_requests=3, prompt_len=(4, 12), output_len=(2, 4), static_batch_sizes=(0,), repeats=1,
+                   warmup_requests=1)
+
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
-    device = env.default_device()
+    device = env.resolve_device(config.device)
+
     model, tok = zoo.load_causal_lm(config.model, device=device, progress=False)
     prompts, max_tokens = make_workload(tok, config.num_requests, config.prompt_len, config.output_len, config.seed)
     warm = (prompts[:config.warmup_requests], [min(n, 8) for n in max_tokens[:config.warmup_requests]])

@@ -31,21 +31,33 @@ class Config:
     max_seq_len: int = 512
     repeats: int = 7
     exporter: str = "dynamo"
+    torch_compile: bool = True
+    device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
         return cls(repeats=5)
 
+    @classmethod
+    def smallest(cls) -> Config:
+        """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
+        return cls(batch=2, seq_len=16, max_batch=4, max_seq_len=32, repeats=1, torch_compile=False)
+
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
+    dev = env.resolve_device(config.device)
     rec = Record("tensorrt", env=env.describe())
     ok, why = T.support()
-    model, tok = zoo.load_encoder(config.encoder)
+    if ok and dev.type != "cuda":
+        ok, why = False, f"device={config.device!r}: TensorRT engines run on a CUDA GPU"
+    model, tok = zoo.load_encoder(config.encoder, device="cpu")  # exported from the CPU; moved to the GPU there
+
     feeds = encoder_inputs(tok, config)
     with tempfile.TemporaryDirectory() as d:
         path = X.export_encoder(model, tok, Path(d) / "minilm.onnx", exporter=config.exporter)
-        extra = _gpu(rec, model, path, feeds, config, Path(d)) if ok else _cpu(rec, model, path, feeds, config, Path(d))
+        extra = (_gpu(rec, model, path, feeds, config, Path(d), dev) if ok
+                 else _cpu(rec, model, path, feeds, config, Path(d)))
     rec.config = {**asdict(config), "status": "ok" if ok else "skipped", "reason": why, **extra}
     return rec
 
@@ -67,10 +79,11 @@ def _cpu(rec, model, path, feeds, config, d) -> dict:
     fused = d / "fused.onnx"
     fusions = X.transformer_fuse(path, fused, num_heads=model.config.num_attention_heads,
                                  hidden_size=model.config.hidden_size)
-    compiled = torch.compile(model)
     sessions = {"ort-fp32": X.session(path), "ort-fp32-fused": X.session(fused)}
-    fns = {"pytorch-fp32": lambda: model(**feeds).last_hidden_state,
-           "torch-compile": lambda: compiled(**feeds).last_hidden_state}
+    fns = {"pytorch-fp32": lambda: model(**feeds).last_hidden_state}
+    if config.torch_compile:
+        compiled = torch.compile(model)
+        fns["torch-compile"] = lambda: compiled(**feeds).last_hidden_state
     for s in sessions.values():
         X.run(s, feeds)  # checks names, ranks and dtypes once, outside the timed calls
     np_feeds = {k: v.numpy() for k, v in feeds.items()}
@@ -79,11 +92,10 @@ def _cpu(rec, model, path, feeds, config, d) -> dict:
     return {"transformer_fusions": fusions, "note": "no TensorRT here: the graph compilers this CPU has, measured"}
 
 
-def _gpu(rec, model, path, feeds, config, d) -> dict:
-    model = model.to("cuda")
-    cuda = {k: v.cuda() for k, v in feeds.items()}
-    half = zoo.load_encoder(config.encoder, dtype=torch.float16, device="cuda")[0]
-    compiled = torch.compile(model)
+def _gpu(rec, model, path, feeds, config, d, dev) -> dict:
+    model = model.to(dev)
+    cuda = {k: v.to(dev) for k, v in feeds.items()}
+    half = zoo.load_encoder(config.encoder, dtype=torch.float16, device=dev)[0]
     shapes = {n: ((1, 2), (config.batch, config.seq_len), (config.max_batch, config.max_seq_len))
               for n in ("input_ids", "attention_mask")}
     engines, extra = {}, {}
@@ -94,11 +106,15 @@ def _gpu(rec, model, path, feeds, config, d) -> dict:
         engines[name] = T.Engine(built)  # reloaded from the serialised file, as a deployment would
         extra[name] = {"build_s": round(build_s, 1), "weight_bytes": built.stat().st_size}
     fns = {"pytorch-fp32": lambda: model(**cuda).last_hidden_state,
-           "pytorch-fp16": lambda: half(**cuda).last_hidden_state,
-           "torch-compile": lambda: compiled(**cuda).last_hidden_state}
+           "pytorch-fp16": lambda: half(**cuda).last_hidden_state}
+    if config.torch_compile:
+        compiled = torch.compile(model)
+        fns["torch-compile"] = lambda: compiled(**cuda).last_hidden_state
     if "CUDAExecutionProvider" in X.available_providers():
         sess = X.session(path, providers=("cuda",))
         fns["ort-cuda-fp32"] = lambda: X.run_bound(sess, cuda)[0]
     fns.update({k: (lambda e=e: e(**cuda)[0]) for k, e in engines.items()})
     _add_all(rec, fns, cuda, config, "cuda", "pytorch-fp32", extra)
-    return {"gpu": torch.cuda.get_device_name(), "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
+    return {"gpu": torch.cuda.get_device_name(dev), "tf32": "off in every fp32 path (TensorRT builder, ORT CUDA, "
+            "torch matmul default)", "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
+

@@ -108,7 +108,9 @@ def export_encoder(model: nn.Module, tokenizer: Any, path: str | Path, *, export
 
 def export_cnn(model: nn.Module, path: str | Path, *, exporter: str = "dynamo") -> Path:
     """Export an image classifier ``[batch, 1, 8, 8] -> [batch, classes]`` with a dynamic batch axis."""
-    return export(model, (torch.zeros(2, 1, 8, 8),), path, input_names=["images"], output_names=["logits"],
+    example = torch.zeros(2, 1, 8, 8, device=next(model.parameters()).device)
+    return export(model, (example,), path, input_names=["images"], output_names=["logits"],
+
                   dynamic={"images": {0: "batch"}}, exporter=exporter)
 
 
@@ -154,11 +156,23 @@ def resolve_providers(names: Iterable[str] | None = None) -> list[str]:
     return out
 
 
+def provider_options(providers: list[str], *, tf32: bool = False) -> list[dict[str, str]]:
+    """Per-provider options. ORT's CUDA provider runs fp32 MatMul/Conv in TF32 by default (``use_tf32``, on from
+    Ampere on: 10-bit mantissas in the products), so an fp32 session is not an fp32 reference unless it is turned
+    off; ``tf32=True`` keeps the faster, less exact default."""
+    return [{"use_tf32": "1" if tf32 else "0"} if p == PROVIDERS["cuda"] else {} for p in providers]
+
+
 def session(path: str | Path, *, level: str = "all", providers: Iterable[str] | None = ("cpu",),
-            threads: int | None = None, optimized_path: str | Path | None = None, profile: bool = False):
+            threads: int | None = None, optimized_path: str | Path | None = None, profile: bool = False,
+            tf32: bool = False):
     """An ``InferenceSession`` at graph-optimisation ``level`` (one of :data:`LEVELS`). ``optimized_path`` saves
     the graph ORT actually runs (to count what it fused); ``threads`` defaults to torch's thread count so PyTorch
-    and ORT get the same cores."""
+    and ORT get the same cores; ``tf32`` see :func:`provider_options`.
+
+    ONNX Runtime quietly falls back to the CPU when a GPU provider fails to initialise (a missing CUDA/cuDNN
+    library, say): the session is checked and a clear error names the provider that was asked for and the one
+    that actually runs."""
     import onnxruntime as ort
 
     if level not in LEVELS:
@@ -178,7 +192,21 @@ def session(path: str | Path, *, level: str = "all", providers: Iterable[str] | 
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(str(path), so, providers=resolve_providers(providers))
+    wanted = resolve_providers(providers)
+    sess = ort.InferenceSession(str(path), so, providers=wanted,
+                                provider_options=provider_options(wanted, tf32=tf32))
+    check_provider(sess, wanted[0])
+    return sess
+
+
+def check_provider(sess, wanted: str) -> str:
+    """The provider that really runs ``sess`` first; a clear error when it is not ``wanted``."""
+    running = sess.get_providers()
+    if not running or running[0] != wanted:
+        raise LabkitError(f"ONNX Runtime was asked for {wanted} but runs {running or 'nothing'}: the provider failed "
+                          "to start (for CUDA: onnxruntime-gpu needs the CUDA and cuDNN libraries of its build; "
+                          "installing onnxruntime beside onnxruntime-gpu also hides the GPU provider)")
+    return running[0]
 
 
 _NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
@@ -205,19 +233,24 @@ def run(sess, feeds: dict[str, Any]) -> list[np.ndarray]:
 
 
 def run_bound(sess, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Run with IO binding on the inputs' device (CUDA: no host copies per call); outputs stay on the device."""
+    """Run with IO binding on the inputs' device (CUDA: no host copies per call); outputs stay on the device and
+    come back as torch tensors through DLPack (zero copy: ORT 1.32's ``OrtValue`` has ``__dlpack__``, not the old
+    ``to_dlpack``)."""
     binding = sess.io_binding()
     dev = next(iter(feeds.values())).device
+    types = {i.name: i.type for i in sess.get_inputs()}
+    keep = []  # .contiguous() may make a temporary: it must outlive the run that reads its pointer
     for name, t in feeds.items():
         t = t.contiguous()
-        binding.bind_input(name, dev.type, dev.index or 0, _NP_TYPES[next(i.type for i in sess.get_inputs()
-                                                                           if i.name == name)],
-                           tuple(t.shape), t.data_ptr())
+        keep.append(t)
+        binding.bind_input(name, dev.type, dev.index or 0, _NP_TYPES[types[name]], tuple(t.shape), t.data_ptr())
     for o in sess.get_outputs():
         binding.bind_output(o.name, dev.type, dev.index or 0)
+    binding.synchronize_inputs()  # torch may still be writing the inputs on its stream
     sess.run_with_iobinding(binding)
-    return [torch.from_dlpack(v.to_dlpack()) if hasattr(v, "to_dlpack") else torch.as_tensor(v.numpy())
-            for v in binding.get_outputs()]
+    binding.synchronize_outputs()
+    return [torch.from_dlpack(v) for v in binding.get_outputs()]
+
 
 
 def optimized_counts(path: str | Path, level: str) -> Counter:

@@ -57,9 +57,12 @@ def to_fp16_onnx(path: str | Path, out: str | Path) -> Path:
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, shapes: dict[str, tuple[tuple, tuple, tuple]],
-                 fp16: bool = True, workspace_gb: float = 2.0) -> Path:
+                 fp16: bool = True, workspace_gb: float = 2.0, tf32: bool = False) -> Path:
     """Parse ``onnx_path``, build an engine with one optimisation profile (``shapes``: per input ``(min, opt,
-    max)``) and write it serialised to ``engine_path`` (temporary file, then rename)."""
+    max)``) and write it serialised to ``engine_path`` (temporary file, then rename).
+
+    TensorRT enables ``BuilderFlag.TF32`` by default, so an "fp32" engine on an Ampere-or-newer GPU multiplies with
+    10-bit mantissas; it is cleared unless ``tf32=True``, so fp32 means fp32."""
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -77,6 +80,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, shapes: dict
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16 and not typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
@@ -95,7 +100,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, shapes: dict
 
 
 class Engine:
-    """A deserialised engine that runs on torch CUDA tensors: ``Engine(path)(input_ids=..., ...)`` → outputs."""
+    """A deserialised engine that runs on torch CUDA tensors: ``Engine(path)(input_ids=..., ...)`` → outputs.
+
+    It runs on a stream of its own (TensorRT warns on the legacy default stream, which also serialises with every
+    other stream) and never waits on the host: events order it after the caller's stream and the caller's stream
+    after it, so a timer's one synchronise is the only one, as for the PyTorch variants."""
 
     def __init__(self, engine_path: str | Path) -> None:
         trt = _trt()
@@ -109,6 +118,7 @@ class Engine:
         mode = trt.TensorIOMode.INPUT
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
+        self.stream = torch.cuda.Stream()
 
     def _dtype(self, name: str) -> torch.dtype:
         import numpy as np
@@ -122,15 +132,26 @@ class Engine:
         for name in self.inputs:
             t = feeds[name].to(device="cuda", dtype=self._dtype(name)).contiguous()
             keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise LabkitError(f"input {name!r} has shape {tuple(t.shape)}, outside the engine's optimisation "
+                                  f"profile {[tuple(s) for s in self.engine.get_tensor_profile_shape(name, 0)]}")
+            _check_address(self.context.set_tensor_address(name, t.data_ptr()), name)
         outs = []
         for name in self.outputs:
             out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
+            _check_address(self.context.set_tensor_address(name, out.data_ptr()), name)
             outs.append(out)
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)  # inputs written on the caller's stream are ready before TensorRT reads
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise LabkitError("TensorRT execution failed (see the log above)")
-        stream.synchronize()
+        caller.wait_stream(self.stream)  # the caller's next kernels see finished outputs; no host wait
+        for t in keep + outs:
+            t.record_stream(self.stream)  # the allocator must not reuse them while TensorRT's stream runs
         return outs
+
+
+def _check_address(ok: bool, name: str) -> None:
+    if not ok:
+        raise LabkitError(f"TensorRT refused the address of tensor {name!r} (misaligned or not a device pointer)")
+

@@ -51,7 +51,15 @@ def semi_structured_support() -> tuple[bool, str]:
         return False, f"GPU {torch.cuda.get_device_name()} is sm_{major}{minor}; 2:4 sparse kernels need sm_80+"
     if not hasattr(torch.sparse, "to_sparse_semi_structured"):
         return False, f"torch {torch.__version__} lacks torch.sparse.to_sparse_semi_structured (needs 2.1+)"
-    return True, f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    # torch has two 2:4 backends: cuSPARSELt and CUTLASS kernels built for sm_8x only, so Hopper (sm_90) and newer
+    # need cuSPARSELt (torch's semi-structured docs; torch.sparse.semi_structured picks it when available).
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    has_lt = bool(cusparselt and cusparselt.is_available())
+    if major >= 9 and not has_lt:
+        return False, (f"GPU {torch.cuda.get_device_name()} is sm_{major}{minor}: torch's CUTLASS 2:4 kernels cover "
+                       "sm_8x only and this torch build has no cuSPARSELt")
+    backend = "cuSPARSELt" if has_lt else "CUTLASS"
+    return True, f"{torch.cuda.get_device_name()} (sm_{major}{minor}, {backend})"
 
 
 def to_semi_structured(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> int:
@@ -76,12 +84,24 @@ def to_semi_structured(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> 
     return n
 
 
-def matmul_speedup(features: int = 4096, tokens: int = 2048, repeats: int = 5) -> dict:
+def matmul_speedup(features: int = 4096, tokens: int = 2048, repeats: int = 5,
+                   device: torch.device | str | None = None) -> dict:
     """Time one fp16 ``features x features`` Linear on ``tokens`` rows, dense vs 2:4 semi-structured, on this GPU
-    (rotated repeats, median). Without support, ``{"status": "skipped", "reason": ...}``."""
+    (rotated repeats, median). Without support, or when ``device`` is not a GPU, ``{"status": "skipped",
+    "reason": ...}``; a kernel that fails at run time is a skip with its error, not a crash of the experiment."""
+    if device is not None and torch.device(device).type != "cuda":
+        return {"status": "skipped", "reason": f"the experiment runs on {device}; 2:4 kernels need a CUDA GPU"}
     ok, why = semi_structured_support()
     if not ok:
         return {"status": "skipped", "reason": why}
+    try:
+        return _time_2_4(features, tokens, repeats, why)
+    except RuntimeError as exc:
+        return {"status": "skipped", "reason": f"2:4 kernel failed on {why}: {str(exc)[:300]}"}
+
+
+def _time_2_4(features: int, tokens: int, repeats: int, why: str) -> dict:
+
     from labkit.measure import compare_latency
 
     torch.manual_seed(0)

@@ -157,7 +157,8 @@ def prune_cnn(model: nn.Module, ratio: float, *, importance_name: str = "l2",
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise LabkitError(f"{type(model).__name__} has no Linear classifier layer to keep")
-    example = torch.zeros(1, *_input_shape(model))
+    example = torch.zeros(1, *_input_shape(model), device=next(model.parameters()).device)
+
 
     def calib(m: nn.Module) -> None:
         x, y = calibration

@@ -45,21 +45,30 @@ def int8_config():
 
 def load_causal_lm_bnb(name: str = "smollm2-135m", mode: str = "nf4", *, device: str | None = None,
                        source: str = "auto") -> tuple[nn.Module, Any]:
-    """Load ``name`` through ``from_pretrained(..., quantization_config=...)``; ``mode`` is 'nf4' or 'int8'."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Load ``name`` through ``from_pretrained(..., quantization_config=...)``; ``mode`` is 'nf4' or 'int8'.
+    A random model (``smollm2-135m-random``) is saved to a temporary folder first, then loaded the same way."""
     if mode not in ("nf4", "int8"):
         raise LabkitError(f"mode={mode!r} is not allowed; use 'nf4' or 'int8'")
     require_bnb()
     card = zoo.check_name(name, kind="causal-lm")
-    if name == "smollm2-135m-random":
-        raise LabkitError("bitsandbytes loading needs saved weights; use 'smollm2-135m'")
-    device = device or str(env.default_device())
-    path = card.hub_id if source == "hub" else zoo._smollm2_fp32_dir(progress=False)
+    device = str(env.resolve_device(device))
+    if name.endswith("-random"):  # bitsandbytes quantizes while loading saved weights: save the random ones first
+        with zoo.saved_random_llm(name) as path:
+            model, tok = _load(path, mode, device)
+    else:
+        model, tok = _load(card.hub_id if source == "hub" else zoo._smollm2_fp32_dir(progress=False), mode, device)
+    model.labkit_card = card
+    return model, tok
+
+
+def _load(path, mode: str, device: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     qconfig = nf4_config() if mode == "nf4" else int8_config()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, device_map=device,
                                                  dtype=torch.bfloat16 if mode == "nf4" else torch.float16)
     tok = AutoTokenizer.from_pretrained(path)
-    model.eval()
-    model.labkit_card = card
-    return model, tok
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+

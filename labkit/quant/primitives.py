@@ -161,6 +161,15 @@ def nf4_code(offset: float = 0.9677083) -> torch.Tensor:
 
 
 NF4_CODE = nf4_code()
+_NF4_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_code_on(device: torch.device) -> torch.Tensor:
+    """The NF4 table on ``device``, copied there once and shared by every layer (a per-forward ``.to(device)``
+    would be a host-to-device copy, and a sync, in every NF4 matmul)."""
+    if device not in _NF4_ON:
+        _NF4_ON[device] = NF4_CODE.to(device)
+    return _NF4_ON[device]
 
 
 def quantize_nf4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +181,7 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     flat = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - flat.numel())).view(n_blocks, blocksize)
     absmax = flat.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     normed = flat / absmax
-    code = NF4_CODE.to(x.device)
+    code = nf4_code_on(x.device)
     midpoints = (code[1:] + code[:-1]) / 2
     idx = torch.bucketize(normed, midpoints)  # nearest code value
     return idx.to(torch.uint8).reshape(-1), absmax.reshape(-1)
@@ -180,7 +189,8 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
 
 def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, numel: int | None = None) -> torch.Tensor:
     blocksize = codes.numel() // absmax.numel()
-    out = NF4_CODE.to(codes.device)[codes.long()].view(-1, blocksize) * absmax.float().view(-1, 1)
+    out = nf4_code_on(codes.device)[codes.long()].view(-1, blocksize) * absmax.float().view(-1, 1)
+
     out = out.reshape(-1)
     return out if numel is None else out[:numel]
 

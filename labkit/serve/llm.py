@@ -32,8 +32,11 @@ class LLM:
         from labkit import env, zoo
 
         if isinstance(model, str):
-            model, tokenizer = zoo.load_causal_lm(model, dtype=dtype, device=device or env.default_device(),
+            model, tokenizer = zoo.load_causal_lm(model, dtype=dtype, device=env.resolve_device(device),
                                                   progress=False)
+        elif device is not None:  # a model handed in goes where the caller asked, KV pool and all
+            model.to(env.resolve_device(device))
+
         self.tokenizer = tokenizer
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,

@@ -8,7 +8,7 @@ import torch
 from labkit.serve.block_manager import BlockManager
 from labkit.serve.kv_cache import KVCache
 from labkit.serve.model import Batch, PagedLlama
-from labkit.serve.sampling import SamplingParams, sample
+from labkit.serve.sampling import SamplingParams, sample_batch
 from labkit.serve.sequence import Sequence
 
 
@@ -60,5 +60,7 @@ class ModelRunner:
             self.kv.copy_block(src, dst)
         batch, sampled = self.prepare(scheduled)
         logits = self.model(batch, self.kv)
-        return {s.seq_id: sample(logits[i], params[s.seq_id], generators.get(s.seq_id))
-                for i, s in enumerate(sampled)}
+        tokens = sample_batch(logits, [params[s.seq_id] for s in sampled],
+                              [generators.get(s.seq_id) for s in sampled])
+        return {s.seq_id: t for s, t in zip(sampled, tokens)}
+

@@ -50,3 +50,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[int]:
+    """The next token of every row of ``logits`` ``[rows, vocab]``, with one device-to-host transfer per step.
+
+    Greedy rows take one batched argmax on the device; rows that sample (seeded CPU generators, so a seed gives
+    the same tokens on every device) travel in the same transfer: the greedy ids ride as float32 in front of the
+    sampled rows' logits (token ids < 2**24 are exact in float32). Per-row ``int(argmax)`` would sync once a row.
+    """
+    if not params:  # a step of chunked prefill alone samples nothing
+        return []
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    parts = []
+    if greedy:
+        parts.append(torch.argmax(logits[greedy], dim=-1).float())
+    if sampled:
+        parts.append(logits[sampled].float().reshape(-1))
+    host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
+    out: list[int] = [0] * len(params)
+    for j, i in enumerate(greedy):
+        out[i] = int(host[j])
+    rows = host[len(greedy):].view(len(sampled), -1) if sampled else None
+    for j, i in enumerate(sampled):
+        out[i] = sample(rows[j], params[i], generators[i])
+    return out
