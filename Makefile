@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export LABKIT_CACHE ?= $(HOME)/.cache/labkit
 
-.PHONY: venv report test lab lint clean dist gpu-check gpu-wheels browser notebooks-html
+.PHONY: venv report test lab lint clean dist gpu-check gpu-rehearse gpu-wheels browser notebooks-html
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -51,16 +51,27 @@ dist: venv
 lint: venv
 	$(BIN)/ruff check labkit tests
 
-# On a CUDA machine, with the torch it has (no venv): -m gpu tests + every experiment's quick GPU run,
-# records under results/reference/<gpu-name>/. Whoever has a GPU runs this first.
+# On the lent GPU machine, with the torch it has (no venv): the check in parts of about 5 minutes, one tarball a
+# part in GPU_OUT (scripts/gpu_check.py says how the parts were sized). Carry .whl (make gpu-wheels) and run e.g.
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site make gpu-check GPU_OUT=$OUT
+GPU_PARTS ?= all
+GPU_OUT   ?= results/gpu-check
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PY) scripts/gpu_check.py
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(PY) scripts/gpu_check.py --part $(GPU_PARTS) --out $(GPU_OUT)
 
-# Wheels the lent GPU machines lack and cannot download (they reach no registry); carry wheels/ there.
-gpu-wheels: venv
-	$(BIN)/pip download -q --no-deps -d wheels hypothesis sortedcontainers attrs fastapi starlette uvicorn h11 \
-		httpx httpcore anyio sniffio idna certifi click annotated-doc gguf "bitsandbytes>=0.47" \
-		torch-pruning onnx onnxscript onnx-ir ml-dtypes
+# The same parts on this CPU at the smallest sizes, same random models, same tarballs (CI runs it as a test).
+gpu-rehearse: venv
+	$(BIN)/python scripts/gpu_check.py --rehearse --part $(GPU_PARTS) --out $(GPU_OUT)
+
+# Wheels the lent GPU machine lacks (its image has torch, transformers, onnx, onnxruntime, hypothesis, pytest ...;
+# it reaches no registry): for its Python 3.12, x86-64, only what is missing. Carry .whl (about 45 MB).
+GPU_WHEELS := bitsandbytes==0.50.2 torch-pruning==1.6.1
+gpu-wheels:
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
+	@ls -l .whl; du -sh .whl
 
 lab: venv
 	$(BIN)/jupyter lab notebooks/

@@ -92,7 +92,9 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
             raise LabkitError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
                               f"allowed here: {', '.join(here)}")
     elif dev.type != "cpu":
-        raise LabkitError(f"device={device!r}: labkit's experiments run on {', '.join(here)}")
+        raise LabkitError(f"device={device!r} is not a device labkit's experiments run on; allowed here: "
+                          f"{', '.join(here)}")
+
     return dev
 
 
@@ -103,8 +105,14 @@ def device_field() -> Any:
 
 
 def quick_mode() -> bool:
-    """True when ``LABKIT_QUICK=1``: notebooks and experiments shrink their sizes."""
-    return os.environ.get("LABKIT_QUICK", "0") not in ("", "0", "false", "False")
+    """True when ``LABKIT_QUICK=1``: notebooks and experiments shrink their sizes. Unset on a Colab runtime without
+    a GPU, quick mode is the default: full mode is sized for a GPU and would keep a CPU runtime busy for hours.
+    ``LABKIT_QUICK=0`` asks for full mode anywhere."""
+    value = os.environ.get("LABKIT_QUICK")
+    if value is None:
+        return on_colab() and not has_cuda()
+    return value not in ("", "0", "false", "False")
+
 
 
 def cpu_name() -> str:

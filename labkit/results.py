@@ -113,11 +113,15 @@ def load_all(results_dir: str | Path = "results") -> list[Record]:
 
 
 def reference_dirs() -> list[Path]:
-    """Where reference records live: ``$LABKIT_REFERENCE``, then ``results/reference`` of the checkout the kit
-    runs from, of the working directory and of its parent (a notebook runs in ``notebooks/``)."""
-    here = Path(__file__).resolve().parent.parent
-    candidates = [os.environ.get("LABKIT_REFERENCE"), here / "results" / "reference",
+    """Where reference records live: ``$LABKIT_REFERENCE``, then ``labkit/reference`` inside the package (so an
+    installed wheel, on Colab say, has them too), then a ``results/reference`` of your own in the working directory
+    or its parent (a notebook runs in ``notebooks/``)."""
+    import importlib.resources
+
+    packaged = Path(str(importlib.resources.files("labkit").joinpath("reference")))
+    candidates = [os.environ.get("LABKIT_REFERENCE"), packaged,
                   Path.cwd() / "results" / "reference", Path.cwd().parent / "results" / "reference"]
+
     seen, out = set(), []
     for c in candidates:
         if c and Path(c).is_dir() and Path(c).resolve() not in seen:

@@ -55,7 +55,7 @@ def load_rows(results_dir: str | Path | None = "results", *, include_reference: 
         for v in rec.variants:
             rows.append({**v, "experiment": rec.experiment, "hardware": hardware, "source": str(path)})
     if not rows:
-        raise LabkitError(f"no records found in {results_dir!r}" + (" or in results/reference" if include_reference
+        raise LabkitError(f"no records found in {results_dir!r}" + (" or in the reference records (labkit/reference)" if include_reference
                                                                      else "") + "; run `labkit run EXPERIMENT --quick`")
     return rows
 

@@ -45,14 +45,21 @@ def wheel(tmp_path_factory):
 
     names = zipfile.ZipFile(whl).namelist()
     for asset in ("labkit/assets/sentences.txt", "labkit/assets/smollm2-tokenizer/tokenizer.json",
-                  "labkit/assets/smollm2-tokenizer/chat_template.jinja"):
+                  "labkit/assets/smollm2-tokenizer/chat_template.jinja", "labkit/assets/minilm-tokenizer/vocab.txt",
+                  "labkit/reference/README.md",
+                  *(f"labkit/reference/cpu-epyc-2core/{e}.json" for e in ("baseline", "quantization", "serving",
+                                                                          "pruning", "distillation", "onnx",
+                                                                          "tensorrt", "capstone"))):
         assert asset in names, f"the wheel lacks {asset}"
     return whl
 
 
 def run_setup(py: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
     code = SETUP + "\nimport torch; print('TORCH', torch.__version__, torch.__file__)\n" \
-                   "from labkit import data; print('SENTENCES', len(data.sentences()))\n"
+                   "from labkit import data; print('SENTENCES', len(data.sentences()))\n" \
+                   "from labkit.results import load_reference, reference_dirs\n" \
+                   "rec, hw = load_reference('baseline'); fp32 = rec.variant('fp32', 'smollm2-135m')\n" \
+                   "print('HEADLINE', hw, round(fp32['perplexity'], 2), reference_dirs()[0])\n"
     full_env = {k: v for k, v in os.environ.items() if k not in ("LABKIT_SOURCE", "PYTHONPATH", "VIRTUAL_ENV")}
     full_env.update(PIP_NO_INDEX="1", **env)  # Colab's image already holds every dependency: nothing to download
     return subprocess.run([str(py), "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
@@ -73,6 +80,13 @@ def test_setup_cell_installs_the_wheel_and_keeps_torch(tmp_path, wheel):
     assert "installing labkit[quant] @ file://" in r.stdout and "device cpu" in r.stdout
     assert f"TORCH {before}" in r.stdout  # Colab's torch is kept, not replaced
     assert "SENTENCES" in r.stdout
+    # the headline cells' numbers come from reference records inside the installed wheel, not from a checkout
+    ref = json.loads((ROOT / "labkit" / "reference" / "cpu-epyc-2core" / "baseline.json").read_text())
+    want = next(v["perplexity"] for v in ref["variants"] if v["name"] == "fp32" and v["model"] == "smollm2-135m")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("HEADLINE"))
+    assert f" {round(want, 2)} " in line and "cpu-" in line, line
+    assert "site-packages" in line and str(ROOT) not in line, line
+
     again = run_setup(py, content)  # a second run is a no-op
     assert again.returncode == 0 and "installing" not in again.stdout
 
@@ -83,3 +97,32 @@ def test_setup_cell_without_wheel_or_source_says_what_to_do(tmp_path):
     r = run_setup(py, tmp_path)
     assert r.returncode != 0
     assert "Upload the labkit-*.whl" in r.stderr and "LABKIT_SOURCE" in r.stderr
+
+
+@pytest.mark.slow
+def test_setup_cell_picks_the_newest_wheel_by_version_not_by_name(tmp_path):
+    py = colab_like_python(tmp_path)
+    content = tmp_path / "content"
+    content.mkdir()
+    for v in ("0.9.0", "0.10.0", "0.2.1"):
+        (content / f"labkit-{v}-py3-none-any.whl").write_bytes(b"not a real wheel")
+    r = run_setup(py, content)
+    assert r.returncode != 0  # the fake wheel cannot install; what matters is which one it chose
+    assert "labkit-0.10.0-py3-none-any.whl" in r.stdout, r.stdout
+
+
+def test_setup_cell_installs_the_gpu_build_of_onnxruntime_alone():
+    # onnxruntime-gpu beside onnxruntime leaves only the CPU provider: on a GPU runtime the cell swaps them
+    assert "torch.cuda.is_available()" in SETUP
+    uninstall = SETUP.index('"uninstall", "-q", "-y", "onnxruntime"')
+    assert uninstall < SETUP.index('"install", "-q", "onnxruntime-gpu"')
+    assert all(json.loads(p.read_text())["cells"][1]["source"] == SETUP
+               for p in sorted((ROOT / "notebooks").glob("*.ipynb")))  # the same cell in every notebook
+
+
+def test_every_notebook_states_its_cpu_time_and_its_gpu_status():
+    for p in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        top = "".join(json.loads(p.read_text())["cells"][0]["source"])
+        assert "quick mode" in top and ("minute" in top or "seconds" in top), p.name
+        assert "Colab GPU: not measured yet" in top or "on a Colab GPU the full mode is not measured yet" in top \
+            or "measured on" in top, p.name

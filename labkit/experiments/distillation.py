@@ -60,7 +60,8 @@ class Config:
     def smallest(cls) -> Config:
         """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
         return cls(seeds=(0,), epochs=1, transfer_epochs=1, temperatures=(2,), latency_repeats=1, lm_steps=1,
-                   lm_batch=1, lm_seq_len=16, lm_calib_samples=2, ppl_window=16, ppl_max_windows=1)
+                   lm_batch=1, lm_seq_len=16, lm_calib_samples=2, ppl_window=16, ppl_max_windows=1, lm_keep=(0,))
+
 
 
 def labelled_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:

@@ -43,7 +43,9 @@ class Config(LLMMetricsConfig):
     def smallest(cls) -> Config:
         """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
         return cls(ppl_window=16, ppl_stride=16, ppl_max_windows=1, prefill_len=8, decode_prompt_len=4,
-                   decode_tokens=2, repeats=1, calib_samples=2, calib_seq_len=16)
+                   decode_tokens=2, repeats=1, calib_samples=2, calib_seq_len=16,
+                   variants=("fp32", "bf16", "fp16", "int8", "nf4-dq", "int4-calibrated", "bnb-nf4"))  # each path once
+
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in LLM_VARIANTS]

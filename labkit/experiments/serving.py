@@ -80,7 +80,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     for name, (paged, reservation, pool) in LABKIT_VARIANTS.items():
         engines[name] = LLM(model, tok, block_size=bs, num_blocks=pools[pool], max_num_seqs=len(prompts),
                             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
-                            paged=paged, kv_reservation=reservation)
+                            paged=paged, kv_reservation=reservation, device=device)
+
     hf_cb = baselines.HFContinuous(model, page_size=bs, num_blocks=pools["full"],
                                    max_batch_tokens=config.max_num_batched_tokens, max_new_tokens=max(max_tokens))
     static = _StaticBatch(model, prompts, max_tokens, config.static_batch_sizes)

@@ -5,6 +5,7 @@ from labkit.export.onnx import (
     LEVELS,
     EncoderForExport,
     available_providers,
+    check_provider,
     check,
     export,
     export_cnn,
@@ -14,6 +15,7 @@ from labkit.export.onnx import (
     optimized_counts,
     parity,
     profile_ops,
+    provider_options,
     quantize_dynamic_int8,
     quantize_static_int8,
     resolve_providers,
@@ -24,8 +26,8 @@ from labkit.export.onnx import (
 )
 
 __all__ = [
-    "EXPORTERS", "LEVELS", "EncoderForExport", "available_providers", "check", "export", "export_cnn",
-    "export_encoder", "mean_pool", "op_counts", "optimized_counts", "parity", "profile_ops",
+    "EXPORTERS", "LEVELS", "EncoderForExport", "available_providers", "check", "check_provider", "export", "export_cnn",
+    "export_encoder", "mean_pool", "op_counts", "optimized_counts", "parity", "profile_ops", "provider_options",
     "quantize_dynamic_int8", "quantize_static_int8", "resolve_providers", "run", "run_bound", "session",
     "transformer_fuse",
 ]

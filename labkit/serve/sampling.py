@@ -49,7 +49,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p, idx = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs = probs if probs.device.type == "cpu" else probs.cpu()  # CPU generators: the same draw on every device
+    return int(torch.multinomial(probs, 1, generator=generator))
+
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],

@@ -139,3 +139,27 @@ def test_ort_cuda_with_io_binding(cnn_onnx):
     out = X.run_bound(X.session(path, providers=("cuda",)), {"images": x})[0]
     with torch.no_grad():
         assert torch.allclose(out.float().cpu(), model(x.cpu()), atol=1e-4)
+
+
+def test_run_bound_returns_torch_tensors_through_dlpack_without_numpy(cnn_onnx, monkeypatch):
+    import onnxruntime as ort
+
+    model, path = cnn_onnx
+    x = torch.rand(5, 1, 8, 8)[:, :, :, :]  # a view: run_bound keeps its contiguous copy alive for the run
+    sess = X.session(path)
+    monkeypatch.setattr(ort.OrtValue, "numpy", lambda self: pytest.fail("run_bound copied an output via numpy"))
+    out = X.run_bound(sess, {"images": x.transpose(2, 3).transpose(2, 3)})[0]
+    assert isinstance(out, torch.Tensor) and out.shape == (5, 10)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-5)
+
+
+def test_a_provider_that_silently_fell_back_is_an_error():
+    class FellBack:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.raises(LabkitError, match="asked for CUDAExecutionProvider but runs.*CPUExecutionProvider"):
+        X.check_provider(FellBack(), "CUDAExecutionProvider")
+    assert X.provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [{"use_tf32": "0"}, {}]
+    assert X.provider_options(["CUDAExecutionProvider"], tf32=True) == [{"use_tf32": "1"}]
