@@ -20,6 +20,74 @@ from labkit import LabkitError
 
 INSTALL_HINT = "pip install tensorrt-cu12 (Colab: a GPU runtime, then this command)"
 
+# Every TensorRT name this module uses, as (class or "" for the module, attribute, positional arguments passed after
+# ``self`` — None for a value, a property or a class). tests/export/test_tensorrt_api.py imports the TensorRT 10 and
+# 11 Python bindings on a CPU (against stand-in libraries) and checks that each exists and takes those arguments, so
+# this file never ships a call that a release removed.
+TRT_API: tuple[tuple[str, str, int | None], ...] = (
+    ("", "__version__", None), ("", "nptype", None), ("", "Logger", None), ("Logger", "WARNING", None),
+    ("", "Builder", None), ("Builder", "create_network", 1), ("Builder", "create_builder_config", 0),
+    ("Builder", "create_optimization_profile", 0), ("Builder", "build_serialized_network", 2),
+    ("NetworkDefinitionCreationFlag", "STRONGLY_TYPED", None),
+    ("", "OnnxParser", None), ("OnnxParser", "parse_from_file", 1), ("OnnxParser", "num_errors", None),
+    ("OnnxParser", "get_error", 1),
+    ("IBuilderConfig", "set_memory_pool_limit", 2), ("MemoryPoolType", "WORKSPACE", None),
+    ("IBuilderConfig", "set_flag", 1), ("IBuilderConfig", "clear_flag", 1), ("BuilderFlag", "TF32", None),
+    ("IBuilderConfig", "add_optimization_profile", 1),
+    ("INetworkDefinition", "num_inputs", None), ("INetworkDefinition", "get_input", 1), ("ITensor", "name", None),
+    ("IOptimizationProfile", "set_shape", 4),
+    ("", "Runtime", None), ("Runtime", "deserialize_cuda_engine", 1),
+    ("ICudaEngine", "create_execution_context", 0), ("ICudaEngine", "num_io_tensors", None),
+    ("ICudaEngine", "get_tensor_name", 1), ("ICudaEngine", "get_tensor_mode", 1),
+    ("ICudaEngine", "get_tensor_dtype", 1), ("ICudaEngine", "get_tensor_profile_shape", 2),
+    ("TensorIOMode", "INPUT", None),
+    ("IExecutionContext", "set_input_shape", 2), ("IExecutionContext", "set_tensor_address", 2),
+    ("IExecutionContext", "get_tensor_shape", 1), ("IExecutionContext", "execute_async_v3", 1),
+)
+# Used only where the release has them: TensorRT 11 removed the precision builder flags (strongly typed only).
+TRT_API_UNTIL_11: tuple[tuple[str, str, int | None], ...] = (("BuilderFlag", "FP16", None),)
+
+
+def api_problems(trt: Any, entries=TRT_API) -> list[str]:
+    """What of ``entries`` the imported TensorRT module ``trt`` lacks, or takes with other arguments (read from the
+    pybind11 signatures in each method's docstring); empty when every use is valid."""
+    problems = []
+    for owner, name, nargs in entries:
+        where = getattr(trt, owner, None) if owner else trt
+        label = f"{owner}.{name}" if owner else name
+        if where is None:
+            problems.append(f"{label}: TensorRT {getattr(trt, '__version__', '?')} has no {owner}")
+        elif not hasattr(where, name):
+            problems.append(f"{label}: TensorRT {getattr(trt, '__version__', '?')} has no {name}")
+        elif nargs is not None:
+            arities = _arities(getattr(where, name), name)
+            if arities and not any(lo <= nargs <= hi for lo, hi in arities):
+                problems.append(f"{label}: called with {nargs} argument(s); TensorRT {trt.__version__} takes "
+                                f"{' or '.join(f'{lo}..{hi}' if lo != hi else str(lo) for lo, hi in arities)}")
+    return problems
+
+
+def _arities(fn: Any, name: str) -> list[tuple[int, int]]:
+    """(required, total) positional parameters after ``self`` for each overload in a pybind11 docstring."""
+    import re
+
+    out = []
+    for m in re.finditer(rf"^(?:\d+\. )?{re.escape(name)}\((.*)\) ->", fn.__doc__ or "", re.MULTILINE):
+        params, depth, cur = [], 0, ""
+        for ch in m.group(1):
+            depth += 1 if ch in "[(" else -1 if ch in "])" else 0
+            if ch == "," and depth == 0:
+
+                params.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        params += [cur.strip()] if cur.strip() else []
+        params = [p for p in params if not p.startswith("self") and not p.startswith("*")]
+        out.append((sum("=" not in p for p in params), len(params)))
+    return out
+
+
 
 def support() -> tuple[bool, str]:
     """Whether TensorRT can run here, and if not, what is missing and how to get it."""
