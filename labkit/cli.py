@@ -29,12 +29,14 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from labkit import experiments
+    from labkit import env, experiments
     from labkit.results import ensure_writable
 
     mod = experiments.get(args.experiment)
     out = ensure_writable(args.out)  # fail before any work, not after
     config = mod.Config.quick() if args.quick else mod.Config()
+    if args.device is not None:
+        config.device = str(env.resolve_device(args.device))
     t0 = time.perf_counter()
     rec = mod.run(config)
     rec.config["quick"] = bool(args.quick)
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("experiment")
     r.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
     r.add_argument("--out", default="results", help="output directory (default: results)")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU where there is one)")
+
     r.set_defaults(fn=_cmd_run)
 
     rep = sub.add_parser("report", help="render results/*.json into reports/index.html")

@@ -13,11 +13,16 @@ from labkit import cli
     (["bench-serve", "--url", "http://127.0.0.1:1"], {}, "no OpenAI-compatible server answers"),
     (["run", "baseline", "--quick"], {"LABKIT_DEVICE": "gpu"}, "LABKIT_DEVICE='gpu' is not a device"),
     (["run", "baseline", "--quick"], {"LABKIT_DEVICE": "cuda"}, "no CUDA GPU"),
+    (["run", "pruning", "--quick", "--device", "cuda:3"], {},
+     "device='cuda:3' but this machine has no CUDA GPU; allowed here: cpu"),
+    (["run", "pruning", "--quick", "--device", "tpu"], {}, "device='tpu' is not a device; allowed here: cpu"),
 ])
+
 def test_one_clear_line_and_exit_2(argv, env, words, capsys, monkeypatch, tmp_path):
     import torch
 
-    if env.get("LABKIT_DEVICE") == "cuda" and torch.cuda.is_available():
+    if (env.get("LABKIT_DEVICE") == "cuda" or "cuda:3" in argv) and torch.cuda.is_available():
+
         pytest.skip("this machine has a GPU")
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -23,7 +23,7 @@ from labkit import data, env, evaluate, measure, prune, select, zoo
 from labkit import export as X
 from labkit.distill import narrow_cnn, train
 from labkit.distill.losses import hinton_loss
-from labkit.experiments import pruning as P
+from labkit.experiments import pruning as pruning_exp
 from labkit.quant import Int8Config, NF4Config, quantize_
 from labkit.results import Record
 
@@ -162,14 +162,14 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
     from labkit.serve.bench import make_workload, run_engine, summarize
 
     dense, tok = zoo.load_causal_lm(config.llm, device=dev, progress=False)
-    pcfg = P.Config.quick() if config.recovery_steps < 100 else P.Config()
+    pcfg = pruning_exp.Config.quick() if config.recovery_steps < 100 else pruning_exp.Config()
     if config.recovery_steps < 4:  # the smallest run: calibration and recovery batches shrink with it
-        pcfg = P.Config.smallest()
+        pcfg = pruning_exp.Config.smallest()
     pcfg.recovery_steps, pcfg.mlp_ratio, pcfg.device = config.recovery_steps, config.mlp_ratio, str(dev)
     calib = data.calibration_batches(tok, n=pcfg.calib_samples, seq_len=pcfg.calib_seq_len, device=dev)
     pruned = copy.deepcopy(dense)
     prune.prune_llm_mlp(pruned, config.mlp_ratio, calibration_ids=calib)
-    recovered, info = P.recover(pruned, dense, tok, pcfg, progress, device=dev)
+    recovered, info = pruning_exp.recover(pruned, dense, tok, pcfg, progress, device=dev)
     del pruned
     models = {"dense": (0, ["smollm2-135m fp32"], dense),
               "pruned-recovered": (1, ["smollm2-135m fp32", f"prune {config.mlp_ratio:.0%} MLP channels (Taylor)",
