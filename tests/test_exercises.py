@@ -30,8 +30,9 @@ def quantize_symmetric_by_mistake(x, bits):
 
 
 WRONG = {  # a mistake a learner makes, and words the message must contain
-    "time_fn": (time_mean_no_warmup, "cold start"),
-    "quantize_asymmetric": (quantize_symmetric_by_mistake, "dequantized values"),
+    "time_fn": (time_mean_no_warmup, "not the mean"),
+    "quantize_asymmetric": (quantize_symmetric_by_mistake, "half a step"),
+
     "dequantize_asymmetric": (lambda q, s, z: q.float() * s, "(q - zero) * scale"),
     "pack_int4": (lambda c: ((c[0::2] << 4) | c[1::2]).to(torch.uint8), "nibbles are swapped"),
     "unpack_int4": (lambda p: torch.stack([p >> 4, p & 0xF], 1).reshape(-1), "unpacked codes"),
@@ -89,3 +90,105 @@ def test_a_crashing_function_is_reported_not_raised():
 def test_unknown_exercise_is_a_clear_error():
     with pytest.raises(LabkitError, match="name='pack_int3'.*available: time_fn"):
         exercises.check("pack_int3", stub)
+
+
+# ------------------------------------------------------------------ checkers that judge fairly (issue 17, §4)
+
+def time_mean_after_warmup(fn, warmup=2, repeats=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.mean(times)
+
+
+def time_median_of_every_call(fn, warmup=2, repeats=5):
+    times = []
+    for _ in range(warmup + repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def parity_per_token(r, o):
+    a, b = torch.as_tensor(r).float(), torch.as_tensor(o).float()
+    return {"max_abs_diff": float((a - b).abs().max()),
+            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())}
+
+
+def quantize_with_codes_as(dtype):
+    def fn(x, bits):
+        q, s, z = prim.quantize_asymmetric(x, bits)
+        return q.to(dtype), s, z
+    return fn
+
+
+def global_masks_with_int(ws, s):
+    flat = torch.cat([w.abs().flatten() for w in ws])
+    k = int(s * flat.numel())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        keep[torch.topk(flat, k, largest=False).indices] = False
+    return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in ws]), ws)]
+
+
+@pytest.mark.parametrize("name, wrong, words", [
+    ("time_fn", time_mean_after_warmup, "not the mean"),
+    ("time_fn", time_median_of_every_call, "cold-start calls got in"),
+    ("parity", parity_per_token, "tokens scaled unevenly: your cosine"),
+    ("quantize_asymmetric", quantize_with_codes_as(torch.float32), "torch.uint8, not torch.float32"),
+    ("quantize_asymmetric", quantize_with_codes_as(torch.int64), "torch.uint8, not torch.int64"),
+    ("global_magnitude_masks", global_masks_with_int, "int() truncates"),
+])
+def test_wrong_solutions_that_used_to_pass_now_fail(name, wrong, words):
+    v = exercises.verify(name, wrong)
+    assert not v.ok and words in v.message, v.message
+
+
+def quantize_textbook_minmax(x, bits):
+    """The textbook zero point over the row's own [min, max] (0 need not be on the grid)."""
+    qmax = 2**bits - 1
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    return torch.clamp(torch.round(x / scale) + zero, 0, qmax).to(torch.uint8), scale, zero
+
+
+def quantize_with_flat_scales(x, bits):
+    q, s, z = prim.quantize_asymmetric(x, bits)
+    return q, s.reshape(-1), z.reshape(-1)
+
+
+def double_quantize_python_mean(a, blocksize=256):
+    q, s, o = prim.double_quantize(a, blocksize)
+    return q, s, float(o)
+
+
+def double_quantize_padded(a, blocksize=256):
+    import math
+
+    q, s, o = prim.double_quantize(a, blocksize)
+    return torch.nn.functional.pad(q, (0, math.ceil(a.numel() / blocksize) * blocksize - q.numel())), s, o
+
+
+def hinton_soft_cross_entropy(s, t, y, T, a):
+    soft = -(torch.softmax(t.detach() / T, -1) * torch.log_softmax(s / T, -1)).sum(-1).mean() * T**2
+    return a * soft + (1 - a) * torch.nn.functional.cross_entropy(s, y)
+
+
+@pytest.mark.parametrize("name, right", [
+    ("quantize_asymmetric", quantize_textbook_minmax),
+    ("quantize_asymmetric", quantize_with_flat_scales),
+    ("double_quantize", double_quantize_python_mean),
+    ("double_quantize", double_quantize_padded),
+    ("hinton_loss", hinton_soft_cross_entropy),
+])
+def test_right_solutions_that_used_to_fail_now_pass(name, right):
+    v = exercises.verify(name, right)
+    assert v.ok, v.message
+    if name == "hinton_loss":
+        assert "same gradients" in v.message

@@ -95,7 +95,10 @@ def _encoder(rec: Record, config: Config, d: Path, dev: torch.device) -> dict:
              "ort-int8-dynamic-fused": X.quantize_dynamic_int8(fused, d / "minilm-fused-int8.onnx"),
              "ort-int8-dynamic-per-tensor": X.quantize_dynamic_int8(path, d / "minilm-int8-pt.onnx",
                                                                     per_channel=False)}
-    sessions = {k: X.session(p) for k, p in files.items()}
+    sessions = {k: X.session(p) for k, p in files.items()}  # ORT's own optimisations at level "all"
+    files["ort-fp32-unoptimized"] = path  # the same graph with every online optimisation off: what "all" buys
+    sessions["ort-fp32-unoptimized"] = X.session(path, level="disabled")
+
     np_feeds = {k: v.numpy() for k, v in feeds.items()}
     with torch.no_grad():
         fns = _pytorch_fns(model, feeds, config)

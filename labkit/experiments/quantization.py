@@ -122,8 +122,17 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
         if why:
             skipped[name] = why
             continue
-        model, tok, extra = builders[name]()
+        try:
+            model, tok, extra = builders[name]()
+        except (ImportError, RuntimeError, OSError) as exc:
+            if not name.startswith("bnb"):
+                raise
+            # bitsandbytes is installed but its backend failed to load for this device (e.g. a CUDA mismatch): the
+            # variants already built stay, the row says why it is missing
+            skipped[name] = f"bitsandbytes failed on {device}: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
         with measure.track_peak_memory(device) as pm:  # runtime memory of the forward, beyond the weights
+
             ppl = evaluate.perplexity(model, tok, window=config.ppl_window, stride=config.ppl_stride,
                                       max_windows=config.ppl_max_windows)
         fp32_ppl = ppl if name == "fp32" else fp32_ppl

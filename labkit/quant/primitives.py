@@ -149,10 +149,13 @@ def fake_quantize(w: torch.Tensor, bits: int, *, scheme: str = "symmetric", grou
 def nf4_code(offset: float = 0.9677083) -> torch.Tensor:
     """The 16 NF4 values, built as QLoRA does: normal quantiles, 8 positive and 7 negative, plus an exact 0.
 
-    ``offset`` is where the outermost quantile sits, QLoRA's choice: the mean of ``1 - 1/(2*15)`` and
-    ``1 - 1/(2*16)`` (half a step in from the ends of a 15-step and a 16-step grid),
-    ``0.5 * ((1 - 1/30) + (1 - 1/32)) = 0.9677083``. Using 1 would put the outermost value at an infinite quantile.
+    ``offset`` is where the outermost quantile sits: 0.9677083, the constant bitsandbytes' ``create_normal_map``
+    hard-codes (the QLoRA paper does not derive it). One reading that reproduces it is the mean of ``1 - 1/(2*15)``
+    and ``1 - 1/(2*16)``, half a step in from the ends of a 15-step and a 16-step grid:
+    ``0.5 * ((1 - 1/30) + (1 - 1/32)) = 0.9677083`` — an explanation, not the paper's reasoning. Using 1 would put
+    the outermost value at an infinite quantile.
     """
+
     normal = torch.distributions.Normal(0.0, 1.0)
     pos = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
     neg = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])

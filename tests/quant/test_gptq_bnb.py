@@ -79,3 +79,19 @@ def test_quantization_experiment_subset_meets_targets(tmp_path):
         assert t[key]["ok"], (key, t[key])
     assert t["smollm2-135m/int4-calibrated/perplexity_ratio"]["ok"] is None  # not run: reported, not passed
     assert any(v["name"] == "raw-4bit (article)" and v["weight_gb"] == 35.3 for v in rec.variants)
+
+
+def test_a_bitsandbytes_backend_that_fails_to_load_is_a_skipped_row(monkeypatch):
+    import labkit.quant.bnb as bnb
+    from labkit.experiments import quantization
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA Setup failed despite GPU being available")
+
+    monkeypatch.setattr(bnb, "load_causal_lm_bnb", broken)
+    monkeypatch.setattr(quantization, "_encoder_variants", lambda *a, **k: None)
+    cfg = quantization.Config.smallest()
+    cfg.llm, cfg.variants = "smollm2-135m-random", ("fp32", "bnb-nf4")
+    rec = quantization.run(cfg, progress=False)
+    assert [v["name"] for v in rec.variants if v.get("model") == cfg.llm] == ["fp32"]
+    assert "CUDA Setup failed" in rec.config["skipped"]["bnb-nf4"]
