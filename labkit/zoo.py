@@ -232,10 +232,22 @@ def _tokenizer_dir(name: str = "smollm2") -> Path:
     return Path(str(importlib.resources.files("labkit").joinpath(f"assets/{name}-tokenizer")))
 
 
+def random_llm_layers() -> int:
+    """Decoder layers of ``smollm2-135m-random``: SmolLM2's 30, or ``LABKIT_RANDOM_LAYERS`` (the GPU check's CPU
+    rehearsal sets 2: every code path, every shape but the depth, a tenth of the work; its records say so)."""
+    value = os.environ.get("LABKIT_RANDOM_LAYERS")
+    if value is None:
+        return SMOLLM2_CONFIG["num_hidden_layers"]
+    if not value.isdigit() or not 1 <= int(value) <= SMOLLM2_CONFIG["num_hidden_layers"]:
+        raise LabkitError(f"LABKIT_RANDOM_LAYERS={value!r} must be an integer in 1..{SMOLLM2_CONFIG['num_hidden_layers']}")
+    return int(value)
+
+
 def _random_llm(dtype: torch.dtype, seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**SMOLLM2_CONFIG)
+    config = LlamaConfig(**{**SMOLLM2_CONFIG, "num_hidden_layers": random_llm_layers()})
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -11,7 +11,8 @@ Models: the real SmolLM2 and MiniLM weights cannot travel (over 64 MiB), so ever
 twin of the same shape with seeded random weights (``labkit.zoo.RANDOM_TWINS``); every record says so: its speeds
 and memory are real, its perplexities, accuracies of the LLM and cosines are meaningless.
 
-``--rehearse`` runs the same parts on the CPU at the experiments' smallest sizes with the same random models and
+``--rehearse`` runs the same parts on the CPU at the experiments' smallest sizes with the same random models (the LLM
+with 2 of its 30 layers, recorded in each record) and
 writes the same tarball: CI runs it, so a session that is lent a GPU only runs the prepared command::
 
     python3 scripts/gpu_check.py --part all --out "$OUT"          # on the lent GPU (two calls: see PARTS)
@@ -50,6 +51,8 @@ PARTS: dict[str, list[str]] = {
 ESTIMATE_S: dict[str, int] = {"gpu-tests": 90, "baseline": 25, "quantization": 120, "serving": 170, "capstone": 45,
                               "pruning": 60, "distillation": 50, "onnx": 40, "tensorrt": 60}
 BUDGET_S = 540  # one device command may run 600 s: steps that would not finish inside this are not started
+REHEARSAL_LAYERS = 2  # the rehearsal's random SmolLM2 keeps every shape but the depth: the same code, 1/10 the work
+
 
 WEIGHTS_NOTE = ("random weights of SmolLM2's and MiniLM's exact shapes (labkit.zoo.RANDOM_TWINS): speeds and memory "
                 "are real; the LLM's perplexity, accuracy of generated text and encoder cosines are meaningless")
@@ -139,9 +142,12 @@ def run_step(step: str, out: Path, rehearse: bool, part: str) -> int:
     cfg.device = "cpu" if rehearse else "cuda"
     t0 = time.perf_counter()
     rec = mod.run(cfg, progress=False)
+    from labkit.zoo import random_llm_layers
+
     rec.config.update(quick=not rehearse, wall_s=round(time.perf_counter() - t0, 1), weights_note=WEIGHTS_NOTE,
                       gpu_check={"part": part, "hardware": hardware_label(rehearse), "rehearsal": rehearse,
-                                 "sizes": "smallest" if rehearse else "quick", "random_weights": swapped})
+                                 "sizes": "smallest" if rehearse else "quick", "random_weights": swapped,
+                                 "random_llm_layers": random_llm_layers()})
     print(f"wrote {rec.save(out)}", flush=True)
     return 0
 
@@ -186,6 +192,10 @@ def _spawn(step: str, work: Path, rehearse: bool, part: str, timeout: float) -> 
     cmd += ["--rehearse"] if rehearse else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "PYTHONUNBUFFERED": "1"}
+    if rehearse:  # the CPU rehearsal: SmolLM2's shape but 2 of its 30 layers (recorded); the GPU runs all 30
+        env.setdefault("LABKIT_RANDOM_LAYERS", str(REHEARSAL_LAYERS))
+    else:
+        env.pop("LABKIT_RANDOM_LAYERS", None)
     log = work / "logs" / f"{step}.log"
     t0 = time.perf_counter()
     with open(log, "w") as f:

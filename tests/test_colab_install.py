@@ -36,6 +36,12 @@ def colab_like_python(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def colab_py(tmp_path_factory):
+    """One Colab-like Python for the module (making one takes most of a minute on 2 cores)."""
+    return colab_like_python(tmp_path_factory.mktemp("colab-runtime"))
+
+
+@pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
@@ -66,42 +72,15 @@ def run_setup(py: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_setup_cell_installs_the_wheel_and_keeps_torch(tmp_path, wheel):
-    py = colab_like_python(tmp_path)
-    before = subprocess.check_output([str(py), "-c", "import torch; print(torch.__version__, torch.__file__)"],
-                                     text=True, cwd=tmp_path).strip()
-    not_yet = subprocess.run([str(py), "-c", "import labkit"], capture_output=True, cwd=tmp_path)
-    assert not_yet.returncode != 0  # the kit is not in the image: the setup cell must install it
-    content = tmp_path / "content"
-    content.mkdir()
-    (content / wheel.name).write_bytes(wheel.read_bytes())
-    r = run_setup(py, content)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "installing labkit[quant] @ file://" in r.stdout and "device cpu" in r.stdout
-    assert f"TORCH {before}" in r.stdout  # Colab's torch is kept, not replaced
-    assert "SENTENCES" in r.stdout
-    # the headline cells' numbers come from reference records inside the installed wheel, not from a checkout
-    ref = json.loads((ROOT / "labkit" / "reference" / "cpu-epyc-2core" / "baseline.json").read_text())
-    want = next(v["perplexity"] for v in ref["variants"] if v["name"] == "fp32" and v["model"] == "smollm2-135m")
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("HEADLINE"))
-    assert f" {round(want, 2)} " in line and "cpu-" in line, line
-    assert "site-packages" in line and str(ROOT) not in line, line
-
-    again = run_setup(py, content)  # a second run is a no-op
-    assert again.returncode == 0 and "installing" not in again.stdout
-
-
-@pytest.mark.slow
-def test_setup_cell_without_wheel_or_source_says_what_to_do(tmp_path):
-    py = colab_like_python(tmp_path)
-    r = run_setup(py, tmp_path)
+def test_setup_cell_without_wheel_or_source_says_what_to_do(tmp_path, colab_py):
+    r = run_setup(colab_py, tmp_path)
     assert r.returncode != 0
     assert "Upload the labkit-*.whl" in r.stderr and "LABKIT_SOURCE" in r.stderr
 
 
 @pytest.mark.slow
-def test_setup_cell_picks_the_newest_wheel_by_version_not_by_name(tmp_path):
-    py = colab_like_python(tmp_path)
+def test_setup_cell_picks_the_newest_wheel_by_version_not_by_name(tmp_path, colab_py):
+    py = colab_py
     content = tmp_path / "content"
     content.mkdir()
     for v in ("0.9.0", "0.10.0", "0.2.1"):
@@ -126,3 +105,30 @@ def test_every_notebook_states_its_cpu_time_and_its_gpu_status():
         assert "quick mode" in top and ("minute" in top or "seconds" in top), p.name
         assert "Colab GPU: not measured yet" in top or "on a Colab GPU the full mode is not measured yet" in top \
             or "measured on" in top, p.name
+
+
+@pytest.mark.slow
+def test_setup_cell_installs_the_wheel_and_keeps_torch(tmp_path, wheel, colab_py):
+    # runs after the tests that need labkit absent from the shared runtime (it installs it there)
+    py = colab_py
+    before = subprocess.check_output([str(py), "-c", "import torch; print(torch.__version__, torch.__file__)"],
+                                     text=True, cwd=tmp_path).strip()
+    not_yet = subprocess.run([str(py), "-c", "import labkit"], capture_output=True, cwd=tmp_path)
+    assert not_yet.returncode != 0  # the kit is not in the image: the setup cell must install it
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / wheel.name).write_bytes(wheel.read_bytes())
+    r = run_setup(py, content)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "installing labkit[quant] @ file://" in r.stdout and "device cpu" in r.stdout
+    assert f"TORCH {before}" in r.stdout  # Colab's torch is kept, not replaced
+    assert "SENTENCES" in r.stdout
+    # the headline cells' numbers come from reference records inside the installed wheel, not from a checkout
+    ref = json.loads((ROOT / "labkit" / "reference" / "cpu-epyc-2core" / "baseline.json").read_text())
+    want = next(v["perplexity"] for v in ref["variants"] if v["name"] == "fp32" and v["model"] == "smollm2-135m")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("HEADLINE"))
+    assert f" {round(want, 2)} " in line and "cpu-" in line, line
+    assert "site-packages" in line and str(ROOT) not in line, line
+
+    again = run_setup(py, content)  # a second run is a no-op
+    assert again.returncode == 0 and "installing" not in again.stdout

@@ -67,3 +67,14 @@ def test_digits_cnn_trains_deterministically_and_is_accurate(tmp_path, monkeypat
     assert (tmp_path / "digits-cnn" / "model.safetensors").exists()
     x, y = digits_splits()["test"]
     assert classifier_accuracy(a, x, y) > 0.95
+
+
+def test_random_llm_depth_is_checked(monkeypatch):
+    monkeypatch.setenv("LABKIT_RANDOM_LAYERS", "2")
+    assert zoo.random_llm_layers() == 2
+    for bad in ("0", "31", "two"):
+        monkeypatch.setenv("LABKIT_RANDOM_LAYERS", bad)
+        with pytest.raises(LabkitError, match=f"LABKIT_RANDOM_LAYERS='{bad}' must be an integer in 1..30"):
+            zoo.random_llm_layers()
+    monkeypatch.delenv("LABKIT_RANDOM_LAYERS")
+    assert zoo.random_llm_layers() == 30

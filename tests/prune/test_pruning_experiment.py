@@ -1,6 +1,7 @@
 """The pruning experiment at a tiny size: every variant and field the record promises, and its targets."""
 
 import pytest
+import torch
 
 from labkit.experiments import pruning
 
@@ -37,7 +38,7 @@ def test_lm_variants_small(smollm2):
     cfg.calib_samples, cfg.recovery_steps, cfg.recovery_batch, cfg.recovery_seq_len = 2, 2, 2, 32
     cfg.ppl_max_windows, cfg.lm_seq_len, cfg.lm_repeats, cfg.new_tokens = 1, 16, 3, 4
     rec = pruning.Record("pruning")
-    pruning._lm_variants(rec, cfg, progress=False)
+    pruning._lm_variants(rec, cfg, torch.device(cfg.device), progress=False)
     names = [v["name"] for v in rec.variants]
     assert names == ["dense", "unstructured-50", "semi-structured-2:4", "structured-mlp-30",
                      "structured-mlp-30-recovered"]
