@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="small sizes (minutes on 2 CPU cores)")
     r.add_argument("--out", default="results", help="output directory (default: results)")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU where there is one)")
-
     r.set_defaults(fn=_cmd_run)
 
     rep = sub.add_parser("report", help="render results/*.json into reports/index.html")

@@ -101,7 +101,7 @@ def digits_splits(seed: int = 0, device: torch.device | str | None = None) -> di
 
 @lru_cache(maxsize=4)
 def _digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-
+    """The digits splits on the CPU, built once per seed."""
     from sklearn.datasets import load_digits
 
     d = load_digits()

@@ -32,12 +32,8 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 
 def lib_version(name: str) -> str | None:
     """Installed version of library ``name`` (any of its distributions), or None when it is not installed."""
-    for dist in _DISTRIBUTIONS.get(name, (name,)):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    dist = lib_distribution(name)
+    return importlib.metadata.version(dist) if dist else None
 
 
 def lib_distribution(name: str) -> str | None:
@@ -94,7 +90,6 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     elif dev.type != "cpu":
         raise LabkitError(f"device={device!r} is not a device labkit's experiments run on; allowed here: "
                           f"{', '.join(here)}")
-
     return dev
 
 
@@ -112,7 +107,6 @@ def quick_mode() -> bool:
     if value is None:
         return on_colab() and not has_cuda()
     return value not in ("", "0", "false", "False")
-
 
 
 def cpu_name() -> str:
@@ -171,9 +165,10 @@ def bf16_note(device: torch.device | str | None = None) -> str:
         if torch.cuda.is_bf16_supported(including_emulation=True):
             return "bf16 emulated on this GPU (compute capability < 8.0): correct but slow; use fp16 here"
         return "bf16 not supported on this GPU"
-    flags = set(cpu_flags())
-    if flags & {"avx512_bf16", "amx_bf16"}:
-        return "bf16 native on this CPU (" + ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) + ")"
+    native = set(cpu_flags()) & {"avx512_bf16", "amx_bf16"}
+    if native:
+        return "bf16 native on this CPU (" + ", ".join(sorted(native)) + ")"
+
     return "bf16 converted in software on this CPU (no AVX512-BF16/AMX)"
 
 

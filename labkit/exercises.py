@@ -219,7 +219,6 @@ def _check_double_quantize(fn: Callable) -> str:
             raise Mismatch(f"{label}: one scale per block of 256 constants: {padded // 256} expected, "
                            f"{scale.numel()} given")
         offset = offset.reshape(-1)[:1]
-
         kq, ks, ko = prim.double_quantize(absmax, 256)
         _close("", prim.double_dequantize(q, scale, offset, 256), prim.double_dequantize(kq, ks, ko, 256),
                f"{label}: the reconstructed constants", atol=1e-6)
@@ -335,7 +334,6 @@ def _same_student_gradients(fn: Callable, s: torch.Tensor, t: torch.Tensor, y: t
         out.backward()
         grads.append(leaf.grad)
     return grads[0] is not None and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
-
 
 
 # ------------------------------------------------------------------------------------------ 02: pruning

@@ -121,7 +121,6 @@ def reference_dirs() -> list[Path]:
     packaged = Path(str(importlib.resources.files("labkit").joinpath("reference")))
     candidates = [os.environ.get("LABKIT_REFERENCE"), packaged,
                   Path.cwd() / "results" / "reference", Path.cwd().parent / "results" / "reference"]
-
     seen, out = set(), []
     for c in candidates:
         if c and Path(c).is_dir() and Path(c).resolve() not in seen:

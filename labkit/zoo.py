@@ -247,7 +247,6 @@ def _random_llm(dtype: torch.dtype, seed: int = 0) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**{**SMOLLM2_CONFIG, "num_hidden_layers": random_llm_layers()})
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -421,7 +420,6 @@ def fetch(names: list[str] | None = None, progress: bool = True) -> dict[str, fl
         if n.endswith("-random"):
             pass  # built from a config on every load: nothing to fetch
         elif n == "smollm2-135m":
-
             _smollm2_fp32_dir(progress=progress)
         elif kind == "encoder":
             minilm_dir()

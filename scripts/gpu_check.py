@@ -165,14 +165,15 @@ def run_part(part: str, out: Path, rehearse: bool, deadline: float) -> list[dict
             row = {"part": part, "step": step}
             why = None if rehearse else needs(step)
             left = deadline - time.perf_counter()
-            timeout = 600 if rehearse else 2 * ESTIMATE_S[step]
+            timeout = 600 if rehearse else min(2 * ESTIMATE_S[step], max(left, 30))
             if why:
                 row.update(status="skipped", reason=why)
             elif not rehearse and left < ESTIMATE_S[step]:
                 row.update(status="skipped", reason=f"not started: {left:.0f} s left of this command's budget, the "
                                                     f"step needs about {ESTIMATE_S[step]} s; run its part in a new call")
             else:
-                row.update(_spawn(step, work, rehearse, part, min(timeout, max(left, 30)) if not rehearse else timeout))
+                row.update(_spawn(step, work, rehearse, part, timeout))
+
             rows.append(row)
             print(summary_line(row), flush=True)
         (work / "summary.json").write_text(json.dumps({"part": part, "hardware": hardware_label(rehearse),

@@ -22,7 +22,6 @@ def test_one_clear_line_and_exit_2(argv, env, words, capsys, monkeypatch, tmp_pa
     import torch
 
     if (env.get("LABKIT_DEVICE") == "cuda" or "cuda:3" in argv) and torch.cuda.is_available():
-
         pytest.skip("this machine has a GPU")
     for k, v in env.items():
         monkeypatch.setenv(k, v)

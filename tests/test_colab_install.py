@@ -129,6 +129,5 @@ def test_setup_cell_installs_the_wheel_and_keeps_torch(tmp_path, wheel, colab_py
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("HEADLINE"))
     assert f" {round(want, 2)} " in line and "cpu-" in line, line
     assert "site-packages" in line and str(ROOT) not in line, line
-
     again = run_setup(py, content)  # a second run is a no-op
     assert again.returncode == 0 and "installing" not in again.stdout

@@ -97,7 +97,6 @@ def smallest(name: str):
     return experiments.get(name).Config.smallest()
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL)
 def test_experiment_places_everything_on_its_config_device(name, recorded):

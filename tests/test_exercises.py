@@ -15,13 +15,18 @@ def stub(*args, **kwargs):
     raise NotImplementedError
 
 
-def time_mean_no_warmup(fn, warmup=2, repeats=5):
+def call_times(fn, n):
+    """Seconds of each of ``n`` calls of ``fn``: the loop every learner's timing function is built on."""
     times = []
-    for _ in range(repeats + warmup):
+    for _ in range(n):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.mean(times)
+    return times
+
+
+def time_mean_no_warmup(fn, warmup=2, repeats=5):
+    return statistics.mean(call_times(fn, warmup + repeats))
 
 
 def quantize_symmetric_by_mistake(x, bits):
@@ -32,7 +37,6 @@ def quantize_symmetric_by_mistake(x, bits):
 WRONG = {  # a mistake a learner makes, and words the message must contain
     "time_fn": (time_mean_no_warmup, "not the mean"),
     "quantize_asymmetric": (quantize_symmetric_by_mistake, "half a step"),
-
     "dequantize_asymmetric": (lambda q, s, z: q.float() * s, "(q - zero) * scale"),
     "pack_int4": (lambda c: ((c[0::2] << 4) | c[1::2]).to(torch.uint8), "nibbles are swapped"),
     "unpack_int4": (lambda p: torch.stack([p >> 4, p & 0xF], 1).reshape(-1), "unpacked codes"),
@@ -95,23 +99,12 @@ def test_unknown_exercise_is_a_clear_error():
 # ------------------------------------------------------------------ checkers that judge fairly (issue 17, §4)
 
 def time_mean_after_warmup(fn, warmup=2, repeats=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.mean(times)
+    call_times(fn, warmup)
+    return statistics.mean(call_times(fn, repeats))
 
 
 def time_median_of_every_call(fn, warmup=2, repeats=5):
-    times = []
-    for _ in range(warmup + repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(call_times(fn, warmup + repeats))
 
 
 def parity_per_token(r, o):

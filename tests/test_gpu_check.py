@@ -106,6 +106,5 @@ def test_rehearsal_writes_what_the_lent_machine_can_return(tmp_path):
         assert "random weights" in rec["config"]["weights_note"], name
         assert all(v.endswith("-random") for v in label["random_weights"].values()), name
         assert label["random_llm_layers"] == gc.REHEARSAL_LAYERS, name
-
         assert rec["config"]["device"] == "cpu" and rec["variants"], name
     assert "bnb-nf4" in {v["name"] for v in records["quantization"]["variants"]}  # the real bitsandbytes path

@@ -47,7 +47,6 @@ def train(model: nn.Module, data: tuple[torch.Tensor, ...], loss_fn: Callable[[n
         model.to(device)
     dev = next(model.parameters()).device
     data = tuple(t.to(dev) for t in data)
-
     if max_steps is not None:  # the bar and the loop need only as many epochs as the steps fill
         epochs = min(epochs, -(-max_steps // -(-n // batch_size)))
     torch.manual_seed(seed)

@@ -192,7 +192,6 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
     prompts, outs = make_workload(tok, config.serve_requests, config.serve_prompt_len, config.serve_output_len)
     for name, (stage, recipe, m) in tqdm(models.items(), desc="capstone: smollm2 stages", disable=not progress):
         llm = LLM(m, tok, max_num_seqs=config.serve_requests, max_model_len=256, device=dev)
-
         run_engine(llm, prompts[:2], [4, 4])  # warm-up outside the clock
         served = summarize(run_engine(llm, prompts, outs))
         rec.add(name, model=config.llm, stage=stage, recipe=recipe + ["served by labkit's paged engine"],

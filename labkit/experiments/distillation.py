@@ -63,7 +63,6 @@ class Config:
                    lm_batch=1, lm_seq_len=16, lm_calib_samples=2, ppl_window=16, ppl_max_windows=1, lm_keep=(0,))
 
 
-
 def labelled_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     """Indices of ``per_class`` examples of every class, chosen with ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -205,7 +204,6 @@ def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool)
         t0 = time.perf_counter()
         hist = train(student, (calib,), loss, epochs=10**6, batch_size=config.lm_batch, lr=config.lm_lr, seed=0,
                      max_steps=config.lm_steps, desc=name, device=dev, progress=progress)
-
         rec.add(name, **base, perplexity=ppl(student), steps=hist.steps, tokens=hist.examples * config.lm_seq_len,
                 train_loss=hist.train_loss, train_s=round(time.perf_counter() - t0, 1))
     passes = config.lm_steps * config.lm_batch / config.lm_calib_samples

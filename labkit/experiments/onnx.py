@@ -98,7 +98,6 @@ def _encoder(rec: Record, config: Config, d: Path, dev: torch.device) -> dict:
     sessions = {k: X.session(p) for k, p in files.items()}  # ORT's own optimisations at level "all"
     files["ort-fp32-unoptimized"] = path  # the same graph with every online optimisation off: what "all" buys
     sessions["ort-fp32-unoptimized"] = X.session(path, level="disabled")
-
     np_feeds = {k: v.numpy() for k, v in feeds.items()}
     with torch.no_grad():
         fns = _pytorch_fns(model, feeds, config)
@@ -155,7 +154,6 @@ def _cuda_variants(rec: Record, model, path: Path, feeds: dict, ref: torch.Tenso
 
 def _cnn(rec: Record, config: Config, d: Path) -> dict:
     model = zoo.load_vision(config.cnn, device="cpu", progress=False)  # compared with ORT's CPU provider
-
     splits = data.digits_splits()
     (xtr, _), (xte, yte) = splits["train"], splits["test"]
     path = X.export_cnn(model, d / "cnn.onnx", exporter=config.exporter)

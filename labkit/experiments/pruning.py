@@ -228,7 +228,6 @@ def recover(pruned, teacher, tok, config: Config, progress: bool = False, device
     t0 = time.perf_counter()
     hist = train(student, (text,), loss_fn, epochs=10**6, batch_size=config.recovery_batch, lr=config.recovery_lr,
                  max_steps=config.recovery_steps, desc="KD recovery", device=device, progress=progress)
-
     student.eval()
     return student, {"recovery_steps": hist.steps, "recovery_tokens": hist.examples * config.recovery_seq_len,
                      "recovery_s": round(time.perf_counter() - t0, 1), "recovery_loss": losses}

@@ -71,7 +71,6 @@ def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tu
 
         model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
         calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len, device=device)
-
         gptq_quantize_(model, calib, group_size=config.gptq_group_size, progress=False)
         return model, tok, {"method": "gptq", "group_size": config.gptq_group_size,
                             "bits_per_param_quantized": bits_per_param_quantized(model)}
@@ -132,7 +131,6 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
             skipped[name] = f"bitsandbytes failed on {device}: {type(exc).__name__}: {str(exc)[:200]}"
             continue
         with measure.track_peak_memory(device) as pm:  # runtime memory of the forward, beyond the weights
-
             ppl = evaluate.perplexity(model, tok, window=config.ppl_window, stride=config.ppl_stride,
                                       max_windows=config.ppl_max_windows)
         fp32_ppl = ppl if name == "fp32" else fp32_ppl

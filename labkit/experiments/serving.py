@@ -58,7 +58,6 @@ class Config:
 def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
     device = env.resolve_device(config.device)
-
     model, tok = zoo.load_causal_lm(config.model, device=device, progress=False)
     prompts, max_tokens = make_workload(tok, config.num_requests, config.prompt_len, config.output_len, config.seed)
     warm = (prompts[:config.warmup_requests], [min(n, 8) for n in max_tokens[:config.warmup_requests]])
@@ -81,7 +80,6 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
         engines[name] = LLM(model, tok, block_size=bs, num_blocks=pools[pool], max_num_seqs=len(prompts),
                             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
                             paged=paged, kv_reservation=reservation, device=device)
-
     hf_cb = baselines.HFContinuous(model, page_size=bs, num_blocks=pools["full"],
                                    max_batch_tokens=config.max_num_batched_tokens, max_new_tokens=max(max_tokens))
     static = _StaticBatch(model, prompts, max_tokens, config.static_batch_sizes)

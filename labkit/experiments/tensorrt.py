@@ -52,7 +52,6 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     if ok and dev.type != "cuda":
         ok, why = False, f"device={config.device!r}: TensorRT engines run on a CUDA GPU"
     model, tok = zoo.load_encoder(config.encoder, device="cpu")  # exported from the CPU; moved to the GPU there
-
     feeds = encoder_inputs(tok, config)
     with tempfile.TemporaryDirectory() as d:
         path = X.export_encoder(model, tok, Path(d) / "minilm.onnx", exporter=config.exporter)

@@ -110,7 +110,6 @@ def export_cnn(model: nn.Module, path: str | Path, *, exporter: str = "dynamo") 
     """Export an image classifier ``[batch, 1, 8, 8] -> [batch, classes]`` with a dynamic batch axis."""
     example = torch.zeros(2, 1, 8, 8, device=next(model.parameters()).device)
     return export(model, (example,), path, input_names=["images"], output_names=["logits"],
-
                   dynamic={"images": {0: "batch"}}, exporter=exporter)
 
 

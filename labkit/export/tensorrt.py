@@ -77,7 +77,6 @@ def _arities(fn: Any, name: str) -> list[tuple[int, int]]:
         for ch in m.group(1):
             depth += 1 if ch in "[(" else -1 if ch in "])" else 0
             if ch == "," and depth == 0:
-
                 params.append(cur.strip())
                 cur = ""
             else:
@@ -86,7 +85,6 @@ def _arities(fn: Any, name: str) -> list[tuple[int, int]]:
         params = [p for p in params if not p.startswith("self") and not p.startswith("*")]
         out.append((sum("=" not in p for p in params), len(params)))
     return out
-
 
 
 def support() -> tuple[bool, str]:

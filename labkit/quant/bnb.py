@@ -71,4 +71,3 @@ def _load(path, mode: str, device: str) -> tuple[nn.Module, Any]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
-

@@ -155,7 +155,6 @@ def nf4_code(offset: float = 0.9677083) -> torch.Tensor:
     ``0.5 * ((1 - 1/30) + (1 - 1/32)) = 0.9677083`` — an explanation, not the paper's reasoning. Using 1 would put
     the outermost value at an infinite quantile.
     """
-
     normal = torch.distributions.Normal(0.0, 1.0)
     pos = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
     neg = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
@@ -193,7 +192,6 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
 def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, numel: int | None = None) -> torch.Tensor:
     blocksize = codes.numel() // absmax.numel()
     out = nf4_code_on(codes.device)[codes.long()].view(-1, blocksize) * absmax.float().view(-1, 1)
-
     out = out.reshape(-1)
     return out if numel is None else out[:numel]
 

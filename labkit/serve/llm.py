@@ -36,7 +36,6 @@ class LLM:
                                                   progress=False)
         elif device is not None:  # a model handed in goes where the caller asked, KV pool and all
             model.to(env.resolve_device(device))
-
         self.tokenizer = tokenizer
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,

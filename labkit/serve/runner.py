@@ -63,4 +63,3 @@ class ModelRunner:
         tokens = sample_batch(logits, [params[s.seq_id] for s in sampled],
                               [generators.get(s.seq_id) for s in sampled])
         return {s.seq_id: t for s, t in zip(sampled, tokens)}
-

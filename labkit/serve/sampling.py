@@ -53,7 +53,6 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
     """The next token of every row of ``logits`` ``[rows, vocab]``, with one device-to-host transfer per step.
@@ -65,7 +64,6 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     if not params:  # a step of chunked prefill alone samples nothing
         return []
     greedy = [i for i, p in enumerate(params) if p.greedy]
-
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     parts = []
     if greedy:

@@ -14,7 +14,6 @@ def test_onnx_experiment_small():
     assert list(enc) == ["pytorch-fp32", "pytorch-bf16", "ort-fp32", "ort-fp32-fused", "ort-int8-dynamic",
                          "ort-int8-dynamic-fused", "ort-int8-dynamic-per-tensor", "ort-fp32-unoptimized"]
     assert enc["ort-fp32-unoptimized"]["cosine_to_reference"] > 0.9999  # optimisations change no result
-
     for v in rec.variants:
         for key in ("latency_ms_median", "latency_ms_iqr", "speedup_vs_baseline", "weight_bytes", "graph_nodes"):
             assert key in v, (v["name"], key)

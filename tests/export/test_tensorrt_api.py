@@ -52,7 +52,6 @@ def test_the_table_lists_every_tensorrt_name_the_module_uses():
     table = {(o, n) for o, n, _ in T.TRT_API + T.TRT_API_UNTIL_11}
     table |= {("", o) for o, _ in table if o}  # trt.BuilderFlag is checked by checking trt.BuilderFlag.TF32
     assert _uses() - table == set(), "tensorrt.py uses TensorRT names missing from TRT_API"
-
     assert ("ICudaEngine", "get_tensor_profile_shape") in _uses()  # the walk does see method calls
 
 
