@@ -221,5 +221,6 @@ def kv_policies(model, tok, prompts: list[list[int]], max_tokens: list[int], *, 
         rows.append({"name": name, "output_tokens_per_s": sp["median"], "repeats": sp["n"],
                      "output_tokens_per_s_min": sp["min"], "output_tokens_per_s_max": sp["max"],
                      "most_running_at_once": max(len(s["running"]) for s in hist), "steps": llm.stats.steps,
-                     "kv_waste_pct": llm.stats.kv_waste_pct, "num_blocks": num_blocks, "history": list(hist)})
+                     "kv_waste_pct": llm.stats.kv_waste_pct, "num_blocks": num_blocks,
+                     **{f"{k}_pct": v for k, v in llm.stats.waste_breakdown_pct().items()}, "history": list(hist)})
     return rows

@@ -111,6 +111,12 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # hits sitting on the free list
         return self._blocks_for(seq, reserve_tokens) - len(hits) <= self.num_free - reclaimed
 
+    def stranded_free(self, seq: Sequence, reserve_tokens: int | None = None) -> int:
+        """External fragmentation for a contiguous request: the free blocks, when there are enough of them in
+        total but no run of consecutive ones is long enough; else 0."""
+        need = self._blocks_for(seq, reserve_tokens)
+        return self.num_free if self.num_free >= need and self._free_run(need) is None else 0
+
     # ------------------------------------------------------------------ allocation
     def _take_free(self) -> Block:
         if not self.free_ids:

@@ -90,6 +90,7 @@ class LLMEngine:
         for sample in out.samples[1:]:  # parallel samples go with their request
             self.abort(sample.request_id, reason)
         self.scheduler.abort(seq)
+        self.stats.close_trace(seq.seq_id)
         out.finish_reason = out.finish_reason or reason
         out.finish_time = out.finish_time or time.perf_counter()
         return out
@@ -138,6 +139,7 @@ class LLMEngine:
             if out.finished:
                 out.finish_time = now
                 self.scheduler.finish(seq)
+                self.stats.close_trace(seq.seq_id)
                 del self.requests[seq.seq_id]
                 self.generators.pop(seq.seq_id, None)
         return events
@@ -162,6 +164,14 @@ class LLMEngine:
         owners, fill = self._block_fill()
         st.reserved_slots += len(owners) * self.bm.block_size
         st.waste_slots += len(owners) * self.bm.block_size - sum(fill.values())
+        bs = self.bm.block_size
+        st.pool_slot_steps += len(self.bm.blocks) * bs
+        for s in self.scheduler.running:
+            held = len(s.block_table) * bs
+            st.open_traces.setdefault(s.seq_id, []).append((held, min(held, s.num_computed_tokens)))
+        if self.scheduler.waiting and not self.config.paged:
+            head = self.scheduler.waiting[0]
+            st.external_slot_steps += self.bm.stranded_free(head, self.scheduler.reserve_tokens(head)) * bs
         if self.record_history:
             st.history.append(self.snapshot(sched, owners, fill))
 

@@ -42,6 +42,31 @@ class EngineStats:
     waste_slots: int = 0  # summed over steps: reserved slots not holding a token
     reserved_slots: int = 0
     history: list[dict] = field(default_factory=list)  # per-step snapshots when recording
+    # The vLLM paper's three memory wastes (Kwon et al., SOSP 2023, section 3), in token slots summed over steps:
+    used_slot_steps: int = 0  # holding a token's KV
+    reserved_slot_steps: int = 0  # held now for tokens the request will produce later
+    internal_slot_steps: int = 0  # internal fragmentation: held for tokens the request never produces
+    external_slot_steps: int = 0  # external fragmentation: free, but in holes too small for the waiting request
+    pool_slot_steps: int = 0  # the whole pool
+    open_traces: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # seq -> (held, filled) a step
+
+    def close_trace(self, seq_id: int) -> None:
+        """Once a request ends, its length is known: split each step's held slots into used / reserved /
+        internal fragmentation."""
+        trace = self.open_traces.pop(seq_id, [])
+        final = max((filled for _, filled in trace), default=0)
+        for held, filled in trace:
+            self.used_slot_steps += filled
+            self.reserved_slot_steps += min(held, final) - filled
+            self.internal_slot_steps += held - min(held, final)
+
+    def waste_breakdown_pct(self) -> dict[str, float]:
+        """Each kind of KV slot as a percentage of the pool, over the run's steps (the rest of the pool is free
+        and usable). Call after every request has finished."""
+        total = self.pool_slot_steps or 1
+        return {"used": 100.0 * self.used_slot_steps / total, "reserved": 100.0 * self.reserved_slot_steps / total,
+                "internal_fragmentation": 100.0 * self.internal_slot_steps / total,
+                "external_fragmentation": 100.0 * self.external_slot_steps / total}
 
     @property
     def kv_waste_pct(self) -> float:

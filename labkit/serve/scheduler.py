@@ -51,7 +51,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _reserve(self, seq: Sequence) -> int | None:
+    def reserve_tokens(self, seq: Sequence) -> int | None:
         """Tokens to reserve at admission: none when paged; else ``max_model_len``, or exactly
         prompt + ``max_tokens`` under ``kv_reservation="exact"``."""
         if self.config.paged:
@@ -91,7 +91,7 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            contiguous, reserve = not self.config.paged, self._reserve(seq)
+            contiguous, reserve = not self.config.paged, self.reserve_tokens(seq)
             if not self.bm.can_allocate(seq, reserve, contiguous):
                 break
             if not self.config.enable_chunked_prefill and len(seq) - self.bm.cached_tokens(seq) > budget:

@@ -4,7 +4,8 @@
   shared, grey when free, the darker bar showing how many of its slots hold a token;
 * :func:`block_tables_figure` — each running request's block table (logical block → physical block) beside
   the pool, so indirection is something you can see;
-* :func:`admitted_figure` — how many requests run at once, step by step, for several engines on the same pool.
+* :func:`admitted_figure` — how many requests run at once, step by step, for several engines on the same pool;
+* :func:`waste_figure` — where the pool's slots went under each policy, in the vLLM paper's three kinds of waste.
 """
 
 from __future__ import annotations
@@ -95,3 +96,27 @@ def admitted_figure(histories: dict[str, list[dict[str, Any]]]) -> Figure:
                 label=f"{label} ({len(hist)} steps)")
     return finish_line_plot(fig, ax, "engine step", "requests running at once",
                             "the same requests, the same KV pool: how many fit at once")
+
+
+WASTE_KINDS = {"used": ("holds a token's KV", "tab:green"),
+               "reserved": ("reserved for tokens still to come", "tab:olive"),
+               "internal_fragmentation": ("internal fragmentation (never used)", "tab:red"),
+               "external_fragmentation": ("external fragmentation (stranded free)", "tab:purple")}
+
+
+def waste_figure(breakdowns: dict[str, dict[str, float]]) -> Figure:
+    """One stacked bar per policy (label → ``EngineStats.waste_breakdown_pct()``): % of the pool, over all steps."""
+    fig = new_figure((7.5, 0.8 + 0.6 * len(breakdowns)))
+    ax = fig.subplots()
+    labels = list(breakdowns)
+    left = [0.0] * len(labels)
+    for kind, (text, color) in WASTE_KINDS.items():
+        widths = [breakdowns[name][kind] for name in labels]
+        ax.barh(labels, widths, left=left, color=color, label=text)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("% of the KV pool's slots, summed over the run's steps (the rest is free and usable)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig

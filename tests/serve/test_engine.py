@@ -244,3 +244,42 @@ def test_parallel_samples_use_fewer_blocks_than_separate_requests():
     separate = LLM(MODEL, None, block_size=4, max_model_len=128)
     separate.generate([p] * 4, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert shared.stats.peak_blocks < separate.stats.peak_blocks
+
+
+def _held_slot_steps(llm) -> int:
+    return sum(len(bt) * s["block_size"] for s in llm.stats.history for bt in s["block_tables"].values())
+
+
+@pytest.mark.parametrize("paged,reservation", [(True, "max_model_len"), (False, "max_model_len"), (False, "exact")])
+def test_waste_breakdown_splits_every_held_slot_by_the_papers_three_kinds(paged, reservation):
+    """Used + reserved (future tokens) + internal fragmentation = every held slot; each kind where it belongs."""
+    ps = prompts([3, 17, 9, 30, 5, 12], seed=4)
+    llm = LLM(MODEL, None, max_model_len=64, block_size=4, num_blocks=40, paged=paged, kv_reservation=reservation,
+              record_history=True)
+    llm.generate(ps, GREEDY, use_tqdm=False)
+    st_ = llm.stats
+    assert not st_.open_traces
+    assert st_.used_slot_steps + st_.reserved_slot_steps + st_.internal_slot_steps == _held_slot_steps(llm)
+    assert st_.pool_slot_steps == 40 * 4 * st_.steps
+    pct = st_.waste_breakdown_pct()
+    if paged:  # a paged request never holds more than its last, partly filled block beyond its tokens
+        assert st_.external_slot_steps == 0 and pct["internal_fragmentation"] < pct["reserved"] < pct["used"]
+    elif reservation == "exact":  # prompt + max_tokens is reserved and (ignore_eos) all of it is produced
+        assert pct["reserved"] > pct["internal_fragmentation"]
+    else:  # max_model_len reserved for requests that stop at 10 new tokens
+        assert pct["internal_fragmentation"] > pct["used"]
+
+
+def test_external_fragmentation_counts_free_blocks_stranded_in_holes():
+    """Contiguous first fit: short requests finish first and leave 2-block holes; with 10 blocks free in all,
+    the next 10-block request still waits."""
+    short, long_ = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), GREEDY
+    ps = prompts([6, 30, 6, 30, 6, 30, 30], seed=5)  # short: 8 tokens = 2 blocks; long: 40 tokens = 10 blocks
+    params = [short, long_, short, long_, short, long_, long_]
+    kw = dict(max_model_len=64, block_size=4, num_blocks=40, max_num_seqs=8)
+    llm = LLM(MODEL, None, paged=False, kv_reservation="exact", **kw)
+    llm.generate(ps, params, use_tqdm=False)
+    assert llm.stats.external_slot_steps >= 10 * 4  # at least one step with all 10 free blocks stranded
+    paged = LLM(MODEL, None, **kw)
+    paged.generate(ps, params, use_tqdm=False)
+    assert paged.stats.external_slot_steps == 0

@@ -69,7 +69,7 @@ def test_kv_viewer_needs_history():
 
 def test_block_tables_show_logical_to_physical_and_sharing(tiny_lm):
     from labkit.serve import LLM, SamplingParams
-    from labkit.viz.kv import admitted_figure, block_tables_figure
+    from labkit.viz.kv import admitted_figure, block_tables_figure, waste_figure
 
     llm = LLM(tiny_lm, None, block_size=4, num_blocks=40, max_model_len=64, record_history=True)
     llm.generate([[5] * 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2), use_tqdm=False)
@@ -82,19 +82,25 @@ def test_block_tables_show_logical_to_physical_and_sharing(tiny_lm):
     assert "running 2" in fig.axes[1].get_title()
     fig = admitted_figure({"paged": llm.stats.history})
     assert "steps" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    fig = waste_figure({"paged": llm.stats.waste_breakdown_pct()})
+    assert len(fig.axes[0].patches) == 4 and "internal fragmentation" in str(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()])
 
 
 def test_kv_viewer_reruns_when_controls_change(tiny_lm):
     from labkit.serve import SamplingParams
 
-    rerun = widgets.kv_history(tiny_lm, None, [[5] * 9, [6] * 17], SamplingParams(temperature=0, max_tokens=4,
-                                                                                  ignore_eos=True), max_model_len=64)
+    rerun = widgets.kv_history(tiny_lm, None, [[5] * 9, [6] * 70], SamplingParams(temperature=0, max_tokens=4,
+                                                                                  ignore_eos=True), max_model_len=96)
     viewer = widgets.KVCacheViewer(cols=10, rerun=rerun, block_size=4, num_blocks=30)
     first = viewer.history[0]["block_size"]
     viewer.block_size.value = 8
     assert first == 4 and viewer.history[0]["block_size"] == 8 and viewer.step.value == 0
-    viewer.num_blocks.value = 8  # 8 blocks of 8 cannot hold max_model_len=64 + ...: reported, not raised
-    assert viewer.reload() == [] or viewer.history
+    before = viewer.history
+    viewer.num_blocks.value = 8  # 8 blocks of 8 cannot hold max_model_len=96: reported, not raised
+    assert viewer.reload() == [] and viewer.history is before
+    viewer.num_blocks.value = 30
+    assert viewer.reload() and viewer.history is not before and viewer.history[0]["num_blocks"] == 30
 
 
 def test_bytes_come_from_a_real_packed_layer_where_one_exists(weight):
