@@ -18,6 +18,10 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
     from labkit import env
 
     info = env.describe()
+    if args.ceilings:
+        from labkit import roofline
+
+        info["ceilings"] = roofline.ceilings(str(env.resolve_device(args.device))).as_dict()
     print(json.dumps(info, indent=2) if args.json else env.format_table(info))
 
 
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("doctor", help="what hardware and libraries are here")
     d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument("--ceilings", action="store_true",
+                   help="also measure memory bandwidth and GEMM FLOP/s (a few seconds)")
+    d.add_argument("--device", default=None, help="device for --ceilings (default: the kit's default device)")
     d.set_defaults(fn=_cmd_doctor)
 
     f = sub.add_parser("fetch", help="pre-fetch the offline models")

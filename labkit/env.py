@@ -239,6 +239,9 @@ def format_table(info: dict[str, Any] | None = None) -> str:
         if key == "gpu":
             value = "none" if not value else (
                 f"{value['name']}, {value['memory_gib']} GiB, cc {value['compute_capability']}")
+        if key == "ceilings":
+            value = (f"{value['bandwidth_gb_s']:.1f} GB/s read, {value['matmul_gflop_s']:.0f} GFLOP/s "
+                     f"{value['matmul_dtype']} GEMM ({value['threads']} threads, {value['device']}; measured now)")
         rows.append((key, str(value)))
     for name, ver in info["libraries"].items():
         rows.append((f"  {name}", ver or "not installed"))

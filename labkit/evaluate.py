@@ -36,6 +36,22 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | None = None, *, win
 
 
 @torch.no_grad()
+def eval_set_note(tokenizer: Any = None, *, window: int = 256, stride: int | None = None,
+                  max_windows: int | None = None) -> str:
+    """Which held-out text a perplexity scored ("8 windows x 256 tokens, 2,040 tokens scored"): perplexities are
+    comparable only on the same windows, so every notebook prints this beside its dense number. The default
+    tokenizer is SmolLM2's (shipped with the kit)."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from labkit.zoo import _tokenizer_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir())
+    wins = data.token_windows(tokenizer, "evaluation", window=window, stride=stride, max_windows=max_windows)
+    scored = sum(n for _, n in wins)
+    return f"{len(wins)} held-out windows x {window} tokens, {scored:,} tokens scored"
+
+
 def perplexity_of_windows(model: nn.Module, wins: list[tuple[torch.Tensor, int]], progress: bool = False) -> float:
     dev = model_device(model)
     total_nll = 0.0

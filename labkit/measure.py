@@ -298,6 +298,23 @@ def compare_latency(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, inne
     return out
 
 
+def difference(a: dict[str, Any], b: dict[str, Any], metric: str = "latency_ms", names: tuple[str, str] = ("a", "b"),
+               ) -> str:
+    """One honest sentence comparing two timed rows (``{metric}_median``, ``_min``, ``_max`` each, lower is
+    faster): the ratio of medians, or "no measurable difference" when their min–max ranges overlap."""
+    try:
+        ma, mb = a[f"{metric}_median"], b[f"{metric}_median"]
+        lo_a, hi_a, lo_b, hi_b = a[f"{metric}_min"], a[f"{metric}_max"], b[f"{metric}_min"], b[f"{metric}_max"]
+    except KeyError as exc:
+        raise LabkitError(f"difference() needs {metric}_median, _min and _max in both rows; missing {exc}") from None
+    na, nb = names
+    if lo_a <= hi_b and lo_b <= hi_a:
+        return (f"no measurable difference between {na} and {nb} ({ma:.3g} vs {mb:.3g} median; "
+                f"their min–max ranges overlap)")
+    fast, slow, r = (na, nb, mb / ma) if ma < mb else (nb, na, ma / mb)
+    return f"{fast} is {r:.2f}x faster than {slow} (medians; the min–max ranges do not overlap)"
+
+
 def device_of(obj: Any) -> torch.device:
     """The device named by ``obj``: a device or its name, a tensor's, a model's parameters'; CPU for None."""
     if isinstance(obj, torch.Tensor):

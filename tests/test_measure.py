@@ -85,3 +85,16 @@ def test_lm_throughput_helpers_return_positive(tiny_lm):
     assert tps > 0 and t.n == 2
     tps, t = measure.decode_tokens_per_s(tiny_lm, prompt_len=4, new_tokens=4, repeats=2)
     assert tps > 0
+
+
+def test_difference_calls_overlapping_ranges_no_measurable_difference():
+    from labkit.measure import difference
+
+    a = {"latency_ms_median": 100.0, "latency_ms_min": 95.0, "latency_ms_max": 110.0}
+    b = {"latency_ms_median": 106.0, "latency_ms_min": 104.0, "latency_ms_max": 120.0}
+    assert difference(a, b, names=("fused", "unfused")).startswith("no measurable difference between fused and unfused")
+    c = {"latency_ms_median": 150.0, "latency_ms_min": 140.0, "latency_ms_max": 160.0}
+    assert difference(a, c, names=("x", "y")) == "x is 1.50x faster than y (medians; the min–max ranges do not overlap)"
+    assert difference(c, a, names=("y", "x")).startswith("x is 1.50x faster than y")
+    with pytest.raises(LabkitError, match="latency_ms_min"):
+        difference({"latency_ms_median": 1.0}, a)

@@ -235,3 +235,71 @@ def check_targets(rec: Record) -> dict[str, dict]:
         add("lm-student-kd perplexity - lm-student-lmloss perplexity",
             v["lm-student-kd"]["perplexity"] - v["lm-student-lmloss"]["perplexity"], 0.0, "max")
     return out
+
+
+def _points(a: dict, b: dict) -> tuple[float, float]:
+    """Accuracy difference a - b in points, and the larger seed standard deviation of the two (in points)."""
+    return 100 * (a["accuracy"] - b["accuracy"]), 100 * max(a.get("accuracy_std", 0.0), b.get("accuracy_std", 0.0))
+
+
+def cnn_findings(rec: Record) -> list[str]:
+    """The digits lesson's sentences, every comparative computed from the record it describes (so a record with
+    the opposite outcome says the opposite)."""
+    v = {x["name"]: x for x in rec.variants}
+    scratch, kd, teacher = v["student-scratch"], v["student-kd"], v["teacher"]
+    gain, sd = _points(kd, scratch)
+    verb = (f"add {gain:.1f} points" if gain > sd else f"cost {-gain:.1f} points" if gain < -sd
+            else f"make no measurable difference ({gain:+.1f} points, within a seed standard deviation of {sd:.1f})")
+    out = [f"On the same {rec.config['labelled_images']} labelled images, soft targets "
+           f"(T={rec.config['temperature']:g}) {verb} ({100 * scratch['accuracy']:.1f}% → {100 * kd['accuracy']:.1f}%, "
+           f"mean of {kd['seeds']} seeds), reaching {kd['accuracy'] / teacher['accuracy']:.1%} of the teacher with "
+           f"{kd['params'] / teacher['params']:.0%} of its parameters, {kd['speedup_vs_baseline']:.2f}x its speed."]
+    sweep = {n.removeprefix("student-kd-"): x["accuracy"] for n, x in v.items() if n.startswith("student-kd-T")}
+    if sweep:
+        best = max(sweep, key=sweep.get)
+        out.append(f"Temperature: {', '.join(f'{t} {100 * a:.1f}%' for t, a in sweep.items())}; best {best}.")
+    if "student-kd-transfer" in v and "student-pseudo-transfer" in v:
+        soft, hard = v["student-kd-transfer"], v["student-pseudo-transfer"]
+        d, sd = _points(soft, hard)
+        head = (f"With {rec.config['transfer_images']} unlabelled images: soft targets {100 * soft['accuracy']:.1f}%, "
+                f"the teacher's hard labels {100 * hard['accuracy']:.1f}% — ")
+        if abs(d) <= sd:
+            out.append(head + f"no measurable difference ({d:+.1f} points, within a seed standard deviation of "
+                       f"{sd:.1f}): with plenty of data for the teacher to label, the labelling itself does the work.")
+        elif d < 0:
+            out.append(head + f"soft targets are {-d:.1f} points *below* hard labels here (more than the seed "
+                       f"standard deviation, {sd:.1f}): with plenty of data, the teacher's labels beat its "
+                       "probabilities at this temperature.")
+        else:
+            out.append(head + f"soft targets add {d:.1f} points over hard labels (seed standard deviation {sd:.1f}): "
+                       "the teacher's relative probabilities carry information its labels do not.")
+    return out
+
+
+def lm_findings(rec: Record) -> list[str]:
+    """The language-model lesson's sentences, computed from the record (see :func:`cnn_findings`)."""
+    import math
+
+    lv = {x["name"]: x for x in rec.variants}
+    if "lm-student-kd" not in lv:
+        return ["The language-model students were not trained in this record (run_lm=False)."]
+    init, ce, kd, teacher = (lv[n] for n in ("lm-student-init", "lm-student-lmloss", "lm-student-kd", "lm-teacher"))
+    c = rec.config
+    out = [f"After {kd['steps']} steps: next-token loss {ce['perplexity']:.1f}, KD {kd['perplexity']:.1f} perplexity "
+           f"(teacher {teacher['perplexity']:.1f}, student before training {init['perplexity']:.0f}). "
+           + ("KD is ahead." if kd["perplexity"] < ce["perplexity"] else
+              "Next-token loss is ahead." if ce["perplexity"] < kd["perplexity"] else "They tie.")]
+    passes = c["lm_steps"] * c["lm_batch"] / c["lm_calib_samples"]
+    moved = ("improved" if ce["perplexity"] < init["perplexity"] else "worsened")
+    train_ppl = math.exp(ce["train_loss"][-1])
+    fit = (f"its final training loss {ce['train_loss'][-1]:.2f} (perplexity {train_ppl:.0f} on the text it trained "
+           f"on) is far below its held-out {ce['perplexity']:.0f}: after {passes:.0f} passes over little text it "
+           "fits that text much better than text it has not seen"
+           if train_ppl < 0.5 * ce["perplexity"] else
+           f"its training perplexity ({train_ppl:.0f}) is close to its held-out one ({ce['perplexity']:.0f}): it is "
+           "not memorising the training text")
+    out.append(f"Next-token loss alone {moved} held-out perplexity from {init['perplexity']:.0f} to "
+               f"{ce['perplexity']:.0f}; {fit}. KD's targets are the teacher's whole distribution over the "
+               f"vocabulary at every position, far more signal per token than one next token.")
+    out.append("With much more text and steps (the full mode) the gap may narrow; that is not measured here yet.")
+    return out

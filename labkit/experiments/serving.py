@@ -224,3 +224,35 @@ def kv_policies(model, tok, prompts: list[list[int]], max_tokens: list[int], *, 
                      "kv_waste_pct": llm.stats.kv_waste_pct, "num_blocks": num_blocks,
                      **{f"{k}_pct": v for k, v in llm.stats.waste_breakdown_pct().items()}, "history": list(hist)})
     return rows
+
+
+def batch_sweep(model, tok, batch_sizes: list[int], *, prompt_len: int = 32, new_tokens: int = 16,
+                repeats: int = 3) -> list[dict]:
+    """Decode tokens/s of the paged engine with ``B`` requests decoding together, for each ``B``, beside this
+    machine's measured ceilings (:mod:`labkit.roofline`): the weights are read once a step for all ``B``.
+    Decode speed is ``B / median time per output token`` (prefill excluded); rotated repeats after a warm-up."""
+    from labkit import roofline
+
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes={batch_sizes!r}: give one or more positive integers")
+    dev = measure.model_device(model)
+    ceil = roofline.ceilings(str(dev))
+    wbytes, params = measure.weight_bytes(model), measure.param_count(model)
+    work, engines = {}, {}
+    for b in batch_sizes:
+        work[b] = make_workload(tok, b, prompt_len=(prompt_len, prompt_len), output_len=(new_tokens, new_tokens),
+                                seed=b)
+        engines[b] = LLM(model, tok, block_size=16, max_num_seqs=b, max_model_len=prompt_len + new_tokens + 16,
+                         num_blocks=b * (-(-(prompt_len + new_tokens) // 16) + 1), device=str(dev))
+        run_engine(engines[b], work[b][0][:1], [4])  # warm-up
+    runs = measure.interleaved({b: (lambda b=b: run_engine(engines[b], *work[b])) for b in batch_sizes}, repeats)
+    rows = []
+    for b in batch_sizes:
+        sp = measure.spread([b / statistics.median(r.tpot_s) for r in runs[b]])
+        c = ceil.decode_tokens_per_s(wbytes, params, b)
+        rows.append({"batch": b, "decode_tok_s": sp["median"], "decode_tok_s_min": sp["min"],
+                     "decode_tok_s_max": sp["max"], "per_request_tok_s": sp["median"] / b, **c,
+                     "pct_of_ceiling": 100 * sp["median"] / c["ceiling_tok_s"],
+                     "weight_gb_s": sp["median"] / b * wbytes / 1e9,
+                     "gflop_s": sp["median"] * 2 * params / 1e9})
+    return rows

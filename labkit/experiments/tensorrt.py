@@ -12,10 +12,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from labkit import env, evaluate, measure, zoo
+from labkit import LabkitError, env, evaluate, measure, zoo
 from labkit import export as X
 from labkit.experiments.onnx import encoder_inputs
 from labkit.export import tensorrt as T
@@ -117,3 +118,22 @@ def _gpu(rec, model, path, feeds, config, d, dev) -> dict:
     return {"gpu": torch.cuda.get_device_name(dev), "tf32": "off in every fp32 path (TensorRT builder, ORT CUDA, "
             "torch matmul default)", "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
 
+
+
+_FUSED: dict[tuple[int, int], Any] = {}  # (rows, cols) -> compiled bias+GELU, so moving a slider back is free
+
+
+def bias_gelu_timing(rows: int, cols: int = 1536, repeats: int = 3, inner: int = 10) -> dict[str, dict[str, Any]]:
+    """Eager ``gelu(x + bias)`` (two passes over memory) against inductor's fused loop at ``rows x cols``:
+    :func:`labkit.measure.compare_latency` rows, ``"eager"`` and ``"fused"``. Each shape compiles once."""
+    import torch.nn.functional as F
+
+    if rows < 1 or cols < 1:
+        raise LabkitError(f"rows={rows}, cols={cols}: both must be positive")
+    x, b = torch.randn(rows, cols), torch.randn(cols)
+    if (rows, cols) not in _FUSED:
+        _FUSED[rows, cols] = torch.compile(lambda x, b: F.gelu(x + b), dynamic=False)
+    fused = _FUSED[rows, cols]
+    fused(x, b)
+    return measure.compare_latency({"eager": lambda: F.gelu(x + b), "fused": lambda: fused(x, b)},
+                                   repeats=repeats, inner=inner)

@@ -28,6 +28,17 @@ def require_bnb() -> Any:
     return bitsandbytes
 
 
+def has_avx512bf16() -> bool:
+    """Whether bitsandbytes' fused 4-bit CPU kernel can run here: it needs AVX512-BF16, and only then does its
+    ``Linear4bit`` repack each weight on the first CPU forward (``_convert_weight_packed_for_cpu``). False when
+    bitsandbytes is absent."""
+    if env.lib_version("bitsandbytes") is None or env.bnb_backend() is None:
+        return False
+    from bitsandbytes.functional import has_avx512bf16 as probe
+
+    return bool(probe())
+
+
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
     """The article's config: 4-bit NF4, double quantization, bf16 compute."""
     from transformers import BitsAndBytesConfig

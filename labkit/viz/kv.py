@@ -120,3 +120,20 @@ def waste_figure(breakdowns: dict[str, dict[str, float]]) -> Figure:
     ax.invert_yaxis()
     fig.tight_layout()
     return fig
+
+
+def batch_roofline_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Measured decode tokens/s against batch size (rows of ``serving.batch_sweep``), under the machine's
+    memory-bound and compute-bound ceilings."""
+    fig = new_figure((7.5, 3.6))
+    ax = fig.subplots()
+    b = [r["batch"] for r in rows]
+    ax.errorbar(b, [r["decode_tok_s"] for r in rows], marker="o", label="measured (median, min-max)",
+                yerr=[[r["decode_tok_s"] - r["decode_tok_s_min"] for r in rows],
+                      [r["decode_tok_s_max"] - r["decode_tok_s"] for r in rows]])
+    ax.plot(b, [r["memory_bound_tok_s"] for r in rows], "--", label="memory ceiling: B x bandwidth / weight bytes")
+    ax.plot(b, [r["compute_bound_tok_s"] for r in rows], ":", label="compute ceiling: GEMM FLOP/s / (2 x params)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return finish_line_plot(fig, ax, "requests decoding together (batch)", "decode tokens/s (all requests)",
+                            "decode speed vs batch, under this machine's measured ceilings")

@@ -261,6 +261,47 @@ class TemperatureExplorer(Explorer):
         return stats
 
 
+def fusion_figure(lat: dict[str, dict[str, Any]], rows: int) -> Figure:
+    """Eager vs fused latency bars (median, whiskers min–max) with the honest verdict as the title."""
+    from labkit.measure import difference
+
+    fig = new_figure((5.5, 2.5))
+    ax = fig.subplots()
+    names = list(lat)
+    med = [lat[n]["latency_ms_median"] for n in names]
+    err = [[m - lat[n]["latency_ms_min"] for n, m in zip(names, med)],
+           [lat[n]["latency_ms_max"] - m for n, m in zip(names, med)]]
+    ax.barh(names, med, xerr=err, color=["#4C72B0", "#55A868"])
+    ax.set_xlabel("ms (median; whiskers min–max)")
+    ax.set_title(f"{rows} x 1536: " + difference(lat["fused"], lat["eager"], names=("fused", "eager")), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+class FusionExplorer(Explorer):
+    """A rows slider → eager vs fused bias+GELU, timed live (each shape compiles once, then is cached)."""
+
+    def __init__(self, options: tuple[int, ...] = (64, 256, 1024, 4096), value: int = 1024) -> None:
+        import ipywidgets as W
+
+        self.rows = W.SelectionSlider(options=list(options), value=value, description="rows",
+                                      continuous_update=False)
+        self.out = W.Output()
+        self.rows.observe(lambda _c: self.update(), names="value")
+        self.box = W.VBox([self.rows, self.out])
+
+    def update(self) -> dict[str, Any]:
+        from IPython.display import display
+
+        from labkit.experiments.tensorrt import bias_gelu_timing
+
+        lat = bias_gelu_timing(self.rows.value)
+        self.out.clear_output(wait=True)
+        with self.out:
+            display(fusion_figure(lat, self.rows.value))
+        return lat
+
+
 class SparsityExplorer(Explorer):
     """A sparsity slider and a method choice over a precomputed sweep (``labkit.experiments.pruning.sweep``) →
     accuracy, params, latency, and the weight histogram with the pruned region shaded."""

@@ -27,3 +27,17 @@ def test_serving_experiment_small(tmp_path):
         < rec.variant("labkit-contiguous")["kv_waste_pct"]
     assert rec.variant("labkit-paged-preempt")["preemptions"] > 0
     rec.save(tmp_path)
+
+
+def test_batch_sweep_reports_decode_speed_beside_the_ceilings(tokenizer):
+    from labkit.experiments.serving import batch_sweep
+    from tests.conftest import tiny_llama
+
+    rows = batch_sweep(tiny_llama(seed=2), tokenizer, [1, 3], prompt_len=8, new_tokens=5, repeats=2)
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["decode_tok_s_min"] <= r["decode_tok_s"] <= r["decode_tok_s_max"]
+        assert r["ceiling_tok_s"] == min(r["memory_bound_tok_s"], r["compute_bound_tok_s"])
+    assert rows[1]["memory_bound_tok_s"] == pytest.approx(3 * rows[0]["memory_bound_tok_s"])
+    with pytest.raises(ValueError, match="batch_sizes"):
+        batch_sweep(None, None, [0])

@@ -201,3 +201,22 @@ def test_tradeoff_explorer_choice_moves_with_the_threshold():
     ex.cost.value = "latency_ms_median"
     ex.within.value = 0.001
     assert ex.update()["choice"] == "dense"
+
+
+def test_fusion_explorer_times_both_paths_and_compiles_each_shape_once(monkeypatch):
+    from labkit.experiments import tensorrt as trt_exp
+
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or real(fn, backend="eager", **kw))
+    monkeypatch.setattr(trt_exp, "_FUSED", {})
+    viewer = widgets.FusionExplorer(options=(8, 16), value=8)
+    lat = viewer.update()
+    assert set(lat) == {"eager", "fused"} and all(v["latency_ms_median"] > 0 for v in lat.values())
+    viewer.rows.value = 16
+    viewer.rows.value = 8
+    assert len(compiled) == 2  # 8 and 16 once each, not once per move
+    fig = widgets.fusion_figure(lat, 8)
+    assert "8 x 1536" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="rows=0"):
+        trt_exp.bias_gelu_timing(0)

@@ -1,0 +1,82 @@
+"""The two ceilings every speed in the kit is measured against: how fast this machine reads memory, and how
+fast it multiplies matrices.
+
+Decoding one token at batch 1 reads every weight once and does about 2 FLOPs per weight, so it can be no faster
+than ``weight bytes / bandwidth`` (memory-bound) and no faster than ``2 x params / GEMM FLOP/s`` (compute-bound);
+whichever is slower is the ceiling. A batch of B requests reads the weights once for B tokens, so the memory
+ceiling on tokens/s grows with B until the math catches up. The numbers here are *measured* on this machine
+(a large reduction and a large matmul), not a datasheet's peak.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from labkit import LabkitError, measure
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    device: str
+    bandwidth_bytes_per_s: float  # a read-only sweep over a tensor far larger than the caches
+    matmul_flops_per_s: float  # fp32 (CPU) or the GPU's default matmul dtype, square GEMM
+    matmul_dtype: str
+    threads: int
+
+    def decode_tokens_per_s(self, weight_bytes: int, params: int, batch: int = 1) -> dict[str, float]:
+        """The memory and compute ceilings on decode tokens/s for ``batch`` requests sharing each weight read."""
+        if batch < 1:
+            raise LabkitError(f"batch={batch} must be at least 1")
+        memory = batch * self.bandwidth_bytes_per_s / weight_bytes
+        compute = self.matmul_flops_per_s / (2 * params)
+        return {"memory_bound_tok_s": memory, "compute_bound_tok_s": compute, "ceiling_tok_s": min(memory, compute)}
+
+    def as_dict(self) -> dict[str, float | str | int]:
+        return {"device": self.device, "bandwidth_gb_s": self.bandwidth_bytes_per_s / 1e9,
+                "matmul_gflop_s": self.matmul_flops_per_s / 1e9, "matmul_dtype": self.matmul_dtype,
+                "threads": self.threads}
+
+
+def memory_bandwidth(device: str | torch.device = "cpu", mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a sum over a ``mib``-MiB fp32 tensor (read once per call; median of ``repeats``)."""
+    if mib < 1:
+        raise LabkitError(f"mib={mib} must be at least 1")
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    t = measure.benchmark(lambda: x.sum(), warmup=2, repeats=repeats, device=x)
+    return x.numel() * 4 / t.median_s
+
+
+def matmul_flops(device: str | torch.device = "cpu", n: int = 1024, dtype: torch.dtype | None = None,
+                 repeats: int = 5) -> float:
+    """FLOP/s of an ``n x n`` by ``n x n`` matmul (2 n^3 FLOPs; median of ``repeats``). TF32 stays as torch has it."""
+    if n < 1:
+        raise LabkitError(f"n={n} must be at least 1")
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure.benchmark(lambda: a @ b, warmup=2, repeats=repeats, device=a)
+    return 2 * n**3 / t.median_s
+
+
+@torch.no_grad()
+def forward_flops(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
+    """FLOPs of one ``model(**inputs)`` as torch counts them (matmuls, attention; element-wise ops are free)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return int(counter.get_total_flops())
+
+
+@functools.cache
+def ceilings(device: str = "cpu") -> Ceilings:
+    """This machine's measured ceilings on ``device`` (measured once per process: about a second on a CPU)."""
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    return Ceilings(device=str(dev), bandwidth_bytes_per_s=memory_bandwidth(dev, mib=1024 if on_gpu else 512),
+                    matmul_flops_per_s=matmul_flops(dev, n=4096 if on_gpu else 1024, dtype=dtype),
+                    matmul_dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads())
