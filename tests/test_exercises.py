@@ -52,6 +52,7 @@ WRONG = {  # a mistake a learner makes, and words the message must contain
                                                                                    torch.as_tensor(o).flatten(), dim=0))},
                "cosine per row"),
     "bias_gelu": (lambda x, b: torch.nn.functional.gelu(x + b, approximate="tanh"), "tanh approximation"),
+    "choose": (lambda rows, within, base: min(rows, key=lambda r: r["weight_bytes"])["name"], "loses too much"),
     "hinton_loss": (lambda s, t, y, T, a: a * torch.nn.functional.kl_div(
         torch.log_softmax(s / T, -1), torch.log_softmax(t.detach() / T, -1), log_target=True, reduction="batchmean")
         + (1 - a) * torch.nn.functional.cross_entropy(s, y), "T² factor"),
@@ -129,6 +130,24 @@ def global_masks_with_int(ws, s):
     return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in ws]), ws)]
 
 
+def _base(rows, name):
+    return next(r for r in rows if r["name"] == name)["accuracy"]
+
+
+def choose_strictly_within(rows, within, base):
+    return min((r for r in rows if r["accuracy"] > _base(rows, base) - within), key=lambda r: r["weight_bytes"])["name"]
+
+
+def choose_ignoring_ties(rows, within, base):
+    return min((r for r in rows if r["accuracy"] >= _base(rows, base) - within),
+               key=lambda r: r["weight_bytes"])["name"]
+
+
+def choose_always_dense(rows, within, base):
+    d = _base(rows, "dense")
+    return min((r for r in rows if r["accuracy"] >= d - within), key=lambda r: (r["weight_bytes"], -r["accuracy"]))["name"]
+
+
 @pytest.mark.parametrize("name, wrong, words", [
     ("time_fn", time_mean_after_warmup, "not the mean"),
     ("time_fn", time_median_of_every_call, "cold-start calls got in"),
@@ -136,6 +155,9 @@ def global_masks_with_int(ws, s):
     ("quantize_asymmetric", quantize_with_codes_as(torch.float32), "torch.uint8, not torch.float32"),
     ("quantize_asymmetric", quantize_with_codes_as(torch.int64), "torch.uint8, not torch.int64"),
     ("global_magnitude_masks", global_masks_with_int, "int() truncates"),
+    ("choose", choose_strictly_within, ">=, not >"),
+    ("choose", choose_ignoring_ties, "on a tie in bytes, the more accurate"),
+    ("choose", choose_always_dense, "baseline='teacher'"),
 ])
 def test_wrong_solutions_that_used_to_pass_now_fail(name, wrong, words):
     v = exercises.verify(name, wrong)

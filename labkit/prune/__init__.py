@@ -7,7 +7,7 @@ from labkit.prune.semi_structured import (
     to_semi_structured,
     two_four_mask,
 )
-from labkit.prune.sensitivity import propose_ratios, scan
+from labkit.prune.sensitivity import propose_ratios, scan, scan_channels
 from labkit.prune.structured import (
     IMPORTANCES,
     PruneResult,
@@ -37,6 +37,6 @@ __all__ = [
     "IMPORTANCES", "PruneResult", "apply_2_4", "check_sparsity", "csr_breakeven_sparsity", "csr_bytes",
     "global_magnitude_masks", "heads_to_remove", "is_2_4", "load_pruned", "macs", "magnitude_prune", "make_permanent", "nonzero_weights",
     "propose_ratios", "prunable_layers", "prune_attention_heads", "prune_channels", "prune_cnn", "prune_llm_mlp",
-    "resize_to_state_dict", "save_pruned", "scan", "semi_structured_support", "sparsity_report",
+    "resize_to_state_dict", "save_pruned", "scan", "scan_channels", "semi_structured_support", "sparsity_report",
     "to_semi_structured", "two_four_mask",
 ]

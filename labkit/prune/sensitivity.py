@@ -6,7 +6,9 @@ off 80%. A uniform ratio is limited by the most sensitive layer; the scan finds 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +43,40 @@ def scan(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: I
             bar.update(1)
         with torch.no_grad():
             w.copy_(saved)
+    bar.close()
+    return rows
+
+
+def scan_channels(model: nn.Module, evaluate: Callable[[nn.Module], float],
+                  ratios: Iterable[float] = (0.2, 0.4, 0.6, 0.8), *, example_inputs: Any,
+                  ignored_layers: Iterable[nn.Module] = (), progress: bool = False) -> list[dict]:
+    """The scan channel pruning needs: one layer at a time, a copy with ``ratio`` of that layer's output
+    channels removed by Torch-Pruning (L2 importance; the batch norm and the next layer's inputs go with them),
+    then ``evaluate(copy)``. :func:`scan` zeroes scattered *weights*, which says nothing about removing whole
+    channels; this one measures what :func:`labkit.prune.prune_channels` would do.
+
+    Rows ``{"layer", "sparsity", "metric", "params"}`` (``sparsity`` = the channel ratio), plus ``"dense"``:
+    the same shape as :func:`scan`, so :func:`propose_ratios` reads both."""
+    from labkit.measure import param_count
+    from labkit.prune.structured import prune_channels
+
+    ratios = [check_sparsity(r, "ratio") for r in ratios]
+    ignored_ids = {id(m) for m in ignored_layers}
+    roots = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+             and id(m) not in ignored_ids]
+    if not roots:
+        raise LabkitError(f"{type(model).__name__} has no Conv2d or Linear layer left to scan after ignored_layers")
+    rows = [{"layer": "dense", "sparsity": 0.0, "metric": float(evaluate(model)), "params": param_count(model)}]
+    bar = tqdm(total=len(roots) * len(ratios), desc="channel sensitivity scan", disable=not progress)
+    for name, _ in roots:
+        for r in ratios:
+            m = copy.deepcopy(model)
+            mods = dict(m.named_modules())
+            others = [mods[n] for n, _ in roots if n != name] + [mods[n] for n, x in model.named_modules()
+                                                                 if id(x) in ignored_ids]
+            prune_channels(m, example_inputs, r, ignored_layers=others, count_macs=False)
+            rows.append({"layer": name, "sparsity": r, "metric": float(evaluate(m)), "params": param_count(m)})
+            bar.update(1)
     bar.close()
     return rows
 

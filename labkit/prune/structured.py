@@ -159,7 +159,6 @@ def prune_cnn(model: nn.Module, ratio: float, *, importance_name: str = "l2",
         raise LabkitError(f"{type(model).__name__} has no Linear classifier layer to keep")
     example = torch.zeros(1, *_input_shape(model), device=next(model.parameters()).device)
 
-
     def calib(m: nn.Module) -> None:
         x, y = calibration
         accumulate_gradients(m, lambda mm, b: nn.functional.cross_entropy(mm(b[0]), b[1]), [(x, y)])

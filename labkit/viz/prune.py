@@ -44,8 +44,9 @@ def weight_histogram(weights: torch.Tensor, sparsity: float, title: str = "weigh
     return fig
 
 
-def sensitivity_figure(rows: list[dict], metric: str = "accuracy"):
-    """One line per layer: the metric when that layer alone is pruned to each sparsity (dense as a dashed line)."""
+def sensitivity_figure(rows: list[dict], metric: str = "accuracy", pruned: str = "weights"):
+    """One line per layer: the metric when that layer alone is pruned to each ratio (dense as a dashed line);
+    ``pruned`` names what the scan removed ("weights" for ``scan``, "channels" for ``scan_channels``)."""
     fig = new_figure((7, 3.6))
     ax = fig.subplots()
     dense = next(r["metric"] for r in rows if r["layer"] == "dense")
@@ -53,7 +54,8 @@ def sensitivity_figure(rows: list[dict], metric: str = "accuracy"):
         pts = [(0.0, dense)] + [(r["sparsity"], r["metric"]) for r in rows if r["layer"] == layer]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
     ax.axhline(dense, color="gray", ls="--", lw=1)
-    return finish_line_plot(fig, ax, "sparsity of this layer alone", metric, "per-layer sensitivity")
+    return finish_line_plot(fig, ax, f"fraction of this layer's {pruned} removed (this layer alone)", metric,
+                            f"per-layer sensitivity: {pruned} removed")
 
 
 def recovery_figure(losses: list[float], before: float | None = None, after: float | None = None,

@@ -39,7 +39,7 @@ def test_no_gpu_says_what_2_4_needs():
     ok, why = prune.semi_structured_support()
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert not ok and "sm_80" in why or "8.0" in why
+    assert not ok and ("sm_80" in why or "8.0" in why)
     with pytest.raises(LabkitError, match="not available here"):
         prune.to_semi_structured(torch.nn.Linear(8, 8))
 
@@ -90,3 +90,23 @@ def test_sensitivity_scan_restores_weights_and_proposes_ratios():
     with pytest.raises(LabkitError, match="dense"):
         prune.propose_ratios(rows[1:], 0.01)
     assert DigitsCNN  # the architecture the scan ran on
+
+
+def test_channel_scan_removes_channels_on_a_copy_and_feeds_propose_ratios():
+    m = load_vision("digits-cnn", progress=False)
+    x, y = digits_splits()["test"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rows = prune.scan_channels(m, lambda mm: evaluate.classifier_accuracy(mm, x, y), (0.25, 0.5),
+                               example_inputs=torch.zeros(1, 1, 8, 8), ignored_layers=[m.classifier[-1]])
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # the model itself is untouched
+    assert [r["layer"] for r in rows] == ["dense"] + [n for n in ("features.0", "features.2", "classifier.1")
+                                                      for _ in range(2)]
+    dense = rows[0]["params"]
+    for layer in ("features.0", "features.2", "classifier.1"):
+        a, b = (r for r in rows if r["layer"] == layer)
+        assert dense > a["params"] > b["params"]  # channels really went, more at the higher ratio
+    assert set(prune.propose_ratios(rows, tolerance=0.02)) == {"features.0", "features.2", "classifier.1"}
+    with pytest.raises(LabkitError, match="no Conv2d or Linear"):
+        prune.scan_channels(m, lambda mm: 0.0, example_inputs=torch.zeros(1, 1, 8, 8),
+                            ignored_layers=[mod for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d,
+                                                                                          torch.nn.Linear))])
