@@ -240,11 +240,20 @@ def kit_slot(block_table: list[int], block_size: int, t: int) -> int:
 def kit_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[int],
                         block_size: int, context_len: int) -> torch.Tensor:
     """One decode query ``q [heads, d]`` attending over the first ``context_len`` tokens of a sequence whose
-    K/V live in ``k_cache``/``v_cache`` ``[num_slots, heads, d]`` at the slots its block table names."""
-    slots = torch.tensor([kit_slot(block_table, block_size, t) for t in range(context_len)])
-    k, v = k_cache[slots], v_cache[slots]  # [L, heads, d]: gathered, now contiguous
-    out = F.scaled_dot_product_attention(q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1))
-    return out.squeeze(1)
+    K/V live in ``k_cache``/``v_cache`` ``[num_slots, kv_heads, d]`` at the slots its block table names.
+    ``kv_heads`` may divide ``heads`` (grouped-query attention: query head h reads KV head h // (heads //
+    kv_heads)). This is the engine's own code path: :meth:`KVCache.gather` of whole blocks, then
+    ``serve.model._attend`` with the slots past the context masked out."""
+    from labkit.serve.kv_cache import KVCache
+    from labkit.serve.model import _attend
+
+    heads, d = q.shape
+    groups = heads // k_cache.shape[1]
+    blocks = torch.tensor(block_table[:math.ceil(context_len / block_size)], device=q.device)
+    ck, cv = KVCache.of_tensors(k_cache, v_cache, block_size).gather(0, blocks[None])  # [1, nb * B, kv_heads, d]
+    mask = (torch.arange(ck.shape[1], device=q.device) < context_len)[None, None]  # [1, 1, L]
+    out = _attend(q[None, :, None], ck, cv, mask, groups, 1 / math.sqrt(d))  # [1, 1, heads * d]
+    return out.view(heads, d)
 
 
 def _check_slot(fn: Callable) -> str:
@@ -262,21 +271,34 @@ def _check_slot(fn: Callable) -> str:
 
 def _check_paged_attention(fn: Callable) -> str:
     g = _gen(5)
-    heads, d = 4, 8
-    for block_size, context_len in ((4, 11), (16, 16), (1, 5), (8, 1)):
+    d = 8
+    # (heads, kv_heads, block_size, context_len): SmolLM2, the served model, has 9 query heads and 3 KV heads
+    for heads, kv_heads, block_size, context_len in ((4, 4, 4, 11), (4, 4, 16, 16), (4, 4, 1, 5), (4, 4, 8, 1),
+                                                     (9, 3, 4, 10), (6, 2, 16, 20)):
         n_blocks = math.ceil(context_len / block_size)
         table = torch.randperm(12, generator=g)[:n_blocks].tolist()
-        k_cache = torch.randn(12 * block_size, heads, d, generator=g)
-        v_cache = torch.randn(12 * block_size, heads, d, generator=g)
+        k_cache = torch.randn(12 * block_size, kv_heads, d, generator=g)
+        v_cache = torch.randn(12 * block_size, kv_heads, d, generator=g)
         q = torch.randn(heads, d, generator=g)
-        # The same K/V laid out contiguously: plain attention over it is what paging must reproduce.
-        k = torch.stack([k_cache[kit_slot(table, block_size, t)] for t in range(context_len)])
-        v = torch.stack([v_cache[kit_slot(table, block_size, t)] for t in range(context_len)])
+        # The same K/V laid out contiguously, one copy per query head: what paging must reproduce.
+        kv_of = torch.arange(heads) // (heads // kv_heads)
+        k = torch.stack([k_cache[kit_slot(table, block_size, t)] for t in range(context_len)])[:, kv_of]
+        v = torch.stack([v_cache[kit_slot(table, block_size, t)] for t in range(context_len)])[:, kv_of]
         want = torch.softmax((q.unsqueeze(1) * k.transpose(0, 1)).sum(-1) / math.sqrt(d), -1)
         want = (want.unsqueeze(-1) * v.transpose(0, 1)).sum(1)
-        _close("", fn(q, k_cache, v_cache, table, block_size, context_len), want,
-               f"block_size={block_size}, context_len={context_len}: the attention output", atol=1e-4)
-    return "attention over the gathered pages equals attention over contiguous K/V (partial last block included)"
+        where = f"heads={heads}, kv_heads={kv_heads}, block_size={block_size}, context_len={context_len}"
+        try:
+            got = fn(q, k_cache, v_cache, table, block_size, context_len)
+        except (RuntimeError, IndexError) as exc:  # shapes that only fit one KV head per query head
+            if kv_heads == heads:
+                raise
+            raise Mismatch(f"{where}: your function raised {exc} — grouped-query attention: {heads} query heads "
+                           f"share {kv_heads} KV heads, query head h reads KV head h // {heads // kv_heads}") from None
+        hint = (f" (grouped-query attention: query head h reads KV head h // {heads // kv_heads}, not h % "
+                f"{kv_heads})" if kv_heads < heads else "")
+        _close("", got, want, f"{where}: the attention output{hint}", atol=1e-4)
+    return ("attention over the gathered pages equals attention over contiguous K/V (partial last block and "
+            "grouped-query heads included), as the engine computes it")
 
 
 # ------------------------------------------------------------------------------------------ 03: distillation

@@ -130,6 +130,21 @@ def global_masks_with_int(ws, s):
     return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in ws]), ws)]
 
 
+def attention_over_pages(q, k_cache, v_cache, table, bs, n, kv_of):
+    slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(n)])
+    k, v = k_cache[slots][:, kv_of(q.shape[0], k_cache.shape[1])], v_cache[slots][:, kv_of(q.shape[0], k_cache.shape[1])]
+    w = torch.softmax((q[:, None] * k.transpose(0, 1)).sum(-1) / q.shape[1] ** 0.5, -1)
+    return (w[..., None] * v.transpose(0, 1)).sum(1)
+
+
+def paged_attention_without_gqa(q, k, v, table, bs, n):  # assumes one KV head per query head
+    return attention_over_pages(q, k, v, table, bs, n, lambda h, kvh: torch.arange(h))
+
+
+def paged_attention_heads_interleaved(q, k, v, table, bs, n):  # repeat, not repeat_interleave
+    return attention_over_pages(q, k, v, table, bs, n, lambda h, kvh: torch.arange(h) % kvh)
+
+
 def _base(rows, name):
     return next(r for r in rows if r["name"] == name)["accuracy"]
 
@@ -155,6 +170,8 @@ def choose_always_dense(rows, within, base):
     ("quantize_asymmetric", quantize_with_codes_as(torch.float32), "torch.uint8, not torch.float32"),
     ("quantize_asymmetric", quantize_with_codes_as(torch.int64), "torch.uint8, not torch.int64"),
     ("global_magnitude_masks", global_masks_with_int, "int() truncates"),
+    ("paged_attention", paged_attention_without_gqa, "query head h reads KV head h // 3"),
+    ("paged_attention", paged_attention_heads_interleaved, "not h % 3"),
     ("choose", choose_strictly_within, ">=, not >"),
     ("choose", choose_ignoring_ties, "on a tie in bytes, the more accurate"),
     ("choose", choose_always_dense, "baseline='teacher'"),

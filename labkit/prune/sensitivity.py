@@ -62,6 +62,9 @@ def scan_channels(model: nn.Module, evaluate: Callable[[nn.Module], float],
 
     ratios = [check_sparsity(r, "ratio") for r in ratios]
     ignored_ids = {id(m) for m in ignored_layers}
+    if ignored_ids - {id(m) for m in model.modules()}:
+        raise LabkitError("ignored_layers holds a module that is not part of this model (a layer of a copy?); "
+                          "pass layers of the model you scan")
     roots = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
              and id(m) not in ignored_ids]
     if not roots:

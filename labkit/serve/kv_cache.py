@@ -17,6 +17,13 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
 
+    @classmethod
+    def of_tensors(cls, k: torch.Tensor, v: torch.Tensor, block_size: int) -> KVCache:
+        """A one-layer cache over existing ``[num_slots, kv_heads, head_dim]`` tensors (no copy)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.block_size = [k], [v], block_size
+        return cache
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` ``[T, kv_heads, head_dim]`` at ``slots`` ``[T]``."""
         self.k[layer][slots] = k

@@ -106,6 +106,9 @@ def test_channel_scan_removes_channels_on_a_copy_and_feeds_propose_ratios():
         a, b = (r for r in rows if r["layer"] == layer)
         assert dense > a["params"] > b["params"]  # channels really went, more at the higher ratio
     assert set(prune.propose_ratios(rows, tolerance=0.02)) == {"features.0", "features.2", "classifier.1"}
+    with pytest.raises(LabkitError, match="not part of this model"):
+        prune.scan_channels(m, lambda mm: 0.0, example_inputs=torch.zeros(1, 1, 8, 8),
+                            ignored_layers=[load_vision("digits-cnn", progress=False).classifier[-1]])
     with pytest.raises(LabkitError, match="no Conv2d or Linear"):
         prune.scan_channels(m, lambda mm: 0.0, example_inputs=torch.zeros(1, 1, 8, 8),
                             ignored_layers=[mod for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d,
