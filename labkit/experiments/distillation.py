@@ -78,11 +78,15 @@ def _accuracy(model, x, y) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def run(config: Config | None = None, progress: bool = True) -> Record:
+def run(config: Config | None = None, progress: bool = True, kd_loss=None) -> Record:
+    """Every variant of the lesson. ``kd_loss(student_logits, teacher_logits, labels, T, alpha)`` replaces
+    Hinton's loss for the labelled KD students (the notebook passes the learner's own); the record names it."""
     config = config or Config()
     dev = env.resolve_device(config.device)
     rec = Record("distillation", env=env.describe())
-    extra = _cnn_variants(rec, config, dev, progress)
+    loss = kd_loss or hinton_loss
+    extra = _cnn_variants(rec, config, dev, progress, loss)
+    extra["kd_loss"] = f"{getattr(loss, '__module__', '?')}.{getattr(loss, '__qualname__', '?')}"
     if config.run_lm:
         extra.update(_lm_variants(rec, config, dev, progress))
     rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
@@ -91,7 +95,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
 
 # ------------------------------------------------------------------------------------------------ CNN
 
-def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool) -> dict:
+def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool, kd_loss) -> dict:
     teacher = zoo.load_vision(config.teacher, device=dev, progress=False)
     splits = data.digits_splits(device=dev)
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
@@ -101,7 +105,7 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
 
     def kd(temperature: float):
         def loss(m, b):
-            return hinton_loss(m(b[0]), b[1], b[2], temperature=temperature, alpha=config.alpha)
+            return kd_loss(m(b[0]), b[1], b[2], temperature, config.alpha)
         return loss
 
     def transfer_kd(m, b):  # soft targets on every image; the hard loss only where a label exists (-100: none)

@@ -52,3 +52,16 @@ def test_the_notebook_prints_the_computed_sentences():
     assert any("distillation.cnn_findings(rec)" in c for c in cells)
     assert any("distillation.lm_findings(lm_rec)" in c for c in cells)
     assert not any("add little or nothing" in c or "got worse on held-out" in c for c in cells)
+
+
+def test_the_learners_loss_really_trains_the_kd_students():
+    """The notebook passes the learner's hinton_loss: a 'KD' loss that ignores the teacher must give exactly the
+    scratch student, so a wrong answer visibly changes the table that follows."""
+    import torch.nn.functional as F
+
+    cfg = distillation.Config.smallest()
+    cfg.run_lm = False
+    no_teacher = distillation.run(cfg, progress=False, kd_loss=lambda s, t, y, T, a: F.cross_entropy(s, y))
+    v = {x["name"]: x for x in no_teacher.variants}
+    assert v["student-kd"]["accuracy_per_seed"] == v["student-scratch"]["accuracy_per_seed"]
+    assert no_teacher.config["kd_loss"].endswith("<lambda>")  # the record names the loss that trained it
