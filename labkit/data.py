@@ -3,7 +3,7 @@
 * Text: Python's own ``pydoc_data.topics`` (about 465 KB of English technical prose, on every CPython).
   Topics are assigned to splits by a hash of their name, so the splits never change for a given Python.
 * Digits: scikit-learn's bundled 8x8 digits, split 60/20/20 with a fixed seed.
-* Sentences: a small set of paired sentences we wrote (``datasets/sentences.txt``) for encoder checks.
+* Sentences: a small set of paired sentences we wrote (``labkit/assets/sentences.txt``) for encoder checks.
 """
 
 from __future__ import annotations
