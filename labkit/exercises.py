@@ -9,9 +9,11 @@ passes, else the kit's (so a workshop never blocks on an empty or wrong exercise
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -232,9 +234,32 @@ def _check_double_quantize(fn: Callable) -> str:
 
 # ------------------------------------------------------------------------------------------ 06: paging
 
-def kit_slot(block_table: list[int], block_size: int, t: int) -> int:
+def _slot(block_table: list[int], block_size: int, t: int) -> int:
     """Flat KV-cache slot of token ``t``: its physical block times the block size, plus its offset in the block."""
     return block_table[t // block_size] * block_size + t % block_size
+
+
+def kit_append_slot(block_table: list[int], num_tokens: int, free_blocks: list[int], ref_counts: dict[int, int],
+                    block_size: int) -> tuple[int, tuple[int, int] | None]:
+    """Make room for a sequence's token number ``num_tokens`` (0-based) and return ``(slot, copy)``: the flat
+    KV slot it is written to, and ``(src, dst)`` when its last block was shared and had to be copied first
+    (copy-on-write), else None. New blocks come from the front of ``free_blocks``; ``block_table``,
+    ``free_blocks`` and ``ref_counts`` (block id → sequences holding it) are updated in place.
+
+    This is the engine's own code: :meth:`BlockManager.append_slot`, then :meth:`BlockManager.slot`."""
+    from labkit.serve.block_manager import BlockManager
+    from labkit.serve.sequence import Sequence
+
+    bm = BlockManager(max([*block_table, *free_blocks, *ref_counts], default=0) + 1, block_size)
+    bm.free_ids = deque(free_blocks)
+    for b in bm.blocks:
+        b.ref_count = ref_counts.get(b.block_id, 0)
+    seq = Sequence([0] * (num_tokens + 1), block_size, block_table=list(block_table))
+    copy = bm.append_slot(seq)
+    block_table[:], free_blocks[:] = seq.block_table, list(bm.free_ids)
+    ref_counts.clear()
+    ref_counts.update({b.block_id: b.ref_count for b in bm.blocks if b.ref_count})
+    return bm.slot(seq, num_tokens), copy
 
 
 def kit_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: list[int],
@@ -256,17 +281,55 @@ def kit_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out.view(heads, d)
 
 
-def _check_slot(fn: Callable) -> str:
+def _append_cases() -> list[tuple[str, dict]]:
     g = _gen(4)
-    for block_size in (1, 4, 16):
-        table = torch.randperm(40, generator=g)[:6].tolist()
-        for t in range(6 * block_size):
-            got, want = fn(table, block_size, t), kit_slot(table, block_size, t)
-            if got != want:
-                raise Mismatch(f"block_size={block_size}, block_table={table}, token t={t}: you give slot {got}, "
-                               f"the kit {want} (block {table[t // block_size]} × {block_size} + offset "
-                               f"{t % block_size})")
-    return "token t lives at block_table[t // block_size] · block_size + t % block_size"
+    cases = [
+        ("inside the last block: no new block", dict(block_table=[7], num_tokens=2, free_blocks=[3, 5],
+                                                     ref_counts={7: 1}, block_size=4)),
+        ("at a block boundary: take the first free block", dict(block_table=[7], num_tokens=4, free_blocks=[3, 5],
+                                                                ref_counts={7: 1}, block_size=4)),
+        ("the first token of an empty table", dict(block_table=[], num_tokens=0, free_blocks=[9, 2],
+                                                   ref_counts={}, block_size=16)),
+        ("block_size 1: every token a block", dict(block_table=[4, 1], num_tokens=2, free_blocks=[0],
+                                                   ref_counts={4: 1, 1: 1}, block_size=1)),
+        ("the last block is shared: copy it on write", dict(block_table=[2, 6], num_tokens=6, free_blocks=[8, 9],
+                                                            ref_counts={2: 2, 6: 2}, block_size=4)),
+        ("shared blocks, but the last is full: a fresh block, no copy",
+         dict(block_table=[2, 6], num_tokens=8, free_blocks=[8], ref_counts={2: 2, 6: 2}, block_size=4)),
+    ]
+    free = torch.randperm(12, generator=g).tolist()
+    table: list[int] = []
+    refs: dict[int, int] = {}
+    for t in range(10):  # a sequence growing token by token from nothing, block size 3
+        cases.append((f"a sequence growing to {t + 1} tokens", dict(block_table=list(table), num_tokens=t,
+                                                                    free_blocks=list(free), ref_counts=dict(refs),
+                                                                    block_size=3)))
+        kit_append_slot(table, t, free, refs, 3)
+    return cases
+
+
+def _check_append_slot(fn: Callable) -> str:
+    for what, case in _append_cases():
+        mine, kit = copy.deepcopy(case), copy.deepcopy(case)
+        args = ("block_table", "num_tokens", "free_blocks", "ref_counts", "block_size")
+        got, want = fn(*(mine[a] for a in args)), kit_append_slot(**kit)
+        state = ", ".join(f"{k}={v}" for k, v in case.items())
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise Mismatch(f"{what}: return (slot, copy) — copy is (src, dst) or None; you returned {got!r}")
+        for label, a, b in (("copy", got[1], want[1]),
+                            ("block_table afterwards", mine["block_table"], kit["block_table"]),
+                            ("slot", got[0], want[0]),
+                            ("free_blocks afterwards", mine["free_blocks"], kit["free_blocks"]),
+                            ("ref_counts afterwards", {k: v for k, v in mine["ref_counts"].items() if v},
+                             kit["ref_counts"])):
+            if a != b:
+                hint = {"slot": " (block_table[t // block_size] · block_size + t % block_size, after any new "
+                                "block)",
+                        "copy": " (a shared last block — ref count > 1 — is copied to a fresh block before the "
+                                "write; a full last block needs a new block instead, no copy)"}.get(label, "")
+                raise Mismatch(f"{what} ({state}): your {label} is {a!r}, the kit's {b!r}{hint}")
+    return ("a new block exactly at block boundaries, copy-on-write for a shared last block, and the slot "
+            "the token's K/V go to — what BlockManager.append_slot does every decode step")
 
 
 def _check_paged_attention(fn: Callable) -> str:
@@ -282,8 +345,8 @@ def _check_paged_attention(fn: Callable) -> str:
         q = torch.randn(heads, d, generator=g)
         # The same K/V laid out contiguously, one copy per query head: what paging must reproduce.
         kv_of = torch.arange(heads) // (heads // kv_heads)
-        k = torch.stack([k_cache[kit_slot(table, block_size, t)] for t in range(context_len)])[:, kv_of]
-        v = torch.stack([v_cache[kit_slot(table, block_size, t)] for t in range(context_len)])[:, kv_of]
+        k = torch.stack([k_cache[_slot(table, block_size, t)] for t in range(context_len)])[:, kv_of]
+        v = torch.stack([v_cache[_slot(table, block_size, t)] for t in range(context_len)])[:, kv_of]
         want = torch.softmax((q.unsqueeze(1) * k.transpose(0, 1)).sum(-1) / math.sqrt(d), -1)
         want = (want.unsqueeze(-1) * v.transpose(0, 1)).sum(1)
         where = f"heads={heads}, kv_heads={kv_heads}, block_size={block_size}, context_len={context_len}"
@@ -490,7 +553,7 @@ EXERCISES: dict[str, tuple[str, Callable, Callable]] = {
     "pack_int4": ("01", prim.pack_int4, _check_pack_int4),
     "unpack_int4": ("01", prim.unpack_int4, _check_unpack_int4),
     "double_quantize": ("01", prim.double_quantize, _check_double_quantize),
-    "slot": ("06", kit_slot, _check_slot),
+    "append_slot": ("06", kit_append_slot, _check_append_slot),
     "paged_attention": ("06", kit_paged_attention, _check_paged_attention),
     "global_magnitude_masks": ("02", _kit_global_masks, _check_global_masks),
     "hinton_loss": ("03", _kit_hinton, _check_hinton),
