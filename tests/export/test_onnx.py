@@ -163,3 +163,34 @@ def test_a_provider_that_silently_fell_back_is_an_error():
         X.check_provider(FellBack(), "CUDAExecutionProvider")
     assert X.provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [{"use_tf32": "0"}, {}]
     assert X.provider_options(["CUDAExecutionProvider"], tf32=True) == [{"use_tf32": "1"}]
+
+
+def test_from_scratch_bias_gelu_fusion_finds_what_onnx_runtime_fuses(encoder_onnx):
+    """labkit.export.fusion on the real MiniLM export: the five-node erf GELU collapses to Gelu, then every bias
+    Add before it fuses, as many BiasGelu as ORT's transformer optimizer makes; the rewritten graph is consistent."""
+    from labkit.export import fusion
+
+    _, path, _, _, d = encoder_onnx
+    nodes, consts, scalars, outs = fusion.graph_of(path)
+    gelu = fusion.collapse_gelu(nodes, scalars, outs)
+    assert fusion.op_counts(gelu)["Gelu"] == fusion.op_counts(nodes)["Erf"] == 6
+    assert len(nodes) - len(gelu) == 4 * 6  # Div, Erf, Add, Mul gone per layer; the last Mul became the Gelu
+    fused = fusion.fuse_bias_gelu(gelu, consts, outs)
+    ort = X.transformer_fuse(path, d / "fused-bg.onnx", num_heads=12, hidden_size=384)
+    assert fusion.op_counts(fused)["BiasGelu"] == ort["BiasGelu"] == 6 and "Gelu" not in fusion.op_counts(fused)
+    produced = {n["output"] for n in nodes}
+    seen = set()
+    for n in fused:  # still topologically ordered, and nothing reads a value that was fused away
+        assert all(i in seen or i not in produced for i in n["inputs"]), n
+        seen.add(n["output"])
+    assert set(outs) <= seen
+
+
+def test_bias_gelu_fusion_leaves_illegal_patterns_alone():
+    from labkit.export import fusion
+
+    nodes = [{"op": "Add", "inputs": ["x", "b"], "output": "y"}, {"op": "Gelu", "inputs": ["y"], "output": "z"},
+             {"op": "Add", "inputs": ["y", "z"], "output": "r"}]
+    assert fusion.fuse_bias_gelu(nodes, {"b": (8,)}, ["r"]) == nodes  # y is read twice
+    assert fusion.op_counts(fusion.fuse_bias_gelu(nodes[:2], {"b": (8,)}, ["z"]))["BiasGelu"] == 1
+    assert fusion.fuse_bias_gelu(nodes[:2], {"b": (8, 8)}, ["z"]) == nodes[:2]  # not a bias
