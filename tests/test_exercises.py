@@ -53,6 +53,19 @@ def fuse_every_add_gelu(nodes, consts, outs, check_readers=True, check_tanh=True
     return [n for n in out if n["output"] not in drop]
 
 
+def parity_but(r, o, m, cosine="row", use_mask=True, rtol=1e-3):
+    """The parity check with one thing done differently: the cosine's rows, the mask, the tolerance."""
+    a, b = torch.as_tensor(r).float(), torch.as_tensor(o).float()
+    keep = (torch.as_tensor(m).bool() if use_mask else torch.ones(a.shape[:2], dtype=torch.bool))[..., None]
+    a0, b0 = a * keep, b * keep
+    diff = (a0 - b0).abs()
+    cos = torch.nn.functional.cosine_similarity
+    c = {"row": lambda: cos(a0.flatten(1), b0.flatten(1), dim=-1).mean(), "global": lambda: cos(a0.flatten(),
+         b0.flatten(), dim=0), "token": lambda: cos(a0, b0, dim=-1).mean()}[cosine]()
+    return {"max_abs_diff": float(diff.max()), "worst": list(torch.unravel_index(diff.argmax(), diff.shape)),
+            "cosine": float(c), "within_tolerance": bool(((a - b).abs() <= 1e-4 + rtol * a.abs())[keep.expand_as(a)].all())}
+
+
 WRONG = {  # a mistake a learner makes, and words the message must contain
     "time_fn": (time_mean_no_warmup, "not the mean"),
     "quantize_asymmetric": (quantize_symmetric_by_mistake, "half a step"),
@@ -67,10 +80,7 @@ WRONG = {  # a mistake a learner makes, and words the message must contain
     "global_magnitude_masks": (lambda ws, s: [w.abs() >= w.abs().flatten().kthvalue(max(1, round(s * w.numel())))[0]
                                              if s else torch.ones_like(w, dtype=torch.bool) for w in ws],
                                "layer-wise"),
-    "parity": (lambda r, o: {"max_abs_diff": float((torch.as_tensor(r) - torch.as_tensor(o)).abs().max()),
-                             "cosine": float(torch.nn.functional.cosine_similarity(torch.as_tensor(r).flatten(),
-                                                                                   torch.as_tensor(o).flatten(), dim=0))},
-               "cosine per row"),
+    "parity": (lambda r, o, m: parity_but(r, o, m, cosine="global"), "cosine per row"),
     "fuse_bias_gelu": (lambda nodes, consts, outs: fuse_every_add_gelu(nodes, consts, outs, check_readers=False),
                        "the sum is read by another node too"),
     "choose": (lambda rows, within, base: min(rows, key=lambda r: r["weight_bytes"])["name"], "loses too much"),
@@ -129,10 +139,8 @@ def time_median_of_every_call(fn, warmup=2, repeats=5):
     return statistics.median(call_times(fn, warmup + repeats))
 
 
-def parity_per_token(r, o):
-    a, b = torch.as_tensor(r).float(), torch.as_tensor(o).float()
-    return {"max_abs_diff": float((a - b).abs().max()),
-            "cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())}
+def parity_per_token(r, o, m):
+    return parity_but(r, o, m, cosine="token")
 
 
 def quantize_with_codes_as(dtype):
@@ -202,6 +210,8 @@ def choose_always_dense(rows, within, base):
     ("time_fn", time_mean_after_warmup, "not the mean"),
     ("time_fn", time_median_of_every_call, "cold-start calls got in"),
     ("parity", parity_per_token, "tokens scaled unevenly: your cosine"),
+    ("parity", lambda r, o, m: parity_but(r, o, m, use_mask=False), "garbage at padded positions only"),
+    ("parity", lambda r, o, m: parity_but(r, o, m, rtol=1e-2), "just outside tolerance: your within_tolerance"),
     ("quantize_asymmetric", quantize_with_codes_as(torch.float32), "torch.uint8, not torch.float32"),
     ("quantize_asymmetric", quantize_with_codes_as(torch.int64), "torch.uint8, not torch.int64"),
     ("global_magnitude_masks", global_masks_with_int, "int() truncates"),

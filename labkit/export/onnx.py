@@ -326,13 +326,29 @@ def mean_pool(hidden: torch.Tensor | np.ndarray, mask: torch.Tensor | np.ndarray
     return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
 
 
-def parity(reference: torch.Tensor | np.ndarray, output: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """Max absolute difference and mean row cosine between two outputs of the same shape."""
+def parity(reference: torch.Tensor | np.ndarray, output: torch.Tensor | np.ndarray,
+           mask: torch.Tensor | np.ndarray | None = None, *, atol: float = 1e-4, rtol: float = 1e-3) -> dict:
+    """Does ``output`` compute what ``reference`` computes? Over the real positions only (``mask [B, L]`` of
+    1/0 for ``[B, L, ...]`` outputs: padding is excluded), the largest absolute difference and where it is, the
+    mean per-row cosine (a row = one batch item), and whether every element is within ``atol + rtol·|reference|``
+    (the rule of ``numpy.testing.assert_allclose``)."""
     a, b = torch.as_tensor(reference).float(), torch.as_tensor(output).float()
     if a.shape != b.shape:
         raise LabkitError(f"outputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return {"max_abs_diff": float((a - b).abs().max()),
-            "cosine": float(F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).mean())}
+    keep = torch.ones(a.shape[:2] if a.dim() > 1 else a.shape, dtype=torch.bool)
+    if mask is not None:
+        keep = torch.as_tensor(mask).bool()
+        if a.dim() < 2 or tuple(keep.shape) != tuple(a.shape[:2]):
+            raise LabkitError(f"mask has shape {tuple(keep.shape)}; it must match the output's first two axes "
+                              f"{tuple(a.shape[:2])}")
+    keep = keep.reshape(*keep.shape, *([1] * (a.dim() - keep.dim()))).expand_as(a)
+    diff = torch.where(keep, (a - b).abs(), torch.zeros(()))
+    worst = torch.unravel_index(diff.argmax(), diff.shape)
+    zero = torch.zeros(())
+    cos = F.cosine_similarity(torch.where(keep, a, zero).flatten(1), torch.where(keep, b, zero).flatten(1), dim=-1) \
+        if a.dim() > 1 else F.cosine_similarity(a, b, dim=0)[None]
+    return {"max_abs_diff": float(diff.max()), "worst": [int(i) for i in worst], "cosine": float(cos.mean()),
+            "within_tolerance": bool(((a - b).abs() <= atol + rtol * a.abs())[keep].all())}
 
 
 def profile_ops(path: str | Path, feeds: dict[str, Any], *, runs: int = 5, level: str = "all") -> dict[str, float]:
