@@ -33,3 +33,54 @@ def test_every_model_loaded_by_hand_names_its_device(path):
             continue
         for call in re.findall(r"zoo\.load_(?:causal_lm|encoder|vision)\([^)]*\)", c["source"]):
             assert "device=" in call, f"{path.name} cell {i}: {call} — pass device=DEVICE (or say why the CPU)"
+
+
+def _readme_seconds() -> dict[str, float]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| `(\d\d_[a-z_]+)` \|.*\| (\d+) s \|$", readme, re.M)}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_time_a_lesson_states_is_the_one_readme_measured(path):
+    """Both come from one nbmake run (tools/notebook_times.py); a hand edit of either breaks this."""
+    import sys
+
+    sys.path.insert(0, str(path.parent.parent / "tools"))
+    from notebook_times import parse_spoken, spoken
+
+    measured = _readme_seconds()
+    assert path.stem in measured, f"README's notebook table has no time for {path.stem}"
+    stated = re.search(r"\*\*Time\*\*: about [^\n]*? in CPU quick mode", cells(path)[0]["source"])
+    assert stated, f"{path.name}: no '**Time**: about ... in CPU quick mode' line"
+    assert parse_spoken(stated.group(0)) == parse_spoken("about " + spoken(measured[path.stem])), (
+        f"{path.name} says {stated.group(0)!r}; README measured {measured[path.stem]:.0f} s "
+        "(run tools/notebook_times.py on the JUnit XML of a make test run)")
+
+
+def test_spoken_times_round_the_way_a_lesson_says_them():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from notebook_times import parse_spoken, spoken
+
+    assert spoken(27) == "25 seconds" and spoken(95) == "1.5 minutes" and spoken(60) == "1 minute"
+    assert spoken(163) == "2.5 minutes" and parse_spoken("about 2.5 minutes") == 150
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_exercise_stub_has_the_signature_its_checker_calls(path):
+    """An unwritten stub must fall back with 'not written yet', never with a TypeError from a wrong signature."""
+    import ast
+
+    from labkit import exercises
+
+    for c in cells(path):
+        checks = re.findall(r'exercises\.check\("(\w+)", (\w+)\)', c["source"]) if c["cell_type"] == "code" else []
+        if not checks:
+            continue
+        defs = [n for n in ast.parse(c["source"]).body if isinstance(n, ast.FunctionDef)]
+        scope: dict = {}
+        exec(compile(ast.Module(body=defs, type_ignores=[]), path.name, "exec"), scope)
+        for name, fn in checks:
+            verdict = exercises.verify(name, scope[fn])
+            assert "not written yet" in verdict.message, f"{path.name}: stub {fn} for {name!r}: {verdict.message}"
