@@ -88,7 +88,7 @@ def calibration_batches(tokenizer: Any, n: int = 32, seq_len: int = 256,
     ids = _encode(tokenizer, "calibration")
     if n * seq_len > len(ids):
         raise LabkitError(f"n*seq_len={n * seq_len} exceeds the {len(ids)} calibration tokens")
-    return ids[: n * seq_len].view(n, seq_len).to(device or "cpu")
+    return ids[: n * seq_len].reshape(n, seq_len).to(device or "cpu", copy=True)  # never a view of the cache
 
 
 def digits_splits(seed: int = 0, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

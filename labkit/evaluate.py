@@ -74,10 +74,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def classifier_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, in batches, on the model's device (labels may be anywhere)."""
     dev = model_device(model)
     preds = torch.cat([model(x[i:i + batch].to(dev)).argmax(-1).cpu() for i in range(0, len(x), batch)])
-    return float((preds == y).float().mean())
+    return float((preds == y.cpu()).float().mean())
 
 
 def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:

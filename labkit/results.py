@@ -72,23 +72,11 @@ class Record:
         return path
 
 
-_UMASK = os.umask(0)  # read once (setting it is the only way to read it), then restored
-os.umask(_UMASK)
-
-
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` via a temp file in the same directory and a rename: never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the result is an ordinary readable file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from labkit import atomic
+
+    return atomic.write_text(path, text)
 
 
 def _jsonable(obj: Any) -> Any:

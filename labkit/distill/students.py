@@ -59,10 +59,13 @@ def layer_dropped_lm(teacher: nn.Module, keep_every: int = 2, keep: list[int] | 
 
 
 def save_student(model: nn.Module, path: str | Path) -> Path:
-    """Save a student (config with its new layer count + safetensors weights) to a directory."""
+    """Save a student (config with its new layer count + safetensors weights) to a directory, atomically: a
+    failure part-way leaves the previous save as it was."""
+    from labkit.atomic import atomic
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    with atomic(path, directory=True) as tmp:
+        model.save_pretrained(tmp)
     return path
 
 

@@ -49,41 +49,43 @@ def train(model: nn.Module, data: tuple[torch.Tensor, ...], loss_fn: Callable[[n
     data = tuple(t.to(dev) for t in data)
     if max_steps is not None:  # the bar and the loop need only as many epochs as the steps fill
         epochs = min(epochs, -(-max_steps // -(-n // batch_size)))
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
-    hist = History()
-    by_step = max_steps is not None  # a step budget: the bar counts steps, else epochs
-    bar = tqdm(total=max_steps if by_step else epochs, desc=desc, unit="step" if by_step else "epoch",
-               disable=not progress)
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total, batches = 0.0, 0
-        for i in range(0, n, batch_size):
+    # seeded here and restored after: training is reproducible without changing the caller's global RNG
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+        hist = History()
+        by_step = max_steps is not None  # a step budget: the bar counts steps, else epochs
+        bar = tqdm(total=max_steps if by_step else epochs, desc=desc, unit="step" if by_step else "epoch",
+                   disable=not progress)
+        for epoch in range(epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            total, batches = 0.0, 0
+            for i in range(0, n, batch_size):
+                if max_steps is not None and hist.steps >= max_steps:
+                    break
+                batch = tuple(t[perm[i:i + batch_size]] for t in data)
+                loss = loss_fn(model, batch)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total, batches = total + float(loss.detach()), batches + 1
+                hist.steps += 1
+                hist.examples += len(batch[0])
+                if by_step:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            model.eval()
+            hist.epochs.append(epoch + 1)
+            hist.train_loss.append(total / max(batches, 1))
+            if not by_step:
+                bar.update(1)
+            if eval_fn is not None:
+                with torch.no_grad():
+                    hist.metric.append(float(eval_fn(model)))
+                bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", metric=f"{hist.metric[-1]:.4g}")
             if max_steps is not None and hist.steps >= max_steps:
                 break
-            batch = tuple(t[perm[i:i + batch_size]] for t in data)
-            loss = loss_fn(model, batch)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, batches = total + float(loss.detach()), batches + 1
-            hist.steps += 1
-            hist.examples += len(batch[0])
-            if by_step:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        model.eval()
-        hist.epochs.append(epoch + 1)
-        hist.train_loss.append(total / max(batches, 1))
-        if not by_step:
-            bar.update(1)
-        if eval_fn is not None:
-            with torch.no_grad():
-                hist.metric.append(float(eval_fn(model)))
-            bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", metric=f"{hist.metric[-1]:.4g}")
-        if max_steps is not None and hist.steps >= max_steps:
-            break
-    bar.close()
-    return hist
+        bar.close()
+        return hist

@@ -73,11 +73,6 @@ def labelled_subset(y: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
     return torch.tensor(sorted(idx))
 
 
-def _accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
-
-
 def run(config: Config | None = None, progress: bool = True, kd_loss=None) -> Record:
     """Every variant of the lesson. ``kd_loss(student_logits, teacher_logits, labels, T, alpha)`` replaces
     Hinton's loss for the labelled KD students (the notebook passes the learner's own); the record names it."""
@@ -140,8 +135,8 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
             else:
                 args = ((xtr, pseudo), ce, config.transfer_epochs)
             hist = train(student, args[0], args[1], epochs=args[2], lr=config.lr, seed=seed, device=dev,
-                         eval_fn=(lambda m: _accuracy(m, xte, yte)) if seed == config.seeds[0] else None)
-            runs.setdefault(name, []).append(_accuracy(student, xte, yte))
+                         eval_fn=(lambda m: evaluate.classifier_accuracy(m, xte, yte)) if seed == config.seeds[0] else None)
+            runs.setdefault(name, []).append(evaluate.classifier_accuracy(student, xte, yte))
             if hist.metric:
                 curves[name] = hist.metric
             bar.update(1)
@@ -149,7 +144,7 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
     lat = _latency({"teacher": teacher, "student": student}, xte, config, dev)
     t_params = measure.param_count(teacher)
     rec.add("teacher", model=config.teacher, params=t_params, weight_bytes=measure.weight_bytes(teacher),
-            accuracy=_accuracy(teacher, xte, yte), accuracy_std=0.0, seeds=1, **lat["teacher"],
+            accuracy=evaluate.classifier_accuracy(teacher, xte, yte), accuracy_std=0.0, seeds=1, **lat["teacher"],
             speedup_vs_baseline=1.0, notes="trained on the full labelled training split")
     s_params = measure.param_count(student)
     for name, accs in runs.items():

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labkit import LabkitError
+from labkit.atomic import atomic
 
 EXPORTERS = ("dynamo", "torchscript")
 LEVELS = ("disabled", "basic", "extended", "all")
@@ -268,9 +269,8 @@ def transformer_fuse(path: str | Path, out: str | Path, *, num_heads: int, hidde
 
     opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
                          opt_level=0)
-    tmp = Path(str(out) + ".tmp")
-    opt.save_model_to_file(str(tmp))
-    os.replace(tmp, out)
+    with atomic(out, suffix=".onnx") as tmp:
+        opt.save_model_to_file(str(tmp))
     return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
 
 
@@ -286,11 +286,10 @@ def quantize_dynamic_int8(path: str | Path, out: str | Path, *, per_channel: boo
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = Path(str(out) + ".tmp.onnx")
-    quantize_dynamic(str(path), str(tmp), per_channel=per_channel, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=list(op_types) if op_types else None,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    os.replace(tmp, out)
+    with atomic(out, suffix=".onnx") as tmp:
+        quantize_dynamic(str(path), str(tmp), per_channel=per_channel, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=list(op_types) if op_types else None,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return Path(out)
 
 
@@ -311,10 +310,9 @@ def quantize_static_int8(path: str | Path, out: str | Path, calibration: Iterabl
         def get_next(self):
             return next(self.it, None)
 
-    tmp = Path(str(out) + ".tmp.onnx")
-    quantize_static(str(path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    os.replace(tmp, out)
+    with atomic(out, suffix=".onnx") as tmp:
+        quantize_static(str(path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return Path(out)
 
 

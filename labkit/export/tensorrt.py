@@ -10,7 +10,6 @@ first (keeping fp32 inputs/outputs).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +158,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, shapes: dict
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise LabkitError(f"TensorRT failed to build an engine from {src} (see the log above)")
-    tmp = Path(str(engine_path) + ".tmp")
-    tmp.write_bytes(bytes(blob))
-    os.replace(tmp, engine_path)
+    from labkit.atomic import atomic
+
+    with atomic(engine_path) as tmp:
+        tmp.write_bytes(bytes(blob))
     return Path(engine_path)
 
 

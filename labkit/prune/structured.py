@@ -338,26 +338,15 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
 def save_pruned(model: nn.Module, path) -> None:
     """Save a pruned model so it reloads with its new shape: a transformers model via ``save_pretrained`` (the
     config carries the new sizes), any other module as safetensors (shapes are in the tensors). Atomic."""
-    import os
-    import shutil
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    else:
-        tmp.unlink(missing_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(tmp)
-    else:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    from labkit.atomic import atomic
+
+    with atomic(path, directory=hasattr(model, "save_pretrained")) as tmp:
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
 
 
 def load_pruned(path, model: nn.Module | None = None) -> nn.Module:

@@ -45,20 +45,26 @@ class _Clock:
         pass
 
 
-def _quiet_eos_warning() -> None:
+class _DropEosWarning:
     """transformers warns that EOS id -1 'will not stop' generation: exactly what ``ignore_eos`` wants."""
-    import logging
 
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "eos_token_id` should consist of positive integers" not in record.getMessage()
+    LOGGERS = ("transformers.generation.utils", "transformers.generation.configuration_utils",
+               "transformers.generation.logits_process")
 
-    for name in ("transformers.generation.utils", "transformers.generation.configuration_utils",
-                 "transformers.generation.logits_process"):
-        logging.getLogger(name).addFilter(_Drop())
+    def filter(self, record) -> bool:
+        return "eos_token_id` should consist of positive integers" not in record.getMessage()
 
+    def __enter__(self) -> None:  # only while the kit's own generate() calls run: no global logging change
+        import logging
 
-_quiet_eos_warning()
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def __exit__(self, *exc) -> None:
+        import logging
+
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 def _gen_kwargs(model: nn.Module, n: int) -> dict:
@@ -78,7 +84,8 @@ def hf_sequential(model: nn.Module, prompts: list[list[int]], max_tokens: list[i
     for p, n in zip(prompts, max_tokens):
         clock = _Clock()
         ids = torch.tensor([p], device=dev)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=clock, **_gen_kwargs(model, n))
+        with _DropEosWarning():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), streamer=clock, **_gen_kwargs(model, n))
         outs.append(out[0, len(p):].tolist())
         token_times = clock.times[1:]
         ttft.append(token_times[0] - t0)
@@ -101,7 +108,8 @@ def hf_static(model: nn.Module, prompts: list[list[int]], max_tokens: list[int],
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in ps], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=dev)
         clock = _Clock()
-        out = model.generate(ids, attention_mask=mask, streamer=clock, **_gen_kwargs(model, max(ns)))
+        with _DropEosWarning():
+            out = model.generate(ids, attention_mask=mask, streamer=clock, **_gen_kwargs(model, max(ns)))
         token_times = clock.times[1:]
         for row, n in zip(out, ns):
             outs.append(row[width:width + n].tolist())

@@ -53,7 +53,7 @@ class BlockManager:
         self.block_size, self.enable_prefix_caching = block_size, enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}  # SHA-256 of a full block (chained) -> block id
         self.prefix_hits = 0
 
     # ------------------------------------------------------------------ queries

@@ -161,6 +161,7 @@ class LLMEngine:
         st.preemptions = self.scheduler.num_preemptions
         st.prefix_hit_blocks = self.bm.prefix_hits
         st.peak_blocks = max(st.peak_blocks, self.bm.num_used)
+        st.max_running = max(st.max_running, len(self.scheduler.running))
         owners, fill = self._block_fill()
         st.reserved_slots += len(owners) * self.bm.block_size
         st.waste_slots += len(owners) * self.bm.block_size - sum(fill.values())

@@ -38,6 +38,7 @@ class EngineStats:
     steps: int = 0
     preemptions: int = 0
     peak_blocks: int = 0
+    max_running: int = 0  # the most requests in one step's batch
     prefix_hit_blocks: int = 0
     waste_slots: int = 0  # summed over steps: reserved slots not holding a token
     reserved_slots: int = 0

@@ -6,14 +6,11 @@ returned figure exactly once (pyplot-managed figures are shown again by the inli
 
 from __future__ import annotations
 
-import matplotlib
+import io
 
-matplotlib.use(matplotlib.get_backend() if matplotlib.get_backend().lower() != "macosx" else "Agg")
-import io  # noqa: E402
+from matplotlib.figure import Figure
 
-from matplotlib.figure import Figure  # noqa: E402
-
-from labkit.results import Record  # noqa: E402
+from labkit.results import Record
 
 
 class LabkitFigure(Figure):

@@ -62,9 +62,8 @@ def test_forced_preemption_still_identical():
 
 def test_chunked_prefill_identical_and_budget_respected():
     ps = prompts([60, 45, 3, 70])
-    llm = LLM(MODEL, None, block_size=4, max_model_len=128, max_num_batched_tokens=16)
-    for p in ps:
-        llm.engine.add_request(p, GREEDY)
+    llm = LLM(MODEL, None, block_size=4, max_model_len=128, max_num_batched_tokens=16, record_history=True)
+    ids = [llm.engine.add_request(p, GREEDY) for p in ps]
     outs = {}
     while llm.engine.has_unfinished():
         sched_before = llm.engine.stats.steps
@@ -73,6 +72,10 @@ def test_chunked_prefill_identical_and_budget_respected():
         assert llm.engine.stats.steps == sched_before + 1
     got = [outs[i].token_ids for i in sorted(outs)]
     assert got == [hf_greedy(p) for p in ps]
+    per_step = [sum(n for _, n in s["scheduled"]) for s in llm.stats.history]
+    assert max(per_step) <= 16 and max(per_step) == 16  # the budget binds, and is never exceeded
+    chunks = [n for s in llm.stats.history for rid, n in s["scheduled"] if rid == ids[3]]
+    assert len([n for n in chunks if n > 1]) >= 5 and sum(chunks) >= 70  # the 70-token prompt came in chunks
 
 
 @pytest.mark.parametrize("caching", [False, True])
