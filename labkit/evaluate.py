@@ -35,7 +35,6 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str | None = None, *, win
     return perplexity_of_windows(model, wins, progress=progress)
 
 
-@torch.no_grad()
 def eval_set_note(tokenizer: Any = None, *, window: int = 256, stride: int | None = None,
                   max_windows: int | None = None) -> str:
     """Which held-out text a perplexity scored ("8 windows x 256 tokens, 2,040 tokens scored"): perplexities are
@@ -52,6 +51,7 @@ def eval_set_note(tokenizer: Any = None, *, window: int = 256, stride: int | Non
     return f"{len(wins)} held-out windows x {window} tokens, {scored:,} tokens scored"
 
 
+@torch.no_grad()
 def perplexity_of_windows(model: nn.Module, wins: list[tuple[torch.Tensor, int]], progress: bool = False) -> float:
     dev = model_device(model)
     total_nll = 0.0
@@ -73,7 +73,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
-@torch.no_grad()
 @torch.no_grad()
 def classifier_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``, in batches, on the model's device (labels may be anywhere)."""

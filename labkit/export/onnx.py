@@ -8,7 +8,6 @@ an *execution provider* (CPU, CUDA, TensorRT). Everything here works on the CPU;
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
@@ -64,12 +63,9 @@ def export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str
                     raise LabkitError(f"example input {name!r} has size {example_inputs[i].shape[ax]} on dynamic axis "
                                       f"{ax}; the dynamo exporter needs at least 2 there (0 and 1 are specialised)")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     model = model.eval()
     try:
-        with torch.no_grad():
+        with atomic(path, suffix=".onnx") as tmp, torch.no_grad():
             if exporter == "dynamo":
                 from torch.export import Dim
 
@@ -83,13 +79,10 @@ def export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str
                 axes = {**dynamic, **{o: {0: next(iter(dynamic.values()))[0]} for o in output_names if dynamic}}
                 torch.onnx.export(model, example_inputs, tmp, dynamo=False, input_names=input_names,
                                   output_names=output_names, dynamic_axes=axes, opset_version=min(opset, 17))
-        check(tmp)
-        os.replace(tmp, path)
+            check(tmp)
     except LabkitError:
-        Path(tmp).unlink(missing_ok=True)
         raise
-    except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
+    except Exception as exc:  # atomic() has removed the half-written file
         other = "torchscript" if exporter == "dynamo" else "dynamo"
         raise LabkitError(f"the {exporter} exporter could not export {type(model).__name__} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); try exporter={other!r}, or wrap the "
