@@ -118,3 +118,10 @@ def sentences() -> list[str]:
     """Our small sentence set for encoder checks (paraphrase pairs first, then singles)."""
     path = importlib.resources.files("labkit").joinpath("assets/sentences.txt")
     return [s for s in path.read_text().splitlines() if s.strip()]
+
+
+def repeat_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` rows of ``x`` repeated as often as needed: a timed batch of a fixed size from a small set."""
+    if n < 1:
+        raise LabkitError(f"n={n}: the batch needs at least one row")
+    return x.repeat(-(-n // len(x)), *([1] * (x.dim() - 1)))[:n]

@@ -265,14 +265,26 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 3,
     return out
 
 
+def speedups(rows: dict[Any, dict[str, Any]], baseline: Any, metric: str = "latency_ms_median",
+             higher_is_better: bool = False) -> dict[Any, float]:
+    """Each row's speed-up over ``rows[baseline]``: the ratio of medians (``metric``), the kit's one definition.
+    Lower-is-better metrics (latency) divide the baseline by the row; throughputs divide the row by the baseline."""
+    if baseline not in rows:
+        raise LabkitError(f"baseline={baseline!r} is not among the timed variants: {', '.join(map(str, rows))}")
+    base = rows[baseline][metric]
+    return {k: (r[metric] / base if higher_is_better else base / r[metric]) for k, r in rows.items()}
+
+
 def compare_latency(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, inner: int = 1, warmup: int = 1,
-                    device: Any = None) -> dict[str, dict[str, Any]]:
+                    device: Any = None, baseline: str | None = None) -> dict[str, dict[str, Any]]:
     """Latency of each of ``fns`` (same inputs, one process): ``warmup`` untimed calls each, then ``repeats``
     rotated rounds (:func:`interleaved`), each timing ``inner`` back-to-back calls (their mean, so sub-millisecond
-    work is not drowned by the clock). Returns per name ``latency_ms_median``, ``_iqr``, ``_min``, ``_max``, ``_runs``.
-    A speed-up between two names is the ratio of their medians."""
+    work is not drowned by the clock). Returns per name ``latency_ms_median``, ``_iqr``, ``_min``, ``_max``, ``_runs``
+    and, given a ``baseline`` name, ``speedup_vs_baseline`` (:func:`speedups`: the ratio of medians)."""
     if inner < 1:
         raise LabkitError(f"inner={inner} must be at least 1")
+    if baseline is not None and baseline not in fns:
+        raise LabkitError(f"baseline={baseline!r} is not among the variants to time: {', '.join(fns)}")
     dev = device_of(device)
 
     def timer(fn: Callable[[], Any]) -> Callable[[], float]:
@@ -295,6 +307,9 @@ def compare_latency(fns: dict[str, Callable[[], Any]], *, repeats: int = 5, inne
         out[name] = {"latency_ms_median": 1e3 * s["median"], "latency_ms_iqr": 1e3 * s["iqr"],
                      "latency_ms_min": 1e3 * s["min"], "latency_ms_max": 1e3 * s["max"],
                      "latency_ms_runs": [round(1e3 * t, 4) for t in times]}
+    if baseline is not None:
+        for name, x in speedups(out, baseline).items():
+            out[name]["speedup_vs_baseline"] = x
     return out
 
 

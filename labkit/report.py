@@ -7,9 +7,8 @@ import html
 import io
 from pathlib import Path
 
-from labkit import LabkitError
+from labkit import LabkitError, experiments, select
 from labkit.results import Record, atomic_write_text, ensure_writable, load_all
-from labkit.viz.plots import record_figures
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#222}
 .wrap{overflow-x:auto;max-width:100%}table{border-collapse:collapse;font-size:13px;margin:.6em 0}
@@ -18,18 +17,12 @@ td:first-child,td:nth-child(2){text-align:left}.meta{color:#666;font-size:12px}.
 img{max-width:100%;height:auto}details{margin:.5em 0}summary{cursor:pointer;color:#345}
 nav a{margin-right:1em}.ok{color:#2a7a2a}.miss{color:#b22}"""
 
-ORDER = ("baseline", "quantization", "pruning", "distillation", "onnx", "tensorrt", "serving", "capstone")
 CURATED = ("model", "name", "stage", "params", "weight_bytes", "accuracy", "perplexity", "cosine_to_reference",
            "latency_ms_median", "speedup_vs_baseline", "tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s",
            "kv_waste_pct", "matches_reference", "on_pareto_front")
 LABELS = {"weight_bytes": "memory", "latency_ms_median": "latency (median ± IQR)", "speedup_vs_baseline": "× baseline",
           "output_tokens_per_s": "output tok/s", "tokens_per_s": "tok/s", "decode_tokens_per_s": "decode tok/s",
           "cosine_to_reference": "cosine", "kv_waste_pct": "KV waste %", "on_pareto_front": "Pareto"}
-NOTEBOOKS = {"baseline": "00_setup_and_baselines", "quantization": "01_quantization", "pruning": "02_pruning",
-             "distillation": "03_distillation", "onnx": "04_onnx_runtime", "tensorrt": "05_tensorrt",
-             "serving": "06_paged_attention_serving", "capstone": "07_capstone"}
-
-
 def _fig_png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -71,14 +64,10 @@ def headline(rec: Record) -> str:
     rows = [v for v in rec.variants if isinstance(v.get("speedup_vs_baseline"), (int, float))]
     parts = []
 
-    def keeps_quality(v: dict) -> bool:  # within 1.5 points / 0.01 cosine / +10 % perplexity of its baseline
+    def keeps_quality(v: dict) -> bool:  # select.KEEPS_QUALITY against its baseline
         ones = [b for b in rows if b["speedup_vs_baseline"] == 1.0]  # the baseline: its own model's, else the record's
         base = next((b for b in ones if b.get("model") == v.get("model")), ones[0] if ones else None)
-        for q, ok in (("accuracy", lambda a, b: a >= b - 0.015), ("cosine_to_reference", lambda a, b: a >= b - 0.01),
-                      ("perplexity", lambda a, b: a <= 1.1 * b)):
-            if base is not None and isinstance(v.get(q), (int, float)) and isinstance(base.get(q), (int, float)):
-                return ok(v[q], base[q])
-        return True
+        return base is None or select.keeps_quality(v, base)
 
     good = [v for v in rows if keeps_quality(v)]
     if good:
@@ -95,8 +84,10 @@ def headline(rec: Record) -> str:
     targets = rec.config.get("targets") or {}
     if targets:
         met = sum(1 for t in targets.values() if t.get("ok"))
-        cls = "ok" if met == len(targets) else "miss"
-        parts.append(f"<span class={cls}>{met} of {len(targets)} targets met</span>")
+        measured = sum(1 for t in targets.values() if t.get("ok") is not None)
+        cls = "ok" if met == measured else "miss"
+        unmeasured = f", {len(targets) - measured} not measured here" if measured < len(targets) else ""
+        parts.append(f"<span class={cls}>{met} of {measured} targets met{unmeasured}</span>")
     if rec.config.get("status") == "skipped":
         parts.append(f"skipped on this machine: {html.escape(str(rec.config.get('reason')))}")
     return "; ".join(parts) + "." if parts else ""
@@ -114,9 +105,9 @@ def record_html(rec: Record, report_dir: Path | None = None) -> str:
     full_cols = [c for c in rec.to_frame().columns if c not in ("provenance", "recipe") and not c.endswith("_runs")]
     full = _table(rec.variants, full_cols, lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else "")
     figs = "".join(f'<img alt="{html.escape(rec.experiment)} figure" src="data:image/png;base64,{_fig_png(f)}"/>'
-                   for f in record_figures(rec))
+                   for f in experiments.figures(rec))
     hw = rec.env.get("gpu") or {"name": f"{rec.env.get('cpu')} ({rec.env.get('torch_threads')} threads)"}
-    nb = NOTEBOOKS.get(rec.experiment)
+    nb = experiments.notebook(rec.experiment)
     rendered = report_dir is not None and nb is not None and (report_dir / "notebooks" / f"{nb}.html").exists()
     link = f' · executed notebook: <a href="notebooks/{nb}.html">{nb}</a>' if rendered else \
         (f" · notebook: notebooks/{nb}.ipynb" if nb else "")
@@ -135,7 +126,8 @@ def build(results_dir: str | Path = "results", out: str | Path = "reports/index.
     records = load_all(results_dir)
     if not records:
         raise LabkitError(f"no result records in {str(results_dir)!r}; run `labkit run EXPERIMENT --quick` first")
-    records.sort(key=lambda r: (ORDER.index(r.experiment) if r.experiment in ORDER else len(ORDER), r.experiment))
+    order = experiments.available()  # the notebooks' order; records of unknown experiments last
+    records.sort(key=lambda r: (order.index(r.experiment) if r.experiment in order else len(order), r.experiment))
     nav = "".join(f'<a href="#{html.escape(r.experiment)}">{html.escape(r.experiment)}</a>' for r in records)
     body = "".join(record_html(r, out.parent) for r in records)
     doc = (f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"

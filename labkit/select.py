@@ -19,6 +19,27 @@ from labkit.results import Record, reference_dirs
 HIGHER_IS_BETTER = {"accuracy": True, "cosine_to_reference": True, "perplexity": False}
 COSTS = ("weight_bytes", "latency_ms_median", "params")
 BASELINES = ("dense", "fp32", "pytorch-fp32", "teacher", "lm-teacher")
+# What "keeps quality" means everywhere in the kit (the report's headline, the capstone's decisions): at most this
+# much lost against the baseline, in select()'s terms (absolute for accuracy/cosine, relative for perplexity).
+KEEPS_QUALITY = {"accuracy": 0.015, "cosine_to_reference": 0.01, "perplexity": 0.1}
+
+
+def loss(row: dict[str, Any], base: dict[str, Any], metric: str) -> float:
+    """How much ``metric`` ``row`` lost against ``base``: an absolute drop (accuracy, cosine) or a relative rise
+    (perplexity: 0.1 = +10 %); negative when it is better."""
+    if metric not in HIGHER_IS_BETTER:
+        raise LabkitError(f"metric={metric!r} is not a quality metric; use one of {tuple(HIGHER_IS_BETTER)}")
+    return base[metric] - row[metric] if HIGHER_IS_BETTER[metric] else row[metric] / base[metric] - 1
+
+
+def keeps_quality(row: dict[str, Any], base: dict[str, Any], within: dict[str, float] | None = None) -> bool:
+    """Whether ``row`` is within ``within`` (default :data:`KEEPS_QUALITY`) of ``base`` on the first quality metric
+    both have; True when they share none (nothing to lose)."""
+    within = KEEPS_QUALITY if within is None else within
+    for metric in ("accuracy", "cosine_to_reference", "perplexity"):
+        if isinstance(row.get(metric), (int, float)) and isinstance(base.get(metric), (int, float)):
+            return loss(row, base, metric) <= within[metric] + 1e-12
+    return True
 
 
 def _read(path: Path, allow_old: bool) -> Record:
@@ -144,7 +165,7 @@ def select(rows: list[dict], *, model: str, metric: str, within: float | None = 
     def short(r: dict) -> float:  # how far r is from qualifying (<= 0: it qualifies)
         if threshold is not None:
             return threshold - r[metric] if hib else r[metric] - threshold
-        return (base[metric] - r[metric] if hib else r[metric] / base[metric] - 1) - within
+        return loss(r, base, metric) - within
 
     bound = f"{metric} {'>=' if hib else '<='} {threshold:g}" if threshold is not None else \
         f"{metric} within {within:g} {'(absolute)' if hib else '(relative)'} of {base['name']} ({base[metric]:.4g})"

@@ -8,7 +8,10 @@ import torch
 
 from labkit import env, evaluate, measure, zoo
 from labkit.data import sentences
+from labkit.experiments.protocol import Target, check
 from labkit.results import Record
+
+NOTEBOOK = "00_setup_and_baselines"
 
 
 @dataclass
@@ -47,8 +50,6 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     torch.manual_seed(0)
     rec = Record("baseline", config=asdict(config), env=env.describe())
     device = env.resolve_device(config.device)
-
-
     model, tok = zoo.load_causal_lm(config.llm, device=device, progress=progress)
     rec.add("fp32", **llm_metrics(model, tok, config, progress=progress), model=config.llm,
             provenance=model.labkit_card.source)
@@ -62,7 +63,29 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     rec.add("fp32", model=config.encoder, params=measure.param_count(enc), weight_bytes=measure.weight_bytes(enc),
             latency_ms_median=t.median_ms, latency_ms_iqr=t.iqr_ms, tokens_per_s=n_tokens / t.median_s,
             batch_sentences=len(sents), provenance=enc.labkit_card.source)
+    rec.config["targets"] = check(rec, TARGETS)
     return rec
+
+
+def _fp32_bytes_per_param(rec: Record, which: str) -> float:
+    row = rec.variant("fp32", rec.config[which])
+    return row["weight_bytes"] / row["params"]
+
+
+# The baselines every later lesson divides by: the offline weights load whole and as fp32, and SmolLM2 predicts
+# held-out text as a trained model does (a broken load or a wrong tokenizer gives perplexity in the thousands)
+TARGETS = [
+    Target("{llm} fp32 bytes held per parameter", lambda r: _fp32_bytes_per_param(r, "llm"), 4.01, "max"),
+    Target("{encoder} fp32 bytes held per parameter", lambda r: _fp32_bytes_per_param(r, "encoder"), 4.01, "max"),
+    Target("{llm} fp32 held-out perplexity", lambda r: r.variant("fp32", r.config["llm"])["perplexity"], 30.0, "max"),
+]
+
+
+def figures(rec: Record) -> list:
+    """Each model's throughput (decode tok/s for SmolLM2, encode tok/s for MiniLM: never one axis)."""
+    from labkit.viz.plots import default_figures
+
+    return default_figures(rec)
 
 
 def llm_metrics(model: torch.nn.Module, tok, config: LLMMetricsConfig, progress: bool = False) -> dict:

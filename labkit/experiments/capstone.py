@@ -24,39 +24,66 @@ from labkit import export as X
 from labkit.distill import narrow_cnn, train
 from labkit.distill.losses import hinton_loss
 from labkit.experiments import pruning as pruning_exp
+from labkit.experiments.protocol import Target, check
 from labkit.quant import Int8Config, NF4Config, quantize_
 from labkit.results import Record
+
+NOTEBOOK = "07_capstone"
 
 
 @dataclass
 class Config:
     student_width: int = 16
+    temperature: float = 4.0  # KD soft targets for the student and its fine-tune
+    alpha: float = 0.9
     distill_epochs: int = 30
+    distill_lr: float = 3e-3
     prune_ratio: float = 0.3
     finetune_epochs: int = 10
+    finetune_lr: float = 1e-3
+    calibration_batches: int = 8  # x 64 training images for ORT's static INT8
     cnn_batch: int = 256
     repeats: int = 5
     run_lm: bool = True
     llm: str = "smollm2-135m"
     mlp_ratio: float = 0.3
+    calib_samples: int = 16  # Taylor importance for the MLP prune: calib_samples x calib_seq_len tokens
+    calib_seq_len: int = 128
     recovery_steps: int = 400
+    recovery_batch: int = 8
+    recovery_seq_len: int = 256
+    recovery_samples: int = 1024
+    recovery_lr: float = 2e-4
     quant: tuple[str, ...] = ("int8", "nf4", "gptq")
+    gptq_samples: int = 16
+    gptq_seq_len: int = 256
+    quant_group_size: int = 64  # GPTQ and NF4 groups
+    lm_seq_len: int = 128  # timed forward: 1 x lm_seq_len tokens
+    ppl_window: int = 256
     ppl_max_windows: int | None = 16
     serve_requests: int = 32
     serve_prompt_len: tuple[int, int] = (16, 128)
     serve_output_len: tuple[int, int] = (16, 64)
+    max_model_len: int = 256
+    # the decisions' allowed quality loss: what "keeps quality" means everywhere in the kit (select.KEEPS_QUALITY)
+    within_accuracy: float = select.KEEPS_QUALITY["accuracy"]
+    within_perplexity: float = select.KEEPS_QUALITY["perplexity"]
     device: str = env.device_field()
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(distill_epochs=20, finetune_epochs=8, repeats=3, recovery_steps=12, quant=("int8", "nf4"),
-                   ppl_max_windows=4, serve_requests=8, serve_output_len=(8, 24))
+        return cls(distill_epochs=20, finetune_epochs=8, repeats=3, calib_samples=8, recovery_steps=12,
+                   recovery_batch=4, recovery_seq_len=128, recovery_samples=64, recovery_lr=3e-4,
+                   quant=("int8", "nf4"), ppl_max_windows=4, serve_requests=8, serve_output_len=(8, 24))
 
     @classmethod
     def smallest(cls) -> Config:
         """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
-        return cls(distill_epochs=1, finetune_epochs=1, repeats=1, recovery_steps=1, quant=("int8",),
-                   ppl_max_windows=1, serve_requests=2, serve_prompt_len=(8, 16), serve_output_len=(2, 4))
+        return cls(distill_epochs=1, finetune_epochs=1, calibration_batches=1, repeats=1, calib_samples=2,
+                   calib_seq_len=16, recovery_steps=1, recovery_batch=1, recovery_seq_len=16, recovery_samples=2,
+                   quant=("int8",), gptq_samples=2, gptq_seq_len=16, lm_seq_len=16, ppl_window=16,
+                   ppl_max_windows=1, serve_requests=2, serve_prompt_len=(8, 16), serve_output_len=(2, 4),
+                   max_model_len=32)
 
 
 def run(config: Config | None = None, progress: bool = True) -> Record:
@@ -67,7 +94,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     if config.run_lm:
         _lm(rec, config, dev, progress)
     mark_fronts(rec)
-    rec.config = {**asdict(config), "decisions": decisions(rec, config.llm)}
+    rec.config = {**asdict(config), "decisions": decisions(rec, config)}
+    rec.config["targets"] = check(rec, TARGETS)
     return rec
 
 
@@ -84,18 +112,57 @@ def mark_fronts(rec: Record) -> None:
                     v[key] = v["name"] in front
 
 
-def decisions(rec: Record, llm: str = "smollm2-135m") -> dict[str, str]:
+def decisions(rec: Record, config: Config | None = None) -> dict[str, str]:
+    """For each model and cost, the cheapest variant that keeps quality (``config.within_*``), with the reason; a
+    decision the data cannot support says why (a bug still raises)."""
+    config = config or Config()
     rows = [{**v, "hardware": "here"} for v in rec.variants]
     out = {}
-    for model, metric, within in (("digits-cnn", "accuracy", 0.015), (llm, "perplexity", 0.5)):
+    for model, metric, within in (("digits-cnn", "accuracy", config.within_accuracy),
+                                  (config.llm, "perplexity", config.within_perplexity)):
         if any(v["model"] == model for v in rec.variants):
             for cost in ("weight_bytes", "latency_ms_median"):
                 try:
                     out[f"{model} smallest {cost} within {within:g}"] = select.select(
                         rows, model=model, metric=metric, within=within, cost=cost).reason
-                except LabkitError as exc:  # a decision the data cannot support is recorded; a bug still raises
+                except LabkitError as exc:
                     out[f"{model} smallest {cost} within {within:g}"] = str(exc)
     return out
+
+
+def _last(rec: Record, model: str) -> dict:
+    """The record's last stage of ``model`` (the whole pipeline applied)."""
+    rows = [v for v in rec.variants if v["model"] == model]
+    if not rows:
+        raise LabkitError(f"no {model} stage in this capstone record")
+    return max(rows, key=lambda v: v["stage"])
+
+
+def _first(rec: Record, model: str) -> dict:
+    return next(v for v in rec.variants if v["model"] == model and v["stage"] == 0)
+
+
+TARGETS = [
+    Target("digits-cnn last stage weight_bytes / teacher",
+           lambda r: _last(r, "digits-cnn")["weight_bytes"] / _first(r, "digits-cnn")["weight_bytes"], 0.35, "max"),
+    Target("digits-cnn teacher accuracy - last stage accuracy",
+           lambda r: _first(r, "digits-cnn")["accuracy"] - _last(r, "digits-cnn")["accuracy"],
+           select.KEEPS_QUALITY["accuracy"], "max"),
+    Target("{llm} pruned-recovered-int8 weight_bytes / dense",
+           lambda r: r.variant("pruned-recovered-int8", r.config["llm"])["weight_bytes"]
+           / r.variant("dense", r.config["llm"])["weight_bytes"], 0.4, "max"),
+    Target("{llm} pruned-recovered-int8 perplexity / pruned-recovered (int8 costs nothing more)",
+           lambda r: r.variant("pruned-recovered-int8", r.config["llm"])["perplexity"]
+           / r.variant("pruned-recovered", r.config["llm"])["perplexity"], 1.01, "max"),
+]
+
+
+def figures(rec: Record) -> list:
+    """Memory against quality for each model's stages (the Pareto view the decisions are made on)."""
+    from labkit.viz.plots import models_of, scatter
+
+    return [scatter(rec, "weight_bytes", "accuracy" if m == "digits-cnn" else "perplexity", model=m)
+            for m in models_of(rec)]
 
 
 # ------------------------------------------------------------------------------------------------ CNN
@@ -108,28 +175,28 @@ def _cnn(rec: Record, config: Config, dev: torch.device, progress: bool) -> None
         soft = teacher(xtr)
 
     def kd(m, b):
-        return hinton_loss(m(b[0]), b[1], b[2], temperature=4.0, alpha=0.9)
+        return hinton_loss(m(b[0]), b[1], b[2], temperature=config.temperature, alpha=config.alpha)
 
     bar = tqdm(total=4, desc="capstone: digits-cnn stages", disable=not progress)
     torch.manual_seed(0)
     student = narrow_cnn(config.student_width).to(dev)
-    train(student, (xtr, soft, ytr), kd, epochs=config.distill_epochs, lr=3e-3, device=dev)
+    train(student, (xtr, soft, ytr), kd, epochs=config.distill_epochs, lr=config.distill_lr, device=dev)
     bar.update(1)
     pruned = copy.deepcopy(student)
     prune.prune_cnn(pruned, config.prune_ratio, importance_name="taylor", calibration=(xtr, ytr))
-    train(pruned, (xtr, soft, ytr), kd, epochs=config.finetune_epochs, lr=1e-3, device=dev)
+    train(pruned, (xtr, soft, ytr), kd, epochs=config.finetune_epochs, lr=config.finetune_lr, device=dev)
     bar.update(1)
-    batch = xte.repeat(-(-config.cnn_batch // len(xte)), 1, 1, 1)[:config.cnn_batch]
+    batch = data.repeat_to(xte, config.cnn_batch)
     host_batch, host_xte = batch.cpu(), xte.cpu()  # ONNX Runtime's CPU provider reads numpy arrays
     with tempfile.TemporaryDirectory() as d:
         path = X.export_cnn(pruned, Path(d) / "cnn.onnx")
-        calib = [{"images": xtr[i * 64:(i + 1) * 64].cpu().numpy()} for i in range(8)]
+        calib = X.calibration_feeds(xtr, config.calibration_batches)
         qpath = X.quantize_static_int8(path, Path(d) / "cnn-int8.onnx", calib)
         sessions = {"ort": X.session(path), "ort-int8": X.session(qpath)}
         bar.update(1)
         stages = [
             ("teacher", 0, ["digits-cnn (trained on the labelled training split)"], teacher, None, None),
-            ("distilled", 1, ["KD student, half width, T=4 soft targets"], student, None, None),
+            ("distilled", 1, [f"KD student, half width, T={config.temperature:g} soft targets"], student, None, None),
             ("pruned-finetuned", 2, [f"prune {config.prune_ratio:.0%} channels (Taylor)", "KD fine-tune"], pruned,
              None, None),
             ("onnx-runtime", 3, ["export ONNX", "ORT fp32"], pruned, sessions["ort"], path),
@@ -140,7 +207,7 @@ def _cnn(rec: Record, config: Config, dev: torch.device, progress: bool) -> None
             fns[name] = ((lambda s=sess: s.run(None, {"images": host_batch.numpy()})) if sess
                          else (lambda m=m: m(batch)))
         with torch.no_grad():
-            lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device=dev)
+            lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device=dev, baseline="teacher")
         recipe: list[str] = []
         for name, stage, steps, m, sess, f in stages:
             recipe = recipe + steps if stage else steps
@@ -149,7 +216,6 @@ def _cnn(rec: Record, config: Config, dev: torch.device, progress: bool) -> None
                     device="cpu (onnxruntime)" if sess else str(dev),
                     accuracy=evaluate.accuracy(logits, yte.cpu()), params=measure.param_count(m),
                     weight_bytes=f.stat().st_size if f else measure.weight_bytes(m), **lat[name],
-                    speedup_vs_baseline=lat["teacher"]["latency_ms_median"] / lat[name]["latency_ms_median"],
                     batch=config.cnn_batch)
         bar.update(1)
     bar.close()
@@ -162,11 +228,11 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
     from labkit.serve.bench import make_workload, run_engine, summarize
 
     dense, tok = zoo.load_causal_lm(config.llm, device=dev, progress=False)
-    pcfg = pruning_exp.Config.quick() if config.recovery_steps < 100 else pruning_exp.Config()
-    if config.recovery_steps < 4:  # the smallest run: calibration and recovery batches shrink with it
-        pcfg = pruning_exp.Config.smallest()
-    pcfg.recovery_steps, pcfg.mlp_ratio, pcfg.device = config.recovery_steps, config.mlp_ratio, str(dev)
-    calib = data.calibration_batches(tok, n=pcfg.calib_samples, seq_len=pcfg.calib_seq_len, device=dev)
+    pcfg = pruning_exp.Config(mlp_ratio=config.mlp_ratio, recovery_steps=config.recovery_steps,
+                              recovery_batch=config.recovery_batch, recovery_seq_len=config.recovery_seq_len,
+                              recovery_samples=config.recovery_samples, recovery_lr=config.recovery_lr,
+                              device=str(dev))
+    calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len, device=dev)
     pruned = copy.deepcopy(dense)
     prune.prune_llm_mlp(pruned, config.mlp_ratio, calibration_ids=calib)
     recovered, info = pruning_exp.recover(pruned, dense, tok, pcfg, progress, device=dev)
@@ -179,24 +245,24 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
         if q == "gptq":
             from labkit.quant.gptq import gptq_quantize_
 
-            gptq_quantize_(m, data.calibration_batches(tok, n=16, seq_len=256, device=dev), group_size=64,
-                           progress=False)
+            gptq_quantize_(m, data.calibration_batches(tok, n=config.gptq_samples, seq_len=config.gptq_seq_len,
+                                                       device=dev), group_size=config.quant_group_size, progress=False)
         else:
-            quantize_(m, Int8Config() if q == "int8" else NF4Config(64, double_quant=False))
+            quantize_(m, Int8Config() if q == "int8" else NF4Config(config.quant_group_size, double_quant=False))
         models[f"pruned-recovered-{q}"] = (2, models["pruned-recovered"][1] + [f"{q} weights"], m)
-    ids = torch.randint(0, dense.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0)).to(dev)
+    ids = torch.randint(0, dense.config.vocab_size, (1, config.lm_seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(input_ids=ids, use_cache=False, logits_to_keep=1))
                                        for k, (_, _, m) in models.items()}, repeats=config.repeats, inner=1,
-                                      device=dev)
+                                      device=dev, baseline="dense")
     prompts, outs = make_workload(tok, config.serve_requests, config.serve_prompt_len, config.serve_output_len)
     for name, (stage, recipe, m) in tqdm(models.items(), desc="capstone: smollm2 stages", disable=not progress):
-        llm = LLM(m, tok, max_num_seqs=config.serve_requests, max_model_len=256, device=dev)
+        llm = LLM(m, tok, max_num_seqs=config.serve_requests, max_model_len=config.max_model_len, device=dev)
         run_engine(llm, prompts[:2], [4, 4])  # warm-up outside the clock
         served = summarize(run_engine(llm, prompts, outs))
         rec.add(name, model=config.llm, stage=stage, recipe=recipe + ["served by labkit's paged engine"],
-                perplexity=evaluate.perplexity(m, tok, window=256, max_windows=config.ppl_max_windows),
+                perplexity=evaluate.perplexity(m, tok, window=config.ppl_window, max_windows=config.ppl_max_windows),
                 params=measure.param_count(m), weight_bytes=measure.weight_bytes(m), **lat[name],
-                speedup_vs_baseline=lat["dense"]["latency_ms_median"] / lat[name]["latency_ms_median"],
                 output_tokens_per_s=served["output_tokens_per_s"], serve_requests=config.serve_requests,
                 **({"recovery_steps": info["recovery_steps"]} if stage else {}))

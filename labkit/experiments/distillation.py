@@ -21,7 +21,10 @@ from tqdm.auto import tqdm
 from labkit import data, env, evaluate, measure, zoo
 from labkit.distill import layer_dropped_lm, narrow_cnn, token_kd_loss, train
 from labkit.distill.losses import hinton_loss
-from labkit.results import Record, target
+from labkit.experiments.protocol import Target, Variant, check
+from labkit.results import Record
+
+NOTEBOOK = "03_distillation"
 
 
 @dataclass
@@ -84,7 +87,8 @@ def run(config: Config | None = None, progress: bool = True, kd_loss=None) -> Re
     extra["kd_loss"] = f"{getattr(loss, '__module__', '?')}.{getattr(loss, '__qualname__', '?')}"
     if config.run_lm:
         extra.update(_lm_variants(rec, config, dev, progress))
-    rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
+    rec.config = {**asdict(config), **extra}
+    rec.config["targets"] = check(rec, TARGETS)
     return rec
 
 
@@ -110,10 +114,22 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
         hard = F.cross_entropy(s[has], b[2][has]) if has.any() else s.sum() * 0
         return config.alpha * soft + (1 - config.alpha) * hard
 
+    # Each student's build(seed data) -> (training tensors, loss, epochs); settings are fields, not parsed names
+    def kd_on_labelled(t: float):
+        return lambda d: ((d["x"], d["soft"], d["y"]), kd(t), config.epochs)
+
+    jobs = [Variant("student-scratch", lambda d: ((d["x"], d["y"]), ce, config.epochs), "hard labels only"),
+            Variant("student-kd", kd_on_labelled(config.temperature), "Hinton's loss on the labelled images",
+                    {"temperature": config.temperature, "alpha": config.alpha})]
+    jobs += [Variant(f"student-kd-T{t:g}", kd_on_labelled(float(t)), "the temperature sweep",
+                     {"temperature": float(t), "alpha": config.alpha}) for t in config.temperatures]
+    jobs += [Variant("student-kd-transfer", lambda d: ((xtr, tlog, d["labels"]), transfer_kd, config.transfer_epochs),
+                     "soft targets on every training image, labels where known",
+                     {"temperature": config.temperature, "alpha": config.alpha}),
+             Variant("student-pseudo-transfer", lambda d: ((xtr, d["pseudo"]), ce, config.transfer_epochs),
+                     "the control: the teacher's hard labels on the same images")]
     runs: dict[str, list[float]] = {}
     curves: dict[str, list[float]] = {}
-    jobs = ["student-scratch", "student-kd"] + [f"student-kd-T{t:g}" for t in config.temperatures] + \
-        ["student-kd-transfer", "student-pseudo-transfer"]
     bar = tqdm(total=len(jobs) * len(config.seeds), desc="distillation students x seeds", disable=not progress)
     student = None
     for seed in config.seeds:
@@ -122,18 +138,12 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
         labels[sub] = ytr[sub]
         pseudo = tlog.argmax(1)
         pseudo[sub] = ytr[sub]
-        for name in jobs:
+        seed_data = {"x": xtr[sub], "y": ytr[sub], "soft": tlog[sub], "labels": labels, "pseudo": pseudo}
+        for job in jobs:
+            name = job.name
             torch.manual_seed(seed)
             student = narrow_cnn(config.student_width).to(dev)
-            if name == "student-scratch":
-                args = ((xtr[sub], ytr[sub]), ce, config.epochs)
-            elif name.startswith("student-kd-T") or name == "student-kd":
-                t = config.temperature if name == "student-kd" else float(name.rsplit("T", 1)[1])
-                args = ((xtr[sub], tlog[sub], ytr[sub]), kd(t), config.epochs)
-            elif name == "student-kd-transfer":
-                args = ((xtr, tlog, labels), transfer_kd, config.transfer_epochs)
-            else:
-                args = ((xtr, pseudo), ce, config.transfer_epochs)
+            args = job.build(seed_data)
             hist = train(student, args[0], args[1], epochs=args[2], lr=config.lr, seed=seed, device=dev,
                          eval_fn=(lambda m: evaluate.classifier_accuracy(m, xte, yte)) if seed == config.seeds[0] else None)
             runs.setdefault(name, []).append(evaluate.classifier_accuracy(student, xte, yte))
@@ -145,14 +155,13 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
     t_params = measure.param_count(teacher)
     rec.add("teacher", model=config.teacher, params=t_params, weight_bytes=measure.weight_bytes(teacher),
             accuracy=evaluate.classifier_accuracy(teacher, xte, yte), accuracy_std=0.0, seeds=1, **lat["teacher"],
-            speedup_vs_baseline=1.0, notes="trained on the full labelled training split")
+            notes="trained on the full labelled training split")
     s_params = measure.param_count(student)
     for name, accs in runs.items():
         rec.add(name, model=f"digits-cnn-w{config.student_width}", params=s_params,
                 weight_bytes=measure.weight_bytes(student), accuracy=statistics.mean(accs),
                 accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0, seeds=len(accs),
-                accuracy_per_seed=accs, accuracy_curve_seed0=curves.get(name), **lat["student"],
-                speedup_vs_baseline=lat["teacher"]["latency_ms_median"] / lat["student"]["latency_ms_median"])
+                accuracy_per_seed=accs, accuracy_curve_seed0=curves.get(name), **lat["student"])
     return {"labelled_images": config.labels_per_class * 10, "transfer_images": len(xtr), "test_images": len(xte),
             "student_params_ratio": s_params / t_params,
             "latency": f"batch of {config.latency_batch} test images, {config.latency_repeats} rotated repeats"}
@@ -162,9 +171,10 @@ def _latency(models: dict, x: torch.Tensor, config: Config, dev: torch.device) -
     batch = x[:config.latency_batch]
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(batch)) for k, m in models.items()},
-                                      repeats=config.latency_repeats, inner=20, device=dev)
+                                      repeats=config.latency_repeats, inner=20, device=dev, baseline="teacher")
     return {k: {"latency_ms_median": v["latency_ms_median"], "latency_ms_iqr": v["latency_ms_iqr"],
-                "latency_batch": config.latency_batch} for k, v in lat.items()}
+                "speedup_vs_baseline": v["speedup_vs_baseline"], "latency_batch": config.latency_batch}
+            for k, v in lat.items()}
 
 
 # ------------------------------------------------------------------------------------------------ LM
@@ -217,23 +227,26 @@ def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool)
 
 # ------------------------------------------------------------------------------------------------ targets
 
-def check_targets(rec: Record) -> dict[str, dict]:
-    v = {x["name"]: x for x in rec.variants}
-    out = {}
+TARGETS = [
+    Target("student params / teacher params", lambda r: r.variant("student-kd")["params"] / r.variant("teacher")["params"],
+           0.5, "max"),
+    Target("student-kd accuracy - student-scratch accuracy",
+           lambda r: r.variant("student-kd")["accuracy"] - r.variant("student-scratch")["accuracy"], 0.0, "min"),
+    Target("student-kd accuracy / teacher accuracy",
+           lambda r: r.variant("student-kd")["accuracy"] / r.variant("teacher")["accuracy"], 0.95, "min"),
+    Target("lm-student-kd perplexity - lm-student-lmloss perplexity",
+           lambda r: r.variant("lm-student-kd")["perplexity"] - r.variant("lm-student-lmloss")["perplexity"], 0.0, "max"),
+]
 
-    def add(key, value, limit, kind):
-        target(out, key, value, limit, kind)
 
-    if "teacher" in v and "student-kd" in v:
-        add("student params / teacher params", v["student-kd"]["params"] / v["teacher"]["params"], 0.5, "max")
-        add("student-kd accuracy - student-scratch accuracy", v["student-kd"]["accuracy"]
-            - v["student-scratch"]["accuracy"], 0.0, "min")
-        add("student-kd accuracy / teacher accuracy", v["student-kd"]["accuracy"] / v["teacher"]["accuracy"],
-            0.95, "min")
-    if "lm-student-kd" in v:
-        add("lm-student-kd perplexity - lm-student-lmloss perplexity",
-            v["lm-student-kd"]["perplexity"] - v["lm-student-lmloss"]["perplexity"], 0.0, "max")
-    return out
+def figures(rec: Record) -> list:
+    """Test accuracy of the teacher and every student (mean over seeds), then the LM students' perplexity."""
+    from labkit.viz.plots import metric_bars
+
+    figs = [metric_bars(rec, "accuracy", title="distillation: digits test accuracy (mean over seeds)")]
+    if any(v["name"].startswith("lm-") for v in rec.variants):
+        figs.append(metric_bars(rec, "perplexity", log=True, title="distillation: SmolLM2 held-out perplexity"))
+    return figs
 
 
 def _points(a: dict, b: dict) -> tuple[float, float]:

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
-from labkit import data, env, evaluate, measure, zoo
+from labkit import LabkitError, data, env, evaluate, measure, zoo
 from labkit import export as X
-from labkit.results import Record, target
+from labkit.experiments.protocol import Target, check
+from labkit.results import Record
+
+NOTEBOOK = "04_onnx_runtime"
 
 
 @dataclass
@@ -77,7 +80,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     with tempfile.TemporaryDirectory() as d:
         extra = _encoder(rec, config, Path(d), dev)
         extra.update(_cnn(rec, config, Path(d)))
-    rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
+    rec.config = {**asdict(config), **extra}
+    rec.config["targets"] = check(rec, TARGETS)
     return rec
 
 
@@ -105,14 +109,12 @@ def _encoder(rec: Record, config: Config, d: Path, dev: torch.device) -> dict:
         outs = {k: fn() for k, fn in fns.items()}  # also compiles torch.compile, outside the clock
         fns.update({k: (lambda s=s: s.run(None, np_feeds)) for k, s in sessions.items()})
         outs.update({k: torch.from_numpy(X.run(s, feeds)[0]) for k, s in sessions.items()})
-        lat = measure.compare_latency(fns, repeats=config.repeats, inner=2)
-    base = lat["pytorch-fp32"]["latency_ms_median"]
+        lat = measure.compare_latency(fns, repeats=config.repeats, inner=2, baseline="pytorch-fp32")
     pt_bytes = measure.weight_bytes(model)
     for name in fns:
         cos = evaluate.cosine(X.mean_pool(outs[name], feeds["attention_mask"]), ref)
         onnx_file = files.get(name)
-        rec.add(name, model=config.encoder, **{k: v for k, v in lat[name].items()},
-                speedup_vs_baseline=base / lat[name]["latency_ms_median"],
+        rec.add(name, model=config.encoder, **lat[name],
                 weight_bytes=onnx_file.stat().st_size if onnx_file else pt_bytes,
                 cosine_to_reference=cos,
                 graph_nodes=sum(X.op_counts(onnx_file).values()) if onnx_file else None,
@@ -143,11 +145,10 @@ def _cuda_variants(rec: Record, model, path: Path, feeds: dict, ref: torch.Tenso
         fns = {"pytorch-fp32-cuda": lambda: gpu_model(**cuda_feeds).last_hidden_state,
                "ort-cuda-fp16": lambda: X.run_bound(sess, cuda_feeds)[0]}
         outs = {k: fn().float().cpu() for k, fn in fns.items()}
-        lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device=dev)
+        lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, device=dev, baseline="pytorch-fp32-cuda")
     model.to("cpu")
     for name in fns:
         rec.add(name, model=config.encoder, **lat[name], device=str(dev), provider=sess.get_providers()[0],
-                speedup_vs_baseline=lat["pytorch-fp32-cuda"]["latency_ms_median"] / lat[name]["latency_ms_median"],
                 baseline="pytorch-fp32-cuda", cosine_to_reference=evaluate.cosine(
                     X.mean_pool(outs[name], feeds["attention_mask"]), ref), batch=config.batch, seq_len=config.seq_len)
 
@@ -157,20 +158,19 @@ def _cnn(rec: Record, config: Config, d: Path) -> dict:
     splits = data.digits_splits()
     (xtr, _), (xte, yte) = splits["train"], splits["test"]
     path = X.export_cnn(model, d / "cnn.onnx", exporter=config.exporter)
-    calib = [{"images": xtr[i * 64:(i + 1) * 64].numpy()} for i in range(config.calibration_batches)]
+    calib = X.calibration_feeds(xtr, config.calibration_batches)
     files = {"ort-fp32": path, "ort-int8-static": X.quantize_static_int8(path, d / "cnn-int8.onnx", calib)}
     sessions = {k: X.session(p) for k, p in files.items()}
-    batch = xte.repeat(-(-config.cnn_batch // len(xte)), 1, 1, 1)[:config.cnn_batch]
+    batch = data.repeat_to(xte, config.cnn_batch)
     with torch.no_grad():
         fns = {"pytorch-fp32": lambda: model(batch)}
         fns.update({k: (lambda s=s: s.run(None, {"images": batch.numpy()})) for k, s in sessions.items()})
-        lat = measure.compare_latency(fns, repeats=config.repeats, inner=10)
+        lat = measure.compare_latency(fns, repeats=config.repeats, inner=10, baseline="pytorch-fp32")
         preds = {"pytorch-fp32": model(xte)}
     preds.update({k: torch.from_numpy(X.run(s, {"images": xte})[0]) for k, s in sessions.items()})
-    base = lat["pytorch-fp32"]["latency_ms_median"]
     for name in fns:
         f = files.get(name)
-        rec.add(name, model=config.cnn, **lat[name], speedup_vs_baseline=base / lat[name]["latency_ms_median"],
+        rec.add(name, model=config.cnn, **lat[name],
                 weight_bytes=f.stat().st_size if f else measure.weight_bytes(model),
                 accuracy=evaluate.accuracy(preds[name], yte),
                 graph_nodes=sum(X.op_counts(f).values()) if f else None, batch=config.cnn_batch)
@@ -178,21 +178,29 @@ def _cnn(rec: Record, config: Config, d: Path) -> dict:
             "cnn_op_counts_int8": dict(X.op_counts(files["ort-int8-static"]).most_common())}
 
 
-def check_targets(rec: Record) -> dict[str, dict]:
-    v = {(x["model"], x["name"]): x for x in rec.variants}
-    out = {}
+def _best_int8(rec: Record) -> dict:
+    """The fastest INT8 encoder graph that keeps cosine >= 0.99 to PyTorch fp32."""
+    int8 = [v for v in rec.variants if v.get("model") == rec.config["encoder"] and "int8" in v["name"]
+            and v["cosine_to_reference"] >= 0.99]
+    if not int8:
+        raise LabkitError("no INT8 encoder variant keeps cosine >= 0.99")
+    return max(int8, key=lambda v: v["speedup_vs_baseline"])
 
-    def add(key, value, limit, kind):
-        target(out, key, value, limit, kind)
 
-    enc = [x for (m, _), x in v.items() if m == "minilm-l6"]
-    int8 = [x for x in enc if "int8" in x["name"] and x["cosine_to_reference"] >= 0.99]
-    if int8:
-        best = max(int8, key=lambda x: x["speedup_vs_baseline"])
-        add(f"best INT8 ORT variant ({best['name']}) speedup_vs_baseline", best["speedup_vs_baseline"], 1.5, "min")
-        add(f"{best['name']} cosine_to_reference", best["cosine_to_reference"], 0.99, "min")
-    if ("minilm-l6", "ort-fp32") in v:
-        add("ort-fp32 cosine_to_reference", v[("minilm-l6", "ort-fp32")]["cosine_to_reference"], 0.9999, "min")
-        add("ort-fp32-fused graph_nodes - ort-fp32 graph_nodes", v[("minilm-l6", "ort-fp32-fused")]["graph_nodes"]
-            - v[("minilm-l6", "ort-fp32")]["graph_nodes"], -1, "max")
-    return out
+def _enc(rec: Record, name: str) -> dict:
+    return rec.variant(name, rec.config["encoder"])
+
+
+TARGETS = [
+    Target("best INT8 ORT variant speedup_vs_baseline", lambda r: _best_int8(r)["speedup_vs_baseline"], 1.5, "min"),
+    Target("best INT8 ORT variant cosine_to_reference", lambda r: _best_int8(r)["cosine_to_reference"], 0.99, "min"),
+    Target("ort-fp32 cosine_to_reference", lambda r: _enc(r, "ort-fp32")["cosine_to_reference"], 0.9999, "min"),
+    Target("ort-fp32-fused graph_nodes - ort-fp32 graph_nodes",
+           lambda r: _enc(r, "ort-fp32-fused")["graph_nodes"] - _enc(r, "ort-fp32")["graph_nodes"], -1, "max"),
+]
+
+
+def figures(rec: Record) -> list:
+    from labkit.viz.plots import latency_bars
+
+    return latency_bars(rec)

@@ -19,7 +19,10 @@ from tqdm.auto import tqdm
 
 from labkit import data, env, evaluate, measure, prune, zoo
 from labkit.distill import token_kd_loss, train
-from labkit.results import Record, target
+from labkit.experiments.protocol import Target, check
+from labkit.results import Record
+
+NOTEBOOK = "02_pruning"
 
 
 @dataclass
@@ -75,12 +78,9 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     if config.run_lm:
         extra.update(_lm_variants(rec, config, dev, progress))
     extra["gpu_2_4_matmul"] = prune.semi_structured.matmul_speedup(device=dev)
-    rec.config = {**asdict(config), **extra, "targets": check_targets(rec)}
+    rec.config = {**asdict(config), **extra}
+    rec.config["targets"] = check(rec, TARGETS)
     return rec
-
-
-def _speedups(lat: dict[str, dict], base: str) -> dict[str, float]:
-    return {k: lat[base]["latency_ms_median"] / v["latency_ms_median"] for k, v in lat.items()}
 
 
 # ------------------------------------------------------------------------------------------------ CNN
@@ -111,18 +111,17 @@ def cnn_models(config: Config, progress: bool = False, device: torch.device | No
 def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool) -> dict:
     built = cnn_models(config, progress, dev)
     models, (xte, yte) = built["models"], built["test"]
-    batch = xte.repeat(-(-config.cnn_batch // len(xte)), 1, 1, 1)[:config.cnn_batch]
+    batch = data.repeat_to(xte, config.cnn_batch)
     example = torch.zeros(1, 1, 8, 8, device=dev)
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(batch)) for k, m in models.items()},
-                                      repeats=config.repeats, inner=20, device=dev)
-    speed = _speedups(lat, "dense")
+                                      repeats=config.repeats, inner=20, device=dev, baseline="dense")
     for name, m in models.items():
         rec.add(name, model=config.cnn, params=measure.param_count(m), nonzero_weights=prune.nonzero_weights(m),
                 weight_bytes=measure.weight_bytes(m),
                 csr_weight_bytes=sum(prune.csr_bytes(lay.weight) for _, lay in prune.prunable_layers(m)),
                 macs=prune.macs(m, example), accuracy=evaluate.classifier_accuracy(m, xte, yte), **lat[name],
-                speedup_vs_baseline=speed[name], batch=config.cnn_batch)
+                batch=config.cnn_batch)
     dense = models["dense"]
     sens = prune.scan(copy.deepcopy(dense), lambda m: evaluate.classifier_accuracy(m, xte, yte),
                       config.sensitivity_sparsities)
@@ -186,15 +185,14 @@ def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool)
                         generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():
         lat = measure.compare_latency({k: (lambda m=m: m(input_ids=ids, use_cache=False, logits_to_keep=1))
-                                       for k, m in models.items()}, repeats=config.lm_repeats, inner=2, device=dev)
-    speed = _speedups(lat, "dense")
+                                       for k, m in models.items()}, repeats=config.lm_repeats, inner=2, device=dev,
+                                      baseline="dense")
     prompt = tok(config.prompt, return_tensors="pt").input_ids.to(dev)
     for name, m in tqdm(models.items(), desc="perplexity per variant", disable=not progress):
         extra = info if name.endswith("-recovered") else {}
         rec.add(name, model=config.llm, params=measure.param_count(m), weight_bytes=measure.weight_bytes(m),
                 nonzero_weights=prune.nonzero_weights(m), mlp_intermediate_size=m.config.intermediate_size,
-                perplexity=ppl(m), **lat[name],
-                speedup_vs_baseline=speed[name], batch=config.lm_batch, seq_len=config.lm_seq_len,
+                perplexity=ppl(m), **lat[name], batch=config.lm_batch, seq_len=config.lm_seq_len,
                 sample=generate(m, tok, prompt, config.new_tokens), **extra)
     return {"lm_prune_seconds": round(res.seconds, 2), "lm_calibration": f"{config.calib_samples} x "
             f"{config.calib_seq_len} calibration tokens for Taylor importance",
@@ -243,30 +241,46 @@ def generate(model, tok, prompt_ids: torch.Tensor, new_tokens: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ targets
 
-def check_targets(rec: Record) -> dict[str, dict]:
-    cnn = {x["name"]: x for x in rec.variants if x.get("model") == "digits-cnn"}
-    lm = {x["name"]: x for x in rec.variants if x.get("model") != "digits-cnn"}
-    out = {}
+def _cnn(rec: Record, name: str) -> dict:
+    """A digits-cnn row; ``"structured"`` names the channel-pruned one at the record's ratio."""
+    if name.startswith("structured"):
+        name = name.replace("structured", f"structured-{round(rec.config['cnn_ratio'] * 100)}", 1)
+    return rec.variant(name, rec.config["cnn"])
 
-    def add(key, value, limit, kind):
-        target(out, key, value, limit, kind)
 
-    ft = next((v for k, v in cnn.items() if k.startswith("structured") and k.endswith("-finetuned")), None)
-    if ft and "dense" in cnn:
-        d = cnn["dense"]
-        add(f"{ft['name']} params / dense params", ft["params"] / d["params"], 0.65, "max")
-        add(f"{ft['name']} speedup_vs_baseline", ft["speedup_vs_baseline"], 1.3, "min")
-        add(f"dense accuracy - {ft['name']} accuracy (points)", 100 * (d["accuracy"] - ft["accuracy"]), 1.5, "max")
-    if "unstructured-50" in cnn:
-        u, d = cnn["unstructured-50"], cnn["dense"]
-        add("digits-cnn unstructured-50 weight_bytes / dense", u["weight_bytes"] / d["weight_bytes"], 1.0, "min")
-        # "no speed-up": within the spread a dense kernel shows on zeros (1.1x would be a real gain)
-        add("digits-cnn unstructured-50 speedup_vs_baseline", u["speedup_vs_baseline"], 1.1, "max")
-    s = next((k for k in lm if k.startswith("structured-mlp") and not k.endswith("-recovered")), None)
-    if s and "dense" in lm:
-        add(f"{s} params / dense params", lm[s]["params"] / lm["dense"]["params"], 1.0 - 1e-9, "max")
-        add(f"{s} generates (characters of continuation)", len(lm[s]["sample"].strip()), 1, "min")
-        r = lm.get(f"{s}-recovered")
-        if r:
-            add(f"{s}-recovered perplexity - {s} perplexity", r["perplexity"] - lm[s]["perplexity"], 0.0, "max")
-    return out
+def _lm(rec: Record, name: str) -> dict:
+    """A SmolLM2 row; ``"structured-mlp"`` names the MLP-pruned one at the record's ratio."""
+    if name.startswith("structured-mlp"):
+        name = name.replace("structured-mlp", f"structured-mlp-{round(rec.config['mlp_ratio'] * 100)}", 1)
+    return rec.variant(name, rec.config["llm"])
+
+
+TARGETS = [
+    Target("structured-finetuned params / dense params",
+           lambda r: _cnn(r, "structured-finetuned")["params"] / _cnn(r, "dense")["params"], 0.65, "max"),
+    Target("structured-finetuned speedup_vs_baseline", lambda r: _cnn(r, "structured-finetuned")["speedup_vs_baseline"],
+           1.3, "min"),
+    Target("dense accuracy - structured-finetuned accuracy (points)",
+           lambda r: 100 * (_cnn(r, "dense")["accuracy"] - _cnn(r, "structured-finetuned")["accuracy"]), 1.5, "max"),
+    Target("{cnn} unstructured-50 weight_bytes / dense",
+           lambda r: _cnn(r, "unstructured-50")["weight_bytes"] / _cnn(r, "dense")["weight_bytes"],
+           1.0, "min"),
+    # "no speed-up": within the spread a dense kernel shows on zeros (1.1x would be a real gain)
+    Target("{cnn} unstructured-50 speedup_vs_baseline",
+           lambda r: _cnn(r, "unstructured-50")["speedup_vs_baseline"], 1.1, "max"),
+    Target("structured-mlp params / dense params", lambda r: _lm(r, "structured-mlp")["params"] / _lm(r, "dense")["params"],
+           1.0 - 1e-9, "max"),
+    Target("structured-mlp generates (characters of continuation)", lambda r: len(_lm(r, "structured-mlp")["sample"].strip()), 1,
+           "min"),
+    Target("structured-mlp-recovered perplexity - structured-mlp perplexity",
+           lambda r: _lm(r, "structured-mlp-recovered")["perplexity"] - _lm(r, "structured-mlp")["perplexity"], 0.0, "max"),
+]
+
+
+def figures(rec: Record) -> list:
+    """Quality against size and speed for each model (:func:`labkit.viz.prune.tradeoff_figure`)."""
+    from labkit.viz.plots import models_of
+    from labkit.viz.prune import tradeoff_figure
+
+    return [tradeoff_figure(rec, m, "accuracy" if m in models_of(rec, "accuracy") else "perplexity")
+            for m in models_of(rec)]

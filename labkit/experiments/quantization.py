@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import statistics
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,10 +15,13 @@ from tqdm.auto import tqdm
 
 from labkit import LabkitError, data, env, evaluate, measure, zoo
 from labkit.experiments.baseline import LLMMetricsConfig
+from labkit.experiments.protocol import Target, Variant, check
 from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
 from labkit.quant.api import bits_per_param_quantized
 from labkit.quant.projection import LLAMA_3_8B, LLAMA_3_70B, project
 from labkit.results import Record
+
+NOTEBOOK = "01_quantization"
 
 LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "int4-g64", "nf4", "nf4-dq", "int4-calibrated",
                 "bnb-nf4", "bnb-int8")
@@ -53,8 +55,8 @@ class Config(LLMMetricsConfig):
             raise LabkitError(f"variants={unknown} unknown; allowed: {', '.join(LLM_VARIANTS)}")
 
 
-def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tuple]]:
-    """variant name -> function returning (model, tokenizer, extra metrics)."""
+def variants(config: Config, device: torch.device) -> list[Variant]:
+    """Every SmolLM2 variant: ``build()`` returns (model, tokenizer, extra metrics)."""
 
     def own(qconfig, **kw):
         def build():
@@ -92,12 +94,19 @@ def _builders(config: Config, device: torch.device) -> dict[str, Callable[[], tu
         model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
         return model, tok, {}
 
-    return {"fp32": plain, "bf16": own(DtypeConfig(torch.bfloat16), skip=()),
-            "fp16": own(DtypeConfig(torch.float16), skip=()),
-            "int8": own(Int8Config()), "int4-g128": own(Int4Config(group_size=128)),
-            "int4-g64": own(Int4Config(group_size=config.gptq_group_size)),
-            "nf4": own(NF4Config(64, double_quant=False)), "nf4-dq": own(NF4Config(64, double_quant=True)),
-            "int4-calibrated": gptq, "bnb-nf4": bnb("nf4"), "bnb-int8": bnb("int8")}
+    g = config.gptq_group_size
+    return [Variant("fp32", plain, "the checkpoint as stored"),
+            Variant("bf16", own(DtypeConfig(torch.bfloat16), skip=()), "every weight cast to bfloat16"),
+            Variant("fp16", own(DtypeConfig(torch.float16), skip=()), "every weight cast to float16"),
+            Variant("int8", own(Int8Config()), "int8 weights, one scale per output row", {"bits": 8}),
+            Variant("int4-g128", own(Int4Config(group_size=128)), "int4 round-to-nearest", {"group_size": 128}),
+            Variant("int4-g64", own(Int4Config(group_size=g)), "int4 round-to-nearest", {"group_size": g}),
+            Variant("nf4", own(NF4Config(64, double_quant=False)), "NF4 codes, fp32 absmax", {"group_size": 64}),
+            Variant("nf4-dq", own(NF4Config(64, double_quant=True)), "NF4, absmax quantized again",
+                    {"group_size": 64, "double_quant": True}),
+            Variant("int4-calibrated", gptq, "GPTQ int4 on calibration text", {"group_size": g}),
+            Variant("bnb-nf4", bnb("nf4"), "bitsandbytes Linear4bit (NF4)"),
+            Variant("bnb-int8", bnb("int8"), "bitsandbytes Linear8bitLt (LLM.int8)")]
 
 
 def _unavailable(name: str, device: torch.device) -> str | None:
@@ -113,7 +122,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
     device = env.resolve_device(config.device)
     rec = Record("quantization", env=env.describe())
-    builders = _builders(config, device)
+    builders = {v.name: v.build for v in variants(config, device)}
     models, skipped = {}, {}
     fp32_ppl = None
     for name in tqdm(config.variants, desc="quantization variants", disable=not progress):
@@ -155,7 +164,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
                                                "on the 'evaluation' split of the same corpus (pydoc_data.topics, "
                                                "split by topic name: disjoint text, same style)",
                   "provenance_note": zoo.MODELS[config.llm].notes}
-    rec.config["targets"] = check_targets(rec, config.llm, config.encoder)
+    rec.config["targets"] = check(rec, TARGETS)
     return rec
 
 
@@ -167,42 +176,43 @@ def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> N
     bar = tqdm(total=config.repeats * len(fns), desc="decode timing (rotated)", disable=not progress)
     times = measure.interleaved(fns, config.repeats, progress=lambda n, r: bar.update(1))
     bar.close()
-    fp32 = statistics.median(times["fp32"]) if "fp32" in times else None
     for name, ts in times.items():
         tps = measure.spread([config.decode_tokens / t for t in ts])
         row = rec.variant(name, config.llm)
         row.update(tokens_per_s=tps["median"], tokens_per_s_iqr=tps["iqr"], tokens_per_s_min=tps["min"],
                    tokens_per_s_max=tps["max"], latency_ms_median=1e3 * statistics.median(ts) / config.decode_tokens,
                    latency_ms_iqr=1e3 * measure.iqr(ts) / config.decode_tokens, decode_repeats=len(ts))
-        if fp32:
-            row["speedup_vs_baseline"] = fp32 / statistics.median(ts)
+    if "fp32" in times:
+        rows = {name: rec.variant(name, config.llm) for name in times}
+        for name, x in measure.speedups(rows, "fp32").items():
+            rows[name]["speedup_vs_baseline"] = x
 
 
-# (variant, model, metric, limit, "max" | "min")
-TARGETS = [
-    ("nf4-dq", "llm", "bits_per_param_quantized", 4.2, "max"),
-    ("nf4-dq", "llm", "weight_bytes_ratio", 0.33, "max"),
-    ("int4-calibrated", "llm", "perplexity_ratio", 1.15, "max"),
-    ("int4-calibrated", "llm", "bits_per_param_quantized", 4.6, "max"),
-    ("int8", "llm", "perplexity_ratio", 1.01, "max"),
-    ("nf4", "llm", "perplexity_ratio", 1.35, "max"),
-    ("int8", "encoder", "cosine_to_reference", 0.99, "min"),
-]
+def _metric(name: str, which: str, metric: str):
+    def value(rec: Record) -> float | None:
+        row = rec.variant(name, rec.config[which])
+        if metric == "weight_bytes_ratio":
+            return row["weight_bytes"] / rec.variant("fp32", rec.config["llm"])["weight_bytes"]
+        return row.get(metric)
+    return value
 
 
-def check_targets(rec: Record, llm: str, encoder: str) -> dict[str, dict]:
-    """The issue's targets, evaluated on this record (absent variants are reported, not passed)."""
-    out = {}
-    fp32 = next((v for v in rec.variants if v["name"] == "fp32" and v.get("model") == llm), None)
-    for name, which, metric, limit, kind in TARGETS:
-        model = llm if which == "llm" else encoder
-        row = next((v for v in rec.variants if v["name"] == name and v.get("model") == model), None)
-        if row is not None and metric == "weight_bytes_ratio" and fp32:
-            row = {**row, metric: row["weight_bytes"] / fp32["weight_bytes"]}
-        value = None if row is None else row.get(metric)
-        ok = None if value is None else (value <= limit if kind == "max" else value >= limit)
-        out[f"{model}/{name}/{metric}"] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
-    return out
+TARGETS = [Target(f"{{{which}}}/{name}/{metric}", _metric(name, which, metric), limit, kind)
+           for name, which, metric, limit, kind in (
+               ("nf4-dq", "llm", "bits_per_param_quantized", 4.2, "max"),
+               ("nf4-dq", "llm", "weight_bytes_ratio", 0.33, "max"),
+               ("int4-calibrated", "llm", "perplexity_ratio", 1.15, "max"),
+               ("int4-calibrated", "llm", "bits_per_param_quantized", 4.6, "max"),
+               ("int8", "llm", "perplexity_ratio", 1.01, "max"),
+               ("nf4", "llm", "perplexity_ratio", 1.35, "max"),
+               ("int8", "encoder", "cosine_to_reference", 0.99, "min"))]
+
+
+def figures(rec: Record) -> list:
+    """Memory against perplexity, one chart per model that has perplexity."""
+    from labkit.viz.plots import models_of, scatter
+
+    return [scatter(rec, "weight_bytes", "perplexity", model=m) for m in sorted(models_of(rec, "perplexity"))]
 
 
 def _encoder_variants(rec: Record, config: Config, device: torch.device) -> None:

@@ -17,16 +17,31 @@ import torch
 from tqdm.auto import tqdm
 
 from labkit import env, measure, zoo
+from labkit.experiments.protocol import Target, Variant, check
 from labkit.results import Record
 from labkit.serve import LLM, baselines
 from labkit.serve.bench import make_workload, run_engine, summarize
 
-LABKIT_VARIANTS = {  # name -> (paged, kv_reservation, pool)
-    "labkit-contiguous": (False, "max_model_len", "full"),
-    "labkit-contiguous-exact": (False, "exact", "full"),
-    "labkit-paged": (True, "max_model_len", "full"),
-    "labkit-paged-preempt": (True, "max_model_len", "tight"),
-}
+NOTEBOOK = "06_paged_attention_serving"
+
+
+def _engine(paged: bool, kv_reservation: str):
+    def build(model, tok, **engine_args) -> LLM:
+        return LLM(model, tok, paged=paged, kv_reservation=kv_reservation, **engine_args)
+    return build
+
+
+# labkit's engines; settings["pool"]: "full" fits every request at once, "tight" forces preemption
+LABKIT_VARIANTS = [
+    Variant("labkit-contiguous", _engine(False, "max_model_len"), "one contiguous slab per request, max length",
+            {"paged": False, "kv_reservation": "max_model_len", "pool": "full"}),
+    Variant("labkit-contiguous-exact", _engine(False, "exact"), "contiguous, reserving exactly prompt + output",
+            {"paged": False, "kv_reservation": "exact", "pool": "full"}),
+    Variant("labkit-paged", _engine(True, "max_model_len"), "PagedAttention: blocks on demand",
+            {"paged": True, "kv_reservation": "max_model_len", "pool": "full"}),
+    Variant("labkit-paged-preempt", _engine(True, "max_model_len"), "paged on a pool a quarter of the demand",
+            {"paged": True, "kv_reservation": "max_model_len", "pool": "tight"}),
+]
 
 
 @dataclass
@@ -76,10 +91,10 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
 
     # Build every engine outside the clock: labkit's KV pools, transformers' CB manager (started, warmed up).
     engines = {}
-    for name, (paged, reservation, pool) in LABKIT_VARIANTS.items():
-        engines[name] = LLM(model, tok, block_size=bs, num_blocks=pools[pool], max_num_seqs=len(prompts),
-                            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_len,
-                            paged=paged, kv_reservation=reservation, device=device)
+    for v in LABKIT_VARIANTS:
+        engines[v.name] = v.build(model, tok, block_size=bs, num_blocks=pools[v.settings["pool"]],
+                                  max_num_seqs=len(prompts), max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=max_len, device=device)
     hf_cb = baselines.HFContinuous(model, page_size=bs, num_blocks=pools["full"],
                                    max_batch_tokens=config.max_num_batched_tokens, max_new_tokens=max(max_tokens))
     static = _StaticBatch(model, prompts, max_tokens, config.static_batch_sizes)
@@ -116,9 +131,10 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
         rec.add(name, model=config.model, **row, notes=runs[name][0].notes)
     extra.update(hf_static_tried=static.tried, hf_static_batch_size=static.best,
                  hf_continuous_config=hf_cb.config)
-    best_hf = max(rec.variant(n)["output_tokens_per_s"] for n in ("hf-static", "hf-continuous"))
-    for v in rec.variants:
-        v["speedup_vs_baseline"] = v["output_tokens_per_s"] / best_hf
+    rows = {v["name"]: v for v in rec.variants}
+    best_hf = max(("hf-static", "hf-continuous"), key=lambda n: rows[n]["output_tokens_per_s"])
+    for name, x in measure.speedups(rows, best_hf, "output_tokens_per_s", higher_is_better=True).items():
+        rows[name]["speedup_vs_baseline"] = x
     rec.config = {**asdict(config), **extra, "device": str(device), "torch_threads": torch.get_num_threads(),
                   "workload": "all requests arrive at once; prompts cut from held-out pydoc text; greedy; EOS off",
                   "reference": "hf-sequential outputs (HF generate, one request at a time, EOS off)",
@@ -129,9 +145,32 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
                                  "start for every variant; latency percentiles pooled over repeats; "
                                  "peak_memory_bytes: the most a run added (CUDA max allocated; on CPU RSS growth "
                                  "sampled every 50 ms, a lower bound; KV pools are allocated before the clock)"}
+    rec.config["targets"] = check(rec, TARGETS)
     del engines
     gc.collect()
     return rec
+
+
+def _matching_share(rec: Record) -> float:
+    """The smallest share of requests any variant served token-identical to the greedy reference."""
+    return min(v["requests_matching"] for v in rec.variants) / rec.config["num_requests"]
+
+
+TARGETS = [
+    Target("every variant token-identical to HF greedy (smallest share of requests)", _matching_share, 1.0),
+    Target("labkit-paged kv_waste_pct", lambda r: r.variant("labkit-paged")["kv_waste_pct"], 8.0, "max"),
+    Target("labkit-paged output tok/s / the better HF batching", lambda r: r.variant("labkit-paged")[
+        "speedup_vs_baseline"], 1.0),
+    Target("labkit-paged-preempt preemptions (the tight pool really preempts)",
+           lambda r: r.variant("labkit-paged-preempt")["preemptions"], 1),
+]
+
+
+def figures(rec: Record) -> list:
+    """Output tokens/s of every serving variant, with the min–max of its repeats."""
+    from labkit.viz.plots import metric_bars
+
+    return [metric_bars(rec, "output_tokens_per_s", title="serving: output tokens/s (median, min–max)")]
 
 
 class _StaticBatch:
@@ -200,10 +239,9 @@ def kv_policies(model, tok, prompts: list[list[int]], max_tokens: list[int], *, 
     (both contiguous) and paging — rotated repeats after a warm-up, median tok/s, waste, the most requests that
     ran at once, and each engine's step history (for :func:`labkit.viz.kv.admitted_figure`)."""
     max_model_len = max_model_len or max(len(p) for p in prompts) + max(max_tokens)
-    engines = {name: LLM(model, tok, block_size=block_size, num_blocks=num_blocks, max_num_seqs=len(prompts),
-                         max_model_len=max_model_len, paged=paged, kv_reservation=reservation,
-                         record_history=True)
-               for name, (paged, reservation, _) in LABKIT_VARIANTS.items() if name != "labkit-paged-preempt"}
+    engines = {v.name: v.build(model, tok, block_size=block_size, num_blocks=num_blocks, max_num_seqs=len(prompts),
+                               max_model_len=max_model_len, record_history=True)
+               for v in LABKIT_VARIANTS if v.settings["pool"] == "full"}
     for llm in engines.values():
         run_engine(llm, prompts[:2], [min(4, n) for n in max_tokens[:2]])
 

@@ -5,6 +5,7 @@ from labkit.export.onnx import (
     LEVELS,
     EncoderForExport,
     available_providers,
+    calibration_feeds,
     check,
     check_provider,
     export,
@@ -26,7 +27,7 @@ from labkit.export.onnx import (
 )
 
 __all__ = [
-    "EXPORTERS", "LEVELS", "EncoderForExport", "available_providers", "check", "check_provider", "export", "export_cnn",
+    "EXPORTERS", "LEVELS", "EncoderForExport", "available_providers", "calibration_feeds", "check", "check_provider", "export", "export_cnn",
     "export_encoder", "mean_pool", "op_counts", "optimized_counts", "parity", "profile_ops", "provider_options",
     "quantize_dynamic_int8", "quantize_static_int8", "resolve_providers", "run", "run_bound", "session",
     "transformer_fuse",

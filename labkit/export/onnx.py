@@ -286,6 +286,16 @@ def quantize_dynamic_int8(path: str | Path, out: str | Path, *, per_channel: boo
     return Path(out)
 
 
+def calibration_feeds(images: torch.Tensor, batches: int, batch_size: int = 64,
+                      name: str = "images") -> list[dict[str, np.ndarray]]:
+    """``batches`` consecutive feeds of ``batch_size`` images each, as host arrays, for
+    :func:`quantize_static_int8`."""
+    if batches < 1 or batches * batch_size > len(images):
+        raise LabkitError(f"batches={batches}: need 1 to {len(images) // batch_size} batches of {batch_size} from "
+                          f"{len(images)} images")
+    return [{name: images[i * batch_size:(i + 1) * batch_size].cpu().numpy()} for i in range(batches)]
+
+
 def quantize_static_int8(path: str | Path, out: str | Path, calibration: Iterable[dict[str, np.ndarray]], *,
                          per_channel: bool = True) -> Path:
     """Static INT8 in QDQ format: activation ranges from ``calibration`` feeds (``labkit.data``), then

@@ -38,12 +38,6 @@ def finish_line_plot(fig: Figure, ax, xlabel: str, ylabel: str, title: str) -> F
     return fig
 
 
-# Which metric to plot against which, per experiment (x, y, higher_is_better for y).
-SCATTERS: dict[str, tuple[str, str]] = {
-    "quantization": ("weight_bytes", "perplexity"),
-}
-
-
 UNITS = {"weight_bytes": (1e-6, "MB"), "peak_memory_bytes": (1e-6, "MB"), "params": (1e-6, "M params")}
 
 
@@ -92,22 +86,22 @@ def scatter(record: Record, x: str, y: str, *, model: str | None = None, title: 
     return fig
 
 
-def record_figures(record: Record) -> list[Figure]:
-    """The standard figures for a record, used by the HTML report."""
-    if record.experiment == "pruning":
-        from labkit.viz.prune import tradeoff_figure
+def models_of(record: Record, metric: str | None = None) -> list[str]:
+    """The record's models in order of first appearance (only those with ``metric``, if given)."""
+    return list(dict.fromkeys(v.get("model") for v in record.variants if metric is None or metric in v))
 
-        return [tradeoff_figure(record, m, "accuracy" if m == "digits-cnn" else "perplexity")
-                for m in dict.fromkeys(v.get("model") for v in record.variants)]
-    if record.experiment in ("onnx", "tensorrt"):  # one latency chart per model: like compared with like
-        return [metric_bars(record, "latency_ms_median", model=m, title=f"{record.experiment}: {m} latency (ms)")
-                for m in dict.fromkeys(v.get("model") for v in record.variants)]
-    if record.experiment in SCATTERS:
-        x, y = SCATTERS[record.experiment]
-        models = sorted({v.get("model") for v in record.variants if y in v})
-        return [scatter(record, x, y, model=m) for m in models]
+
+def latency_bars(record: Record) -> list[Figure]:
+    """One latency chart per model: like compared with like (ONNX and TensorRT records)."""
+    return [metric_bars(record, "latency_ms_median", model=m, title=f"{record.experiment}: {m} latency (ms)")
+            for m in models_of(record, "latency_ms_median")]
+
+
+def default_figures(record: Record) -> list[Figure]:
+    """Bars of the first headline metric the record has, one chart per model (SmolLM2's decode tok/s never shares
+    an axis with MiniLM's encode tok/s): what an experiment without figures of its own shows."""
     for metric in ("output_tokens_per_s", "tokens_per_s", "weight_bytes", "perplexity", "accuracy"):
-        models = list(dict.fromkeys(v.get("model") for v in record.variants if metric in v))
-        if models:  # one chart per model: SmolLM2's decode tok/s never shares an axis with MiniLM's encode tok/s
+        models = models_of(record, metric)
+        if models:
             return [metric_bars(record, metric, model=m) for m in models]
     return []

@@ -74,7 +74,7 @@ def test_static_int8_qdq_on_the_cnn_keeps_accuracy(cnn_onnx, tmp_path):
     model, path = cnn_onnx
     splits = data.digits_splits()
     (xtr, _), (xte, yte) = splits["train"], splits["test"]
-    calib = [{"images": xtr[i * 64:(i + 1) * 64].numpy()} for i in range(4)]
+    calib = X.calibration_feeds(xtr, 4)
     q = X.quantize_static_int8(path, tmp_path / "int8.onnx", calib)
     counts = X.op_counts(q)
     assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0

@@ -27,7 +27,7 @@ def test_cnn_variants_and_targets(tmp_path):
     sweep = rec.config["cnn_sweep"]
     assert {r["method"] for r in sweep} == {"global", "layer", "structured"} and len(sweep) == 6
     t = rec.config["targets"]
-    assert t["structured-40-finetuned params / dense params"]["ok"]
+    assert t["structured-finetuned params / dense params"]["ok"]
     assert t["digits-cnn unstructured-50 weight_bytes / dense"]["ok"]
     rec.save(tmp_path)
 
