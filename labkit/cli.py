@@ -60,10 +60,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    from labkit.serve.config import EngineConfig
     from labkit.serve.server import serve
 
-    serve(model=args.model, host=args.host, port=args.port, block_size=args.block_size,
-          num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs)
+    engine = {f: getattr(args, f) for f in EngineConfig.__dataclass_fields__}
+    serve(model=args.model, host=args.host, port=args.port, **engine)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -103,9 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--num-blocks", type=int, default=None)
-    s.add_argument("--max-num-seqs", type=int, default=32)
+    from labkit.serve.config import cli_options
+
+    for flag, kind, default, doc in cli_options():  # every engine setting, from EngineConfig's fields
+        if kind is None:
+            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
+        else:
+            s.add_argument(flag, type=kind, default=default, help=doc)
     s.set_defaults(fn=_cmd_serve)
 
     b = sub.add_parser("bench-serve", help="load generator against any OpenAI-compatible server")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 from labkit import LabkitError
 
@@ -51,3 +52,24 @@ class EngineConfig:
         if self.num_blocks * self.block_size < self.max_model_len:
             raise LabkitError(f"num_blocks={self.num_blocks} x block_size={self.block_size} cannot hold one "
                               f"sequence of max_model_len={self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """The config from keyword arguments, each an ``EngineConfig`` field (as nano-vllm filters its
+        ``**kwargs`` by ``fields(Config)``); an unknown name is an error that lists the allowed ones."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise LabkitError(f"{', '.join(unknown)}: not engine settings; allowed: {', '.join(allowed)}")
+        return cls(**kwargs)
+
+
+def cli_options() -> list[tuple[str, type | None, Any, str]]:
+    """Each field as a command-line option: (``--flag-name``, its type or None for a switch, default, help)."""
+    out = []
+    for f in fields(EngineConfig):
+        default = None if f.default is MISSING else f.default
+        kind = bool if isinstance(default, bool) else (str if isinstance(default, str) else int)
+        out.append((f"--{f.name.replace('_', '-')}", None if kind is bool else kind, default,
+                    f"engine: {f.name} (default {default})"))
+    return out

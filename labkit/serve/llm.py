@@ -23,25 +23,19 @@ class LLM:
     """vLLM-shaped entry point: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``."""
 
     def __init__(self, model: str | torch.nn.Module = "smollm2-135m", tokenizer: Any = None, *,
-                 block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 512, max_model_len: int = 1024,
-                 enable_prefix_caching: bool = False, enable_chunked_prefill: bool = True, paged: bool = True,
-                 kv_reservation: str = "max_model_len", decode_group: int = 8,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 record_history: bool = False) -> None:
+                 record_history: bool = False, **engine_args: Any) -> None:
+        """``engine_args`` are :class:`EngineConfig` fields (``block_size``, ``num_blocks``, ``max_num_seqs``,
+        ``max_model_len``, ``paged``, ``kv_reservation``, ...), checked before the model loads."""
         from labkit import env, zoo
 
+        config = EngineConfig.from_kwargs(**engine_args)
         if isinstance(model, str):
             model, tokenizer = zoo.load_causal_lm(model, dtype=dtype, device=env.resolve_device(device),
                                                   progress=False)
         elif device is not None:  # a model handed in goes where the caller asked, KV pool and all
             model.to(env.resolve_device(device))
         self.tokenizer = tokenizer
-        config = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                              enable_prefix_caching=enable_prefix_caching,
-                              enable_chunked_prefill=enable_chunked_prefill, paged=paged,
-                              kv_reservation=kv_reservation, decode_group=decode_group)
         self.engine = LLMEngine(model, tokenizer, config, record_history=record_history)
 
     @property

@@ -401,17 +401,19 @@ def stop_server(handle: ServerHandle) -> None:
     handle.service.stop()
 
 
-def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, block_size: int = 16,
-          num_blocks: int | None = None, max_num_seqs: int = 32) -> None:
-    """``labkit serve``: block until interrupted."""
+def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, **engine_args: Any) -> None:
+    """``labkit serve``: block until interrupted. ``engine_args`` are :class:`EngineConfig` fields."""
+    from labkit.serve.config import EngineConfig
     from labkit.serve.llm import LLM
 
+    EngineConfig.from_kwargs(**engine_args)  # a bad setting fails before the port is taken or the model loads
     sock = _bind(host, port)  # fail on a bad or busy port before loading the model
-    llm = LLM(model, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs)
+    llm = LLM(model, **engine_args)
     service = EngineService(llm.engine)
     app = OpenAIApp(service, llm.tokenizer, model).build()
-    print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (paged KV: "
-          f"{llm.engine.config.num_blocks} blocks of {block_size}); Ctrl-C to stop")
+    cfg = llm.engine.config
+    print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (KV: {cfg.num_blocks} blocks of "
+          f"{cfg.block_size}, {'paged' if cfg.paged else 'contiguous'}); Ctrl-C to stop")
     try:
         _uvicorn(app, "info").run(sockets=[sock])
     finally:

@@ -286,3 +286,16 @@ def test_external_fragmentation_counts_free_blocks_stranded_in_holes():
     paged = LLM(MODEL, None, **kw)
     paged.generate(ps, params, use_tqdm=False)
     assert paged.stats.external_slot_steps == 0
+
+
+def test_llm_takes_engine_settings_from_the_config_fields(tokenizer):
+    """LLM's engine keywords are EngineConfig's fields, nothing re-listed: a typo names the allowed ones."""
+    from dataclasses import fields
+
+    llm = LLM(tiny_llama(seed=0), tokenizer, block_size=4, max_model_len=64, max_num_seqs=2, decode_group=2)
+    assert (llm.engine.config.block_size, llm.engine.config.decode_group) == (4, 2)
+    with pytest.raises(ValueError, match="max_seqs: not engine settings; allowed: block_size, num_blocks"):
+        LLM(tiny_llama(seed=0), tokenizer, max_seqs=2)
+    allowed = ", ".join(f.name for f in fields(EngineConfig))
+    with pytest.raises(ValueError, match=allowed):
+        EngineConfig.from_kwargs(bogus=1)
