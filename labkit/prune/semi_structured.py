@@ -15,6 +15,7 @@ from torch import nn
 
 from labkit import LabkitError
 from labkit.prune.unstructured import apply_masks, make_permanent, prunable_layers
+from labkit.skip import DEFAULT_SKIP
 
 
 def two_four_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -32,7 +33,7 @@ def is_2_4(weight: torch.Tensor) -> bool:
     return weight.shape[-1] % 4 == 0 and int((weight.reshape(-1, 4) != 0).sum(1).max()) <= 2
 
 
-def apply_2_4(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> dict[str, torch.Tensor]:
+def apply_2_4(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, torch.Tensor]:
     """Mask every Linear layer (not ``skip``) to 2:4 through ``torch.nn.utils.prune``; returns the masks."""
     masks = {name: two_four_mask(m.weight) for name, m in prunable_layers(model, skip) if isinstance(m, nn.Linear)}
     if not masks:
@@ -62,7 +63,7 @@ def semi_structured_support() -> tuple[bool, str]:
     return True, f"{torch.cuda.get_device_name()} (sm_{major}{minor}, {backend})"
 
 
-def to_semi_structured(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> int:
+def to_semi_structured(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
     """Replace each 2:4-masked Linear weight (fp16/bf16, on CUDA) with its compressed semi-structured form, so
     matmuls use Sparse Tensor Cores. Returns the number of layers converted."""
     ok, why = semi_structured_support()

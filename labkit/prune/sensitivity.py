@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from labkit import LabkitError
 from labkit.prune.unstructured import check_sparsity, global_magnitude_masks, prunable_layers
+from labkit.skip import DEFAULT_SKIP
 
 
 def scan(model: nn.Module, evaluate: Callable[[nn.Module], float], sparsities: Iterable[float] = (0.3, 0.5, 0.7, 0.9),
-         *, layers: Iterable[str] | None = None, skip: Iterable[str] = ("lm_head",), progress: bool = False
+         *, layers: Iterable[str] | None = None, skip: Iterable[str] = DEFAULT_SKIP, progress: bool = False
          ) -> list[dict]:
     """``evaluate(model)`` with one layer at a time magnitude-pruned to each sparsity (weights restored after).
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from labkit import LabkitError
+from labkit.skip import DEFAULT_SKIP, is_skipped
 
 PRUNABLE = (nn.Linear, nn.Conv2d)
 SCOPES = ("global", "layer")
@@ -28,13 +29,11 @@ def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def prunable_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every Linear/Conv2d whose name does not contain a ``skip`` entry.
-
-    ``lm_head`` is skipped by default: in tied language models it *is* the embedding matrix.
-    """
+def prunable_layers(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every Linear/Conv2d not matching a ``skip`` pattern (:func:`labkit.skip.is_skipped`,
+    the rule quantization uses); ``lm_head`` by default: in tied language models it *is* the embedding matrix."""
     skip = tuple(skip)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE) and not any(s in n for s in skip)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE) and not is_skipped(n, skip)]
 
 
 def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -53,7 +52,7 @@ def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "global",
-                    skip: Iterable[str] = ("lm_head",)) -> list[dict]:
+                    skip: Iterable[str] = DEFAULT_SKIP) -> list[dict]:
     """Mask the smallest weights of every prunable layer with ``torch.nn.utils.prune`` (L1 magnitude).
 
     ``scope="global"`` ranks all weights together (exact total count); ``"layer"`` removes ``sparsity`` of each
@@ -94,7 +93,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
     return model
 
 
-def sparsity_report(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[dict]:
+def sparsity_report(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[dict]:
     """Per prunable layer: parameters, zeros and sparsity (of the effective, masked weight), then a total row."""
     rows = []
     for name, m in prunable_layers(model, skip):
@@ -106,7 +105,7 @@ def sparsity_report(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> lis
     return rows
 
 
-def nonzero_weights(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> int:
+def nonzero_weights(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
     """Non-zero weights over the prunable layers (the :func:`sparsity_report` total, parameters minus zeros)."""
     total = sparsity_report(model, skip)[-1]
     return total["params"] - total["zeros"]

@@ -6,9 +6,9 @@ alone with the reason (embeddings and ``lm_head`` stay in their dtype by default
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,8 +16,10 @@ from torch import nn
 from labkit import LabkitError
 from labkit.quant import primitives as prim
 from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear, QuantLinear
+from labkit.skip import DEFAULT_SKIP, is_skipped
 
-DEFAULT_SKIP = ("lm_head",)
+__all__ = ["DEFAULT_SKIP", "DtypeConfig", "Int4Config", "Int8Config", "NF4Config", "QuantReport", "is_skipped",
+           "quantize_", "register_layer"]
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,13 @@ class DtypeConfig:
             raise LabkitError(f"dtype={self.dtype} is not allowed; use torch.float16, torch.bfloat16 or torch.float32")
 
 
-Config = Int8Config | Int4Config | NF4Config | DtypeConfig
+Config = Int8Config | Int4Config | NF4Config | DtypeConfig  # the built-in configs; register_layer adds more
 
 
 @dataclass
 class QuantReport:
-    """What :func:`quantize_` did: quantized layer names and skipped layers with reasons."""
+    """What :func:`quantize_` did: the layers it replaced by quantized ones (or, for a :class:`DtypeConfig`, cast),
+    and the layers it left alone, with the reason."""
 
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -84,32 +87,52 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def _make_layer(linear: nn.Linear, config: Config) -> QuantLinear:
-    if isinstance(config, Int8Config):
-        return Int8Linear.from_linear(linear)
-    if isinstance(config, Int4Config):
-        return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
-    if isinstance(config, NF4Config):
-        return NF4Linear.from_linear(linear, config.group_size, config.double_quant, config.layout)
-    raise _bad_config(config)
+# config type -> fn(fp32 nn.Linear, config) -> its quantized layer (as torchao's register_quantize_module_handler)
+_LAYER_BUILDERS: dict[type, Callable[[nn.Linear, Any], QuantLinear]] = {}
+
+
+def register_layer(config_type: type) -> Callable:
+    """Decorator registering how ``config_type`` turns an ``nn.Linear`` into a quantized layer: a new method is
+    its config dataclass and one registered function, with nothing in :func:`quantize_` to edit."""
+    def register(fn: Callable[[nn.Linear, Any], QuantLinear]) -> Callable[[nn.Linear, Any], QuantLinear]:
+        _LAYER_BUILDERS[config_type] = fn
+        return fn
+    return register
+
+
+@register_layer(Int8Config)
+def _int8(linear: nn.Linear, config: Int8Config) -> QuantLinear:
+    return Int8Linear.from_linear(linear)
+
+
+@register_layer(Int4Config)
+def _int4(linear: nn.Linear, config: Int4Config) -> QuantLinear:
+    return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
+
+
+@register_layer(NF4Config)
+def _nf4(linear: nn.Linear, config: NF4Config) -> QuantLinear:
+    return NF4Linear.from_linear(linear, config.group_size, config.double_quant, config.layout)
 
 
 def _bad_config(config: object) -> LabkitError:
-    return LabkitError(f"config={config!r} is not a quantization config; use Int8Config, Int4Config, "
-                       f"NF4Config or DtypeConfig")
+    names = ", ".join([t.__name__ for t in _LAYER_BUILDERS] + ["DtypeConfig"])
+    return LabkitError(f"config={config!r} is not a quantization config; use one of {names} (or register_layer a "
+                       "new one)")
 
 
 def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAULT_SKIP,
               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> QuantReport:
     """Quantize ``model`` in place and return a :class:`QuantReport`.
 
-    ``skip``: glob patterns of module names kept as they are. ``filter_fn(module, name)`` selects modules
+    ``skip``: patterns of module names kept as they are (:func:`labkit.skip.is_skipped`, the rule pruning uses). ``filter_fn(module, name)`` selects modules
     explicitly; selecting a module that is not an ``nn.Linear`` is an error, not a silent no-op.
     """
     report = QuantReport()
     if isinstance(config, DtypeConfig):
         return _cast(model, config.dtype, skip, report)
-    if not isinstance(config, (Int8Config, Int4Config, NF4Config)):
+    build = _LAYER_BUILDERS.get(type(config))
+    if build is None:
         raise _bad_config(config)
     for name, module in list(model.named_modules()):
         if not name:
@@ -132,7 +155,7 @@ def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAU
         if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
             raise LabkitError(f"cannot quantize {name!r} of type {type(module).__name__}: only nn.Linear "
                               f"layers are quantizable")
-        _set_module(model, name, _make_layer(module.float(), config).to(module.weight.device))
+        _set_module(model, name, build(module.float(), config).to(module.weight.device))
         report.quantized.append(name)
     if not report.quantized:
         raise LabkitError("no nn.Linear layer was selected for quantization; check skip / filter_fn")
@@ -162,12 +185,6 @@ def _cast(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...], report: Q
             report.skipped[name] = f"tied to a skipped layer; kept in {m.weight.dtype}"
             m.register_forward_hook(lambda mod, args, out: out.to(dtype))
     return report
-
-
-def is_skipped(name: str, skip: tuple[str, ...]) -> bool:
-    """The one skip rule (``quantize_`` and ``gptq_quantize_``): a glob on the full module name, or a name
-    ending in ``.PATTERN``."""
-    return any(fnmatch.fnmatch(name, pat) or name.endswith("." + pat) for pat in skip)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

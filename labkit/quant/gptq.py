@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from labkit import LabkitError
 from labkit.quant import primitives as prim
-from labkit.quant.api import QuantReport, _set_module, is_skipped
+from labkit.quant.api import QuantReport, _set_module
 from labkit.quant.layers import Int4Linear
+from labkit.skip import DEFAULT_SKIP, is_skipped
 
 
 def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, *, group_size: int = 64, bits: int = 4,
@@ -98,7 +99,7 @@ def collect_hessians(model: nn.Module, calib_ids: torch.Tensor, names: list[str]
 
 
 def gptq_quantize_(model: nn.Module, calib_ids: torch.Tensor, *, group_size: int = 64,
-                   skip: tuple[str, ...] = ("lm_head",), progress: bool = True) -> QuantReport:
+                   skip: tuple[str, ...] = DEFAULT_SKIP, progress: bool = True) -> QuantReport:
     """Quantize every ``nn.Linear`` (except ``skip``) of ``model`` in place with GPTQ, 4-bit asymmetric.
 
     Hessians come from one pass of the full-precision model over ``calib_ids`` ``[n, seq_len]``.

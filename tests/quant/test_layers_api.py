@@ -151,3 +151,32 @@ def test_flat_nf4_layout_matches_bitsandbytes_on_any_shape(shape, dtype):
 def test_nf4_layout_is_validated():
     with pytest.raises(ValueError, match="layout='blocky'"):
         NF4Config(layout="blocky")
+
+
+def test_a_new_quantization_config_registers_its_layer_builder():
+    """A new method is a config dataclass and one registered builder: quantize_ dispatches on it unchanged."""
+    from dataclasses import dataclass
+
+    from labkit.quant import api
+    from labkit.quant.layers import Int8Linear
+
+    @dataclass(frozen=True)
+    class ShiftedInt8Config:  # a made-up method: int8 codes of (w + 0.0)
+        pass
+
+    built = []
+
+    @api.register_layer(ShiftedInt8Config)
+    def _build(linear, config):
+        built.append(linear.out_features)
+        return Int8Linear.from_linear(linear)
+
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+        report = api.quantize_(model, ShiftedInt8Config(), skip=())
+        assert report.quantized == ["0", "1"] and built == [8, 4]
+        assert isinstance(model[0], Int8Linear)
+    finally:
+        api._LAYER_BUILDERS.pop(ShiftedInt8Config)
+    with pytest.raises(ValueError, match="use one of Int8Config, Int4Config, NF4Config, DtypeConfig"):
+        api.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4)), ShiftedInt8Config())
