@@ -64,3 +64,16 @@ def summarize(run: Run, reference: list[list[int]] | None = None) -> dict[str, A
         row["matches_reference"] = all(same) and len(same) == len(reference)
         row["requests_matching"] = sum(same)
     return row
+
+
+def kv_history(model, tokenizer, prompts, params, *, max_model_len: int = 384, max_num_seqs: int = 8,
+               max_num_batched_tokens: int = 128):
+    """A ``rerun`` for :class:`labkit.viz.widgets.KVCacheViewer`: serve ``prompts`` on a fresh engine with the
+    viewer's block size, pool and prefix caching; return its step history."""
+    def rerun(block_size: int, num_blocks: int, prefix_caching: bool) -> list[dict[str, Any]]:
+        llm = LLM(model, tokenizer, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                  enable_prefix_caching=prefix_caching, record_history=True)
+        llm.generate(prompts, params, use_tqdm=False)
+        return llm.stats.history
+    return rerun

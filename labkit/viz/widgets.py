@@ -9,50 +9,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from labkit.quant import primitives as prim
+from labkit import LabkitError
+from labkit.quant.explore import SCHEMES, grid_of_widest_group, quant_stats
 from labkit.results import Record
 from labkit.viz.kv import block_tables_figure, kv_pool_figure  # noqa: F401 - re-exported for notebooks
 from labkit.viz.plots import new_figure, scatter
-
-SCHEMES = ("symmetric", "asymmetric", "minmax", "nf4")  # minmax = llama.cpp's Q4_1 family (float min)
-# Bytes of constants per group when no packed layer exists for a format: fp16 scale (+ min) as GGUF stores them.
-FORMULA_CONST_BYTES = {"symmetric": 2, "asymmetric": 3, "minmax": 4, "nf4": 4}
-
-
-def packed_layer(w: torch.Tensor, scheme: str, bits: int, group_size: int | None, double_quant: bool = False):
-    """The real packed layer for these settings, when labkit has one (int8 per channel, int4, NF4), else None."""
-    from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear
-
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data = w.detach().float().cpu()
-    if scheme == "nf4" and group_size:
-        return NF4Linear.from_linear(lin, group_size, double_quant)
-    if scheme in ("symmetric", "asymmetric") and bits == 4:
-        return Int4Linear.from_linear(lin, group_size, symmetric=scheme == "symmetric")
-    if scheme == "symmetric" and bits == 8 and group_size is None:
-        return Int8Linear.from_linear(lin)
-    return None
-
-
-def quant_stats(w: torch.Tensor, scheme: str, bits: int, group_size: int | None,
-                double_quant: bool = False) -> dict[str, Any]:
-    """Quantize ``w`` (2-D) with the chosen settings; return the dequantized tensor, SQNR and bytes — read from
-    a real packed layer's buffers where labkit has one, else computed (and labelled so)."""
-    if scheme == "nf4":
-        bits = 4
-    w = w.detach().float().cpu()
-    layer = packed_layer(w, scheme, bits, group_size, double_quant)
-    if layer is not None:
-        deq, nbytes, source = layer.dequantize(), layer.quantized_bytes(), f"packed {type(layer).__name__}"
-    else:
-        deq = prim.fake_quantize(w, bits, scheme=scheme, group_size=group_size)
-        rows, cols = w.shape
-        g = group_size or cols
-        n_groups = rows * -(-cols // g)
-        nbytes = n_groups * g * bits // 8 + n_groups * FORMULA_CONST_BYTES[scheme]
-        source = "formula (no packed layer for this format)"
-    return {"dequantized": deq, "sqnr_db": prim.sqnr(w, deq), "bytes": nbytes, "fp32_bytes": w.numel() * 4,
-            "bits_per_weight": 8 * nbytes / w.numel(), "bytes_source": source}
 
 
 def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int = 4,
@@ -61,19 +22,7 @@ def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int
     """Weight histogram with the quantization grid of the widest group, and the error histogram."""
     w = w.detach().float().cpu()
     stats = quant_stats(w, scheme, bits, group_size, double_quant)
-    groups, _ = prim.to_groups(w, group_size)
-    widest = groups[groups.abs().amax(1).argmax()]
-    if scheme == "nf4":
-        grid = prim.NF4_CODE * widest.abs().max()
-    elif scheme == "symmetric":
-        qmax = 2 ** (bits - 1) - 1
-        grid = torch.arange(-qmax, qmax + 1) * widest.abs().max() / qmax
-    elif scheme == "minmax":
-        _, s, lo = prim.quantize_minmax(widest.unsqueeze(0), bits)
-        grid = torch.arange(2**bits) * s[0] + lo[0]
-    else:
-        _, s, z = prim.quantize_asymmetric(widest.unsqueeze(0), bits)
-        grid = (torch.arange(2**bits) - z[0]) * s[0]
+    grid = grid_of_widest_group(w, scheme, bits, group_size)
     fig = new_figure((11, 3.6))
     a, b = fig.subplots(1, 2)
     a.hist(w.reshape(-1).numpy(), bins=200, color="#4C72B0", alpha=0.8)
@@ -92,10 +41,36 @@ def quant_explorer_figure(w: torch.Tensor, scheme: str = "asymmetric", bits: int
 
 
 class Explorer:
-    """What every explorer shares: shown in a notebook, it displays its controls (``self.box``) and draws once
-    (``self.update()``); each control's change calls ``update`` again."""
+    """What every explorer shares: shown in a notebook, it displays its controls and draws once; each watched
+    control's change redraws. A subclass builds its controls, calls :meth:`layout` and :meth:`watch`, and
+    implements ``update()``, which draws through :meth:`show` and returns the numbers it drew (tests read them)."""
 
     box: Any
+    out: Any
+
+    def layout(self, *rows: Any) -> None:
+        """The explorer's box: ``rows`` of controls, then the output area it draws in."""
+        import ipywidgets as W
+
+        self.out = W.Output()
+        self.box = W.VBox([*rows, self.out])
+
+    def watch(self, *controls: Any, then: Any = None) -> None:
+        """Call ``then`` (default: ``update``) whenever one of ``controls`` changes value."""
+        for control in controls:
+            control.observe(lambda _change: (then or self.update)(), names="value")
+
+    def show(self, *items: Any) -> None:
+        """Replace what the output area shows: figures are displayed, strings printed."""
+        from IPython.display import display
+
+        self.out.clear_output(wait=True)
+        with self.out:
+            for item in items:
+                if isinstance(item, str):
+                    print(item)
+                else:
+                    display(item)
 
     def update(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -124,12 +99,9 @@ class QuantExplorer(Explorer):
         self.group = W.Dropdown(options=[("per channel", None), ("256", 256), ("128", 128), ("64", 64), ("32", 32)],
                                 value=64, description="group")
         self.double_quant = W.Checkbox(value=False, description="double quant (nf4)")
-        self.out = W.Output()
+        self.layout(W.HBox([self.model, self.layer]), W.HBox([self.group, self.double_quant]), self.scheme, self.bits)
         self.model.observe(self._switch_model, names="value")
-        for control in (self.layer, self.scheme, self.bits, self.group, self.double_quant):
-            control.observe(lambda _change: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.model, self.layer]), W.HBox([self.group, self.double_quant]), self.scheme,
-                           self.bits, self.out])
+        self.watch(self.layer, self.scheme, self.bits, self.group, self.double_quant)
 
     def _layers(self, name: str) -> list[str]:
         return [n for n, m in self.models[name].named_modules() if isinstance(m, nn.Linear)]
@@ -138,18 +110,13 @@ class QuantExplorer(Explorer):
         self.layer.options = self._layers(change["new"])  # resets the layer, which redraws
 
     def update(self) -> dict[str, Any]:
-        from IPython.display import display
-
         w = self.models[self.model.value].get_submodule(self.layer.value).weight
         fig, stats = quant_explorer_figure(w, self.scheme.value, self.bits.value, self.group.value,
                                            title=self.layer.value, double_quant=self.double_quant.value)
-        self.out.clear_output(wait=True)
-        with self.out:
-            display(fig)
-            if self.record is not None:
-                sc = scatter(self.record, "weight_bytes", "perplexity", model=self.model_name,
-                             title="measured variants: memory vs perplexity")
-                display(sc)
+        measured = [] if self.record is None else [scatter(self.record, "weight_bytes", "perplexity",
+                                                           model=self.model_name,
+                                                           title="measured variants: memory vs perplexity")]
+        self.show(fig, *measured)
         return stats
 
 
@@ -174,27 +141,23 @@ class KVCacheViewer(Explorer):
                                 continuous_update=False)
         self.play = W.Play(min=0, max=len(self.history) - 1, interval=400)
         W.jslink((self.play, "value"), (self.step, "value"))
-        self.out = W.Output()
-        self.step.observe(lambda _c: self.update(), names="value")
+        self.watch(self.step)
         rows = [W.HBox([self.play, self.step])]
         if rerun is not None:
             self.block_size = W.Dropdown(options=[1, 4, 8, 16, 32], value=block_size, description="block_size")
             self.num_blocks = W.IntSlider(min=8, max=256, value=num_blocks, description="num_blocks",
                                           continuous_update=False)
             self.prefix = W.Checkbox(value=prefix_caching, description="prefix caching")
-            for w in (self.block_size, self.num_blocks, self.prefix):
-                w.observe(lambda _c: self.reload(), names="value")
+            self.watch(self.block_size, self.num_blocks, self.prefix, then=self.reload)
             rows.insert(0, W.HBox([self.block_size, self.num_blocks, self.prefix]))
-        self.box = W.VBox([*rows, self.out])
+        self.layout(*rows)
 
     def reload(self) -> list[dict[str, Any]]:
         """Rerun the workload with the current controls and go back to step 0."""
         try:
             self.history = self.rerun(self.block_size.value, self.num_blocks.value, self.prefix.value)
         except ValueError as exc:  # e.g. a pool too small for one request
-            self.out.clear_output(wait=True)
-            with self.out:
-                print(f"cannot run: {exc}")
+            self.show(f"cannot run: {exc}")
             return []
         self.step.max = self.play.max = len(self.history) - 1
         self.step.value = 0
@@ -202,30 +165,10 @@ class KVCacheViewer(Explorer):
         return self.history
 
     def update(self) -> dict[str, Any]:
-        from IPython.display import display
-
         snap = self.history[min(self.step.value, len(self.history) - 1)]
-        fig = block_tables_figure(snap, self.cols)
-        self.out.clear_output(wait=True)
-        with self.out:
-            display(fig)
-            print("scheduled (request, tokens):", snap["scheduled"], "· prefix-hit blocks so far:",
-                  snap.get("prefix_hit_blocks", 0))
+        self.show(block_tables_figure(snap, self.cols), f"scheduled (request, tokens): {snap['scheduled']} · "
+                  f"prefix-hit blocks so far: {snap.get('prefix_hit_blocks', 0)}")
         return snap
-
-
-def kv_history(model, tokenizer, prompts, params, *, max_model_len: int = 384, max_num_seqs: int = 8,
-               max_num_batched_tokens: int = 128):
-    """A ``rerun`` for :class:`KVCacheViewer`: serve ``prompts`` on a fresh engine, return its step history."""
-    from labkit.serve import LLM
-
-    def rerun(block_size: int, num_blocks: int, prefix_caching: bool) -> list[dict[str, Any]]:
-        llm = LLM(model, tokenizer, block_size=block_size, num_blocks=num_blocks, max_model_len=max_model_len,
-                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                  enable_prefix_caching=prefix_caching, record_history=True)
-        llm.generate(prompts, params, use_tqdm=False)
-        return llm.stats.history
-    return rerun
 
 
 class TemperatureExplorer(Explorer):
@@ -242,22 +185,16 @@ class TemperatureExplorer(Explorer):
         self.temperature = W.FloatLogSlider(value=4, base=2, min=-1, max=4, step=0.25, description="T",
                                             continuous_update=False)
         self.example = W.IntSlider(value=0, min=0, max=len(self.images) - 1, description="example")
-        self.out = W.Output()
-        for w in (self.temperature, self.example):
-            w.observe(lambda _c: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.example, self.temperature]), self.out])
+        self.layout(W.HBox([self.example, self.temperature]))
+        self.watch(self.temperature, self.example)
 
     def update(self) -> dict[str, Any]:
-        from IPython.display import display
-
         from labkit.viz.distill import temperature_explorer_figure
 
         i = self.example.value
         fig, stats = temperature_explorer_figure(self.images[i], self.logits[i], int(self.labels[i]),
                                                  self.temperature.value, self.record)
-        self.out.clear_output(wait=True)
-        with self.out:
-            display(fig)
+        self.show(fig)
         return stats
 
 
@@ -286,19 +223,14 @@ class FusionExplorer(Explorer):
 
         self.rows = W.SelectionSlider(options=list(options), value=value, description="rows",
                                       continuous_update=False)
-        self.out = W.Output()
-        self.rows.observe(lambda _c: self.update(), names="value")
-        self.box = W.VBox([self.rows, self.out])
+        self.layout(self.rows)
+        self.watch(self.rows)
 
     def update(self) -> dict[str, Any]:
-        from IPython.display import display
-
         from labkit.experiments.tensorrt import bias_gelu_timing
 
         lat = bias_gelu_timing(self.rows.value)
-        self.out.clear_output(wait=True)
-        with self.out:
-            display(fusion_figure(lat, self.rows.value))
+        self.show(fusion_figure(lat, self.rows.value))
         return lat
 
 
@@ -316,20 +248,14 @@ class SparsityExplorer(Explorer):
         self.sparsity = W.SelectionSlider(options=[(f"{s:.0%}", s) for s in levels], value=levels[len(levels) // 2],
                                           description="sparsity", continuous_update=False)
         self.method = W.ToggleButtons(options=list(dict.fromkeys(r["method"] for r in sweep)), description="method")
-        self.out = W.Output()
-        for w in (self.sparsity, self.method):
-            w.observe(lambda _c: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.sparsity, self.method]), self.out])
+        self.layout(W.HBox([self.sparsity, self.method]))
+        self.watch(self.sparsity, self.method)
 
     def update(self) -> dict[str, Any]:
-        from IPython.display import display
-
         from labkit.viz.prune import sparsity_explorer_figure
 
         fig, row = sparsity_explorer_figure(self.sweep, self.method.value, self.sparsity.value, self.weights)
-        self.out.clear_output(wait=True)
-        with self.out:
-            display(fig)
+        self.show(fig)
         return row
 
 
@@ -349,15 +275,11 @@ class GraphExplorer(Explorer):
         self.graph = W.Dropdown(options=list(graphs), description="graph")
         self.start = W.IntSlider(value=0, min=0, max=max(len(v) for v in self.nodes.values()) - 1, step=1,
                                  description="from node", continuous_update=False)
-        self.out = W.Output()
-        for w in (self.graph, self.start):
-            w.observe(lambda _c: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.graph, self.start]), self.out])
+        self.layout(W.HBox([self.graph, self.start]))
+        self.watch(self.graph, self.start)
 
     def update(self) -> dict[str, Any]:
         from collections import Counter
-
-        from IPython.display import display
 
         from labkit.viz.graph import draw_block
 
@@ -366,10 +288,8 @@ class GraphExplorer(Explorer):
         block = nodes[start:start + self.n]
         fig = draw_block(block, f"{self.graph.value}: compute nodes {start}–{start + len(block) - 1} of {len(nodes)}")
         counts = Counter(nd.op_type for nd in self.protos[self.graph.value].graph.node)
-        self.out.clear_output(wait=True)
-        with self.out:
-            display(fig)
-            print("all nodes:", sum(counts.values()), "·", ", ".join(f"{k} {v}" for k, v in counts.most_common(8)))
+        self.show(fig, f"all nodes: {sum(counts.values())} · "
+                  + ", ".join(f"{k} {v}" for k, v in counts.most_common(8)))
         return {"start": start, "ops": [nd.op_type for nd in block], "total_nodes": sum(counts.values())}
 
 
@@ -390,13 +310,10 @@ class TradeoffExplorer(Explorer):
         self.hardware = W.Dropdown(description="hardware")
         self.within = W.FloatLogSlider(value=0.01, base=10, min=-3, max=0, step=0.25, description="allowed loss",
                                        continuous_update=False)
-        self.out = W.Output()
+        self.layout(W.HBox([self.model, self.metric, self.cost]), W.HBox([self.hardware, self.within]))
         self._refresh_options()
-        self.model.observe(lambda _c: (self._refresh_options(), self.update()), names="value")
-        for w in (self.metric, self.cost, self.hardware, self.within):
-            w.observe(lambda _c: self.update(), names="value")
-        self.box = W.VBox([W.HBox([self.model, self.metric, self.cost]), W.HBox([self.hardware, self.within]),
-                           self.out])
+        self.watch(self.model, then=lambda: (self._refresh_options(), self.update()))
+        self.watch(self.metric, self.cost, self.hardware, self.within)
 
     def _refresh_options(self) -> None:
         from labkit.select import HIGHER_IS_BETTER
@@ -408,21 +325,13 @@ class TradeoffExplorer(Explorer):
             control.value = options[0] if options else None
 
     def update(self) -> dict[str, Any]:
-        from IPython.display import display
-
         from labkit.viz.tradeoff import tradeoff_figure
 
-        self.out.clear_output(wait=True)
         try:
             fig, info = tradeoff_figure(self.rows, model=self.model.value, metric=self.metric.value,
                                         cost=self.cost.value, within=self.within.value, hardware=self.hardware.value)
-        except Exception as exc:  # noqa: BLE001 - a combination without data is a message, not a crash
-            with self.out:
-                print(exc)
+        except LabkitError as exc:  # a combination without data is a message, not a crash
+            self.show(str(exc))
             return {"choice": None, "reason": str(exc)}
-        with self.out:
-            display(fig)
-            print(info["reason"])
-            if info["recipe"]:
-                print("recipe:", " → ".join(info["recipe"]))
+        self.show(fig, info["reason"], *(["recipe: " + " → ".join(info["recipe"])] if info["recipe"] else []))
         return info

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from labkit.quant.explore import quant_stats
 from labkit.results import Record
+from labkit.serve.bench import kv_history
 from labkit.viz import plots, widgets
 
 
@@ -11,8 +13,8 @@ def weight():
 
 
 def test_more_bits_more_sqnr_more_bytes(weight):
-    s4 = widgets.quant_stats(weight, "asymmetric", 4, 64)
-    s8 = widgets.quant_stats(weight, "asymmetric", 8, 64)
+    s4 = quant_stats(weight, "asymmetric", 4, 64)
+    s8 = quant_stats(weight, "asymmetric", 8, 64)
     assert s8["sqnr_db"] > s4["sqnr_db"] + 20
     assert s8["bytes"] > s4["bytes"]
     assert s4["bits_per_weight"] == pytest.approx((4 * 256 + 4 * 24) / 200)  # padded to 4 groups of 64
@@ -90,7 +92,7 @@ def test_block_tables_show_logical_to_physical_and_sharing(tiny_lm):
 def test_kv_viewer_reruns_when_controls_change(tiny_lm):
     from labkit.serve import SamplingParams
 
-    rerun = widgets.kv_history(tiny_lm, None, [[5] * 9, [6] * 70], SamplingParams(temperature=0, max_tokens=4,
+    rerun = kv_history(tiny_lm, None, [[5] * 9, [6] * 70], SamplingParams(temperature=0, max_tokens=4,
                                                                                   ignore_eos=True), max_model_len=96)
     viewer = widgets.KVCacheViewer(cols=10, rerun=rerun, block_size=4, num_blocks=30)
     first = viewer.history[0]["block_size"]
@@ -106,13 +108,13 @@ def test_kv_viewer_reruns_when_controls_change(tiny_lm):
 def test_bytes_come_from_a_real_packed_layer_where_one_exists(weight):
     from labkit.quant.layers import NF4Linear
 
-    s = widgets.quant_stats(weight, "nf4", 4, 64, double_quant=True)
+    s = quant_stats(weight, "nf4", 4, 64, double_quant=True)
     assert s["bytes_source"] == "packed NF4Linear"
     lin = torch.nn.Linear(200, 64, bias=False)
     lin.weight.data = weight
     assert s["bytes"] == NF4Linear.from_linear(lin, 64, True).quantized_bytes()
-    assert s["bytes"] < widgets.quant_stats(weight, "nf4", 4, 64)["bytes"]  # double quant saves constants
-    assert widgets.quant_stats(weight, "asymmetric", 3, 64)["bytes_source"].startswith("formula")
+    assert s["bytes"] < quant_stats(weight, "nf4", 4, 64)["bytes"]  # double quant saves constants
+    assert quant_stats(weight, "asymmetric", 3, 64)["bytes_source"].startswith("formula")
 
 
 def test_minmax_scheme_recovers_weights_that_sit_on_its_grid():
@@ -120,8 +122,8 @@ def test_minmax_scheme_recovers_weights_that_sit_on_its_grid():
 
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     on_grid = prim.fake_quantize(w, 4, scheme="minmax", group_size=32)  # like SmolLM2's Q4_1-born weights
-    assert widgets.quant_stats(on_grid, "minmax", 4, 32)["sqnr_db"] > 80
-    assert widgets.quant_stats(on_grid, "asymmetric", 4, 32)["sqnr_db"] < 40
+    assert quant_stats(on_grid, "minmax", 4, 32)["sqnr_db"] > 80
+    assert quant_stats(on_grid, "asymmetric", 4, 32)["sqnr_db"] < 40
 
 
 def test_explorer_switches_models_and_toggles_double_quant(tiny_lm):
@@ -220,3 +222,27 @@ def test_fusion_explorer_times_both_paths_and_compiles_each_shape_once(monkeypat
     assert "8 x 1536" in fig.axes[0].get_title()
     with pytest.raises(ValueError, match="rows=0"):
         trt_exp.bias_gelu_timing(0)
+
+
+def test_an_explorer_is_its_controls_and_update():
+    """Explorer.layout/watch/show carry the wiring: a subclass only builds controls and draws."""
+    import ipywidgets as W
+
+    class Square(widgets.Explorer):
+        def __init__(self):
+            self.x = W.IntSlider(value=2)
+            self.layout(self.x)
+            self.watch(self.x)
+            self.drawn = []
+
+        def update(self):
+            self.drawn.append(self.x.value ** 2)
+            self.show(f"{self.x.value} squared is {self.drawn[-1]}")
+            return {"square": self.drawn[-1]}
+
+    e = Square()
+    assert e.box.children[-1] is e.out
+    e.x.value = 3
+    e.x.value = 4
+    assert e.drawn == [9, 16]
+    assert e.update() == {"square": 16}
