@@ -75,7 +75,7 @@ WRONG = {  # a mistake a learner makes, and words the message must contain
     "double_quantize": (lambda a, b=256: (a.to(torch.float16), torch.ones(1), torch.zeros(1)), "8 bits"),
     "append_slot": (lambda table, n, free, refs, bs: (table[n // bs] + n % bs, None) if table else (0, None),
                     "block_size + t % block_size"),
-    "paged_attention": (lambda q, k, v, table, bs, n: exercises.kit_paged_attention(q, k, v, table, bs, n) * 1.01,
+    "paged_attention": (lambda q, k, v, table, bs, n: exercises.solution("paged_attention")(q, k, v, table, bs, n) * 1.01,
                         "attention output"),
     "global_magnitude_masks": (lambda ws, s: [w.abs() >= w.abs().flatten().kthvalue(max(1, round(s * w.numel())))[0]
                                              if s else torch.ones_like(w, dtype=torch.bool) for w in ws],

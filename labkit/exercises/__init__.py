@@ -1,0 +1,75 @@
+"""The learner's turn: write the core function, and a check answers at once.
+
+``check(name, fn)`` runs ``fn`` against the kit's own implementation on seeded random inputs (the shapes and
+dtypes that matter, and edge cases: a constant row, a partial last block, a single row), prints ✓ or the
+first difference in words, and returns the function the notebook should go on with: the learner's when it
+passes, else the kit's (so a workshop never blocks on an empty or wrong exercise). A stub that still raises
+``NotImplementedError`` is reported as such. ``available()`` lists the exercises; solutions live in the kit.
+
+One module per lesson (``timing`` for notebook 00, ``quantization`` for 01, ... ``capstone`` for 07), each with its
+``NOTEBOOK`` and ``EXERCISES = {name: (the kit's function, checker)}``; they are found by themselves, so a new
+lesson's exercises are a new module here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from functools import cache
+
+from labkit import LabkitError
+from labkit.exercises._check import Mismatch, Verdict
+
+__all__ = ["Mismatch", "Verdict", "available", "check", "solution", "verify"]
+
+
+@cache
+def _registry() -> dict[str, tuple[str, Callable, Callable]]:
+    """name -> (notebook, the kit's function, checker), over every lesson module, in notebook order."""
+    found = []
+    for m in pkgutil.iter_modules(__path__):
+        if not m.name.startswith("_"):
+            mod = importlib.import_module(f"{__name__}.{m.name}")
+            found += [(mod.NOTEBOOK, name, kit, checker) for name, (kit, checker) in mod.EXERCISES.items()]
+    return {name: (nb, kit, checker) for nb, name, kit, checker in sorted(found, key=lambda e: e[0])}
+
+
+def available(notebook: str | None = None) -> list[str]:
+    """Exercise names (of one notebook, e.g. ``"01"``, or all)."""
+    return [n for n, (nb, _, _) in _registry().items() if notebook is None or nb == notebook]
+
+
+def solution(name: str) -> Callable:
+    """The kit's own function for an exercise."""
+    return _entry(name)[1]
+
+
+def _entry(name: str) -> tuple[str, Callable, Callable]:
+    if name not in _registry():
+        raise LabkitError(f"exercise name={name!r} does not exist; available: {', '.join(_registry())}")
+    return _registry()[name]
+
+
+def verify(name: str, fn: Callable) -> Verdict:
+    """Run the checker without printing: ``Verdict(ok, message, fallback)``."""
+    _, _, checker = _entry(name)
+    try:
+        return Verdict(name, True, checker(fn), fallback=False)
+    except NotImplementedError:
+        return Verdict(name, False, "not written yet (the stub raises NotImplementedError)", fallback=True)
+    except Mismatch as exc:
+        return Verdict(name, False, str(exc), fallback=True)
+    except Exception as exc:  # noqa: BLE001 - a learner's bug is reported, never a crash of the notebook
+        return Verdict(name, False, f"your function raised {type(exc).__name__}: {exc}", fallback=True)
+
+
+def check(name: str, fn: Callable) -> Callable:
+    """Check a learner's function, print ✓ or what differs, and return the function to go on with."""
+    v = verify(name, fn)
+    if v.ok:
+        print(f"✓ {name}: {v.message}")
+        return fn
+    print(f"✗ {name}: {v.message}\n  → the notebook goes on with the kit's version "
+          f"(labkit.exercises.solution({name!r})); fix yours and run this cell again.")
+    return solution(name)

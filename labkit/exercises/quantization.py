@@ -1,0 +1,142 @@
+"""Notebook 01: the quantization primitives, checked against ``labkit.quant.primitives``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from labkit.exercises._check import Mismatch, close, gen
+from labkit.quant import primitives as prim
+
+NOTEBOOK = "01"
+
+
+def _quant_inputs() -> list[tuple[str, torch.Tensor, int]]:
+    g = gen(0)
+    skewed = torch.rand(4, 64, generator=g) * 3 + 0.5  # all positive: half of a symmetric grid would be wasted
+    return [("random rows, 4 bits", torch.randn(8, 64, generator=g), 4),
+            ("random rows, 8 bits", torch.randn(8, 128, generator=g), 8),
+            ("all-positive rows, 4 bits", skewed, 4),
+            ("a constant row", torch.full((1, 32), 0.7), 4),
+            ("a single value per row", torch.randn(5, 1, generator=g), 2)]
+
+
+def _per_row(t: Any, x: torch.Tensor, what: str) -> torch.Tensor:
+    """A scale or zero point as a ``[rows, 1]`` column: ``[rows]`` and Python numbers are fine too."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if t.numel() == x.shape[0] and t.dim() <= 2:
+        return t.reshape(-1, 1)
+    if t.numel() == 1:
+        return t.reshape(1, 1).expand(x.shape[0], 1)
+    raise Mismatch(f"one {what} per row: {x.shape[0]} expected, yours has shape {tuple(t.shape)}")
+
+
+def _check_quantize_asymmetric(fn: Callable) -> str:
+    # Judged by what quantization must do, not by the kit's exact choices: uint8 codes in range, and every value
+    # rebuilt within half a step of the kit's grid. A tighter grid (the textbook min/max range, which need not
+    # include 0) passes; a coarser one or a symmetric grid on all-positive rows does not.
+    for label, x, bits in _quant_inputs():
+        out = fn(x, bits)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise Mismatch("return three things: (codes, scale, zero)")
+        q, scale, zero = out
+        if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
+            kind = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
+            raise Mismatch(f"{label}: store the codes as torch.uint8, not {kind} — a float32 code takes 4 bytes and "
+                           "an int64 code 8, so the memory quantization was meant to save is gone")
+        if tuple(q.shape) != tuple(x.shape):
+            raise Mismatch(f"{label}: one code per value: shape {tuple(x.shape)} expected, yours {tuple(q.shape)}")
+        if int(q.max()) > 2**bits - 1:
+            raise Mismatch(f"{label}: {bits}-bit codes lie in 0..{2**bits - 1}; yours reach {int(q.max())}")
+        scale, zero = _per_row(scale, x, "scale"), _per_row(zero, x, "zero point")
+        _, ks, _ = prim.quantize_asymmetric(x, bits)
+        back = prim.dequantize_asymmetric(q, scale, zero)
+        err = (back - x).abs()
+        allowed = 0.5 * ks * (1 + 1e-4) + 1e-6
+        bad = ~(err <= allowed)  # NaN counts as bad
+        if bad.any():
+            r, c = (int(v) for v in bad.nonzero()[0])
+            raise Mismatch(f"{label}: value {x[r, c].item():.5g} comes back as {back[r, c].item():.5g}, "
+                           f"{err[r, c].item():.3g} away; a {bits}-bit grid from the row's min to its max keeps "
+
+                           f"every value within {allowed[r].item():.3g} (half a step) — check the scale "
+                           "(max − min) / (2^bits − 1) and the zero point round(−min / scale)")
+    return "uint8 codes that rebuild every value within half a step (constant and all-positive rows included)"
+
+
+def _check_dequantize_asymmetric(fn: Callable) -> str:
+    for label, x, bits in _quant_inputs():
+        q, s, z = prim.quantize_asymmetric(x, bits)
+        close(fn(q, s, z), prim.dequantize_asymmetric(q, s, z), f"{label}: x̂ = (q - zero) * scale")
+    return "x̂ = (q − zero) · scale on every row"
+
+
+def _check_pack_int4(fn: Callable) -> str:
+    g = gen(1)
+    cases = [("random codes", torch.randint(0, 16, (64,), generator=g, dtype=torch.uint8)),
+             ("all 15s", torch.full((10,), 15, dtype=torch.uint8)), ("two codes", torch.tensor([3, 12], dtype=torch.uint8))]
+    for label, codes in cases:
+        got = fn(codes)
+        want = prim.pack_int4(codes)
+        if isinstance(got, torch.Tensor) and got.dtype != torch.uint8:
+            raise Mismatch(f"{label}: pack into uint8 bytes, not {got.dtype}")
+        if isinstance(got, torch.Tensor) and got.numel() == want.numel() and not torch.equal(got.reshape(-1), want):
+            swapped = (want & 0xF) << 4 | (want >> 4)
+            if torch.equal(got.reshape(-1), swapped):
+                raise Mismatch(f"{label}: the nibbles are swapped — the kit puts the first code in the low 4 bits")
+        close(got.reshape(-1) if isinstance(got, torch.Tensor) else got, want, f"{label}: packed bytes", atol=0)
+    return "two codes per byte, first code in the low nibble: half the bytes of uint8 codes"
+
+
+def _check_unpack_int4(fn: Callable) -> str:
+    g = gen(2)
+    for label, codes in [("random codes", torch.randint(0, 16, (64,), generator=g, dtype=torch.uint8)),
+                         ("all 15s", torch.full((8,), 15, dtype=torch.uint8))]:
+        got = fn(prim.pack_int4(codes))
+        close(got.reshape(-1) if isinstance(got, torch.Tensor) else got, codes, f"{label}: unpacked codes", atol=0)
+    return "unpack(pack(codes)) == codes"
+
+
+def _check_double_quantize(fn: Callable) -> str:
+    g = gen(3)
+    cases = [("4096 block constants", torch.rand(4096, generator=g) * 0.2 + 0.05),
+             ("a partial last block (1000 constants)", torch.rand(1000, generator=g) * 0.3 + 0.01),
+             ("identical constants", torch.full((300,), 0.125))]
+    for label, absmax in cases:
+        out = fn(absmax, 256)
+        if not (isinstance(out, tuple) and len(out) == 3):
+            raise Mismatch("return three things: (int8 codes, per-block scales, the subtracted mean)")
+        q, scale, offset = out
+        scale, offset = torch.as_tensor(scale, dtype=torch.float32), torch.as_tensor(offset, dtype=torch.float32)
+        if not isinstance(q, torch.Tensor) or q.dtype not in (torch.int8, torch.uint8):
+            kind = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
+            raise Mismatch(f"{label}: the codes must be stored in 8 bits, yours are {kind}")
+        padded = math.ceil(absmax.numel() / 256) * 256
+        if q.numel() == padded:  # codes of the zero padding of the last block: stored, but not constants
+            q = q.reshape(-1)[: absmax.numel()]
+        if q.numel() != absmax.numel():
+            raise Mismatch(f"{label}: one code per constant: {absmax.numel()} expected (or {padded} with the last "
+                           f"block's padding), {q.numel()} given")
+        if scale.numel() != padded // 256:
+            raise Mismatch(f"{label}: one scale per block of 256 constants: {padded // 256} expected, "
+                           f"{scale.numel()} given")
+        offset = offset.reshape(-1)[:1]
+        kq, ks, ko = prim.double_quantize(absmax, 256)
+        close(prim.double_dequantize(q, scale, offset, 256), prim.double_dequantize(kq, ks, ko, 256),
+               f"{label}: the reconstructed constants", atol=1e-6)
+    bits = 4 + (8 * q.element_size() * q.numel() + 8 * scale.element_size() * scale.numel()
+                + 8 * offset.element_size() * offset.numel()) / (64 * absmax.numel())
+    if bits > 4.2:
+        raise Mismatch(f"NF4 blocks of 64 with your constants cost {bits:.3f} bits/weight; double quantization "
+                       "should bring them to about 4.13")
+    return f"constants rebuilt as the kit's; NF4 g64 with them costs {bits:.3f} bits/weight (4.5 without)"
+
+
+# name: (the kit's function, its checker)
+EXERCISES = {"quantize_asymmetric": (prim.quantize_asymmetric, _check_quantize_asymmetric),
+             "dequantize_asymmetric": (prim.dequantize_asymmetric, _check_dequantize_asymmetric),
+             "pack_int4": (prim.pack_int4, _check_pack_int4), "unpack_int4": (prim.unpack_int4, _check_unpack_int4),
+             "double_quantize": (prim.double_quantize, _check_double_quantize)}
