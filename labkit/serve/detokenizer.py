@@ -1,9 +1,13 @@
 """Token ids → text deltas for streaming, exact at every step.
 
-A byte-level tokenizer may split one character (an emoji, an accented letter) across tokens; decoding
-the tokens so far then ends in U+FFFD, the replacement character. :class:`IncrementalDetokenizer` holds
-such an incomplete tail back until the next token completes it, so the concatenated deltas equal
-``tokenizer.decode(all_ids)``. Only the tokens since the last clean boundary are decoded each step.
+Two things break naive per-token decoding. A byte-level tokenizer (GPT-2 style, SmolLM2's) may split one character
+(an emoji, an accented letter) across tokens; decoding the tokens so far then ends in U+FFFD, the replacement
+character. A SentencePiece-style tokenizer (Metaspace: Llama 2, Mistral) drops the leading space of the first piece
+it decodes, so ``decode([id of "▁world"])`` is ``"world"``, not ``" world"``. :class:`IncrementalDetokenizer` handles
+both as vLLM's incremental detokenizer does: it decodes the new tokens *together with the few before them* (the
+prefix window) and sends only the text beyond the prefix's own decoding, and it holds an incomplete character back
+until the next token completes it. So the concatenated deltas equal ``tokenizer.decode(all_ids)``; both kinds are
+tested (``tests/serve/test_detokenizer.py`` trains a small SentencePiece-BPE tokenizer for the second).
 
 :class:`TextStream` adds OpenAI-style ``stop`` strings on top: text up to the first stop string is sent,
 and while text *might* be the start of a stop string it is held back too.
@@ -21,25 +25,31 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:offset] are sent already and decoded again as context for the next ones
         self.offset = 0  # ids before this index are already sent as text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
+    def _delta(self) -> str:
+        """The text of ids[offset:], decoded in the context of the window before it."""
+        before = self._decode(self.ids[self.prefix:self.offset])
+        return self._decode(self.ids[self.prefix:])[len(before):]
+
     def push(self, token_id: int) -> str:
         """Add one token; return the new text that is complete (may be empty)."""
         self.ids.append(token_id)
-        text = self._decode(self.ids[self.offset:])
-        if text.endswith(REPLACEMENT):
-            return ""  # an incomplete character: wait for the bytes that finish it
-        self.offset = len(self.ids)
+        text = self._delta()
+        if not text or text.endswith(REPLACEMENT):
+            return ""  # an incomplete character (or a token with no text yet): wait for the next token
+        self.prefix, self.offset = self.offset, len(self.ids)
         return text
 
     def flush(self) -> str:
         """The held-back tail at the end of the stream (decoded as is, replacement characters included)."""
-        text = self._decode(self.ids[self.offset:])
-        self.offset = len(self.ids)
+        text = self._delta()
+        self.prefix = self.offset = len(self.ids)
         return text
 
 

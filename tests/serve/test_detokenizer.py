@@ -1,6 +1,7 @@
 """Streaming text is exact: the deltas concatenate to the non-streamed text, split characters included."""
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from labkit.serve.detokenizer import IncrementalDetokenizer, TextStream
@@ -45,3 +46,35 @@ def test_stop_strings_cut_the_text_and_are_held_back_until_decided(tokenizer):
     assert "".join(parts) == "one two " and ts.stopped
     parts, ts = stream(tokenizer, ids, stop=["nowhere"])
     assert "".join(parts) == text and not ts.stopped
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A small SentencePiece-BPE tokenizer (Metaspace pre-tokenizer and decoder, as Llama 2 and Mistral use), trained
+    here on the kit's own text: its pieces carry their leading space as "▁" and a lone piece decodes without it."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from labkit import data
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(data.text("calibration").splitlines()[:3000], vocab_size=600, min_frequency=2,
+                           show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=sp)
+
+
+def test_sentencepiece_spaces_survive_streaming(sentencepiece_tokenizer):
+    tok = sentencepiece_tokenizer
+    text = "The interpreter reads the whole program before it runs"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[1:2]) != tok.decode(ids[:2])[len(tok.decode(ids[:1])):]  # the trap: a lone piece loses its space
+    parts, _ = stream(tok, ids)
+    assert "".join(parts) == text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=st.lists(st.integers(0, 599), min_size=1, max_size=40))
+def test_any_sentencepiece_sequence_streams_to_the_full_decode(sentencepiece_tokenizer, ids):
+    parts, _ = stream(sentencepiece_tokenizer, ids)
+    assert "".join(parts) == sentencepiece_tokenizer.decode(ids, skip_special_tokens=True,
+                                                            clean_up_tokenization_spaces=False)
