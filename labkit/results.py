@@ -80,11 +80,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "item"):
+    """JSON for the few non-JSON values records hold: scalars of numpy/torch, paths, dtypes and devices. Anything
+    else is an error naming its type, never a silent ``str()`` that no one can read back."""
+    import torch
+
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
         return obj.item()
-    if isinstance(obj, Path):
+    if isinstance(obj, (Path, torch.dtype, torch.device)):
         return str(obj)
-    return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"a record cannot hold a {type(obj).__name__} ({obj!r:.80}): store numbers, strings, lists or "
+                    "dicts")
 
 
 def load(path: str | Path) -> Record:

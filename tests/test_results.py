@@ -35,8 +35,8 @@ def test_save_is_atomic_on_failure(tmp_path):
     r = _rec()
     r.save(tmp_path)
     before = (tmp_path / "demo.json").read_text()
-    r.config["bad"] = object.__new__(type("Unjsonable", (), {"__str__": lambda s: 1 / 0}))
-    with pytest.raises(ZeroDivisionError):
+    r.config["bad"] = object.__new__(type("Unjsonable", (), {}))
+    with pytest.raises(TypeError, match="a record cannot hold a Unjsonable"):  # not a silent str() of it
         r.save(tmp_path)
     assert (tmp_path / "demo.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
@@ -90,3 +90,13 @@ def test_report_speaks_human_units_and_links_rendered_notebooks(tmp_path):
     (tmp_path / "reports" / "notebooks" / "02_pruning.html").write_text("<html></html>")
     html = report.build(tmp_path / "results", tmp_path / "reports" / "index.html").read_text()
     assert 'executed notebook: <a href="notebooks/02_pruning.html">' in html
+
+
+def test_records_store_scalars_paths_dtypes_and_devices():
+    import numpy as np
+    import torch
+
+    r = results.Record("demo", config={"a": np.float32(1.5), "b": torch.tensor(3), "p": results.Path("x/y"),
+                                       "d": torch.bfloat16, "dev": torch.device("cpu"), "s": {"b", "a"}})
+    assert results.Record.from_dict(json.loads(json.dumps(r.to_dict(), default=results._jsonable))).config == {
+        "a": 1.5, "b": 3, "p": "x/y", "d": "torch.bfloat16", "dev": "cpu", "s": ["a", "b"]}

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from labkit import LabkitError, data, env, evaluate, measure, zoo
 from labkit import export as X
@@ -77,9 +78,13 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
     dev = env.resolve_device(config.device)
     rec = Record("onnx", env=env.describe())
+    bar = tqdm(total=2, desc="onnx: minilm, then digits-cnn (export, quantize, time)", disable=not progress)
     with tempfile.TemporaryDirectory() as d:
         extra = _encoder(rec, config, Path(d), dev)
+        bar.update(1)
         extra.update(_cnn(rec, config, Path(d)))
+        bar.update(1)
+    bar.close()
     rec.config = {**asdict(config), **extra}
     rec.config["targets"] = check(rec, TARGETS)
     return rec

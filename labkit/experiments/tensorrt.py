@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from labkit import LabkitError, env, evaluate, measure, zoo
 from labkit import export as X
@@ -57,10 +58,15 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
         ok, why = False, f"device={config.device!r}: TensorRT engines run on a CUDA GPU"
     model, tok = zoo.load_encoder(config.encoder, device="cpu")  # exported from the CPU; moved to the GPU there
     feeds = encoder_inputs(tok, config)
+    bar = tqdm(total=2, desc="tensorrt: export, then build and time" if ok else "tensorrt (skipped here): export, "
+               "then time this machine's compilers", disable=not progress)
     with tempfile.TemporaryDirectory() as d:
         path = X.export_encoder(model, tok, Path(d) / "minilm.onnx", exporter=config.exporter)
+        bar.update(1)
         extra = (_gpu(rec, model, path, feeds, config, Path(d), dev) if ok
                  else _cpu(rec, model, path, feeds, config, Path(d)))
+        bar.update(1)
+    bar.close()
     rec.config = {**asdict(config), "status": "ok" if ok else "skipped", "reason": why, **extra}
     rec.config["targets"] = check(rec, TARGETS)
     return rec

@@ -19,13 +19,9 @@ from labkit.quant import primitives as prim
 class QuantLinear(nn.Module):
     """Base class: shape bookkeeping, bias, forward by dequantize-then-matmul."""
 
-    bits: int = 0
-
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype = compute_dtype
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
@@ -50,7 +46,6 @@ class QuantLinear(nn.Module):
 class Int8Linear(QuantLinear):
     """Symmetric per-output-channel int8 weights with one fp32 scale per row."""
 
-    bits = 8
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
@@ -71,7 +66,6 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """4-bit per-group weights, packed two per byte, fp16 scales (+ uint8 zero points when asymmetric)."""
 
-    bits = 4
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, group_size: int | None, bias: torch.Tensor | None = None) -> None:
@@ -114,7 +108,6 @@ class NF4Linear(QuantLinear):
     boundaries, as bitsandbytes stores it; the two agree only when a row's width is a multiple of the block.
     """
 
-    bits = 4
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, absmax: torch.Tensor,
                  group_size: int = 64, double_quant: bool = True, bias: torch.Tensor | None = None,

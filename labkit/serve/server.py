@@ -266,7 +266,7 @@ class OpenAIApp:
             raise APIError(400, str(exc), code="invalid_value") from None
         events = self._events(rid, queue, TextStream(self.tokenizer, body.stop))
         if body.stream:
-            gen = self._sse(events, rid, chat, len(prompt_ids), body.include_usage)
+            gen = self._sse(events, chat, len(prompt_ids), body.include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text, n_out, reason = "", 0, None
         async for event in events:
@@ -306,7 +306,7 @@ class OpenAIApp:
             if not done or text.stopped:
                 self.service.abort(rid)
 
-    async def _sse(self, events, rid: int, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _sse(self, events, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
         env = self._envelope(chat, True)
 
         def chunk(choices: list, usage: dict | None = None) -> bytes:
