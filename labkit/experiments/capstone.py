@@ -32,7 +32,9 @@ NOTEBOOK = "07_capstone"
 
 
 @dataclass
-class Config:
+class Config(pruning_exp.LMPruneConfig):
+    """The pipeline's settings; the LLM's prune and recovery are :class:`pruning.LMPruneConfig`'s fields."""
+
     student_width: int = 16
     temperature: float = 4.0  # KD soft targets for the student and its fine-tune
     alpha: float = 0.9
@@ -45,15 +47,6 @@ class Config:
     cnn_batch: int = 256
     repeats: int = 5
     run_lm: bool = True
-    llm: str = "smollm2-135m"
-    mlp_ratio: float = 0.3
-    calib_samples: int = 16  # Taylor importance for the MLP prune: calib_samples x calib_seq_len tokens
-    calib_seq_len: int = 128
-    recovery_steps: int = 400
-    recovery_batch: int = 8
-    recovery_seq_len: int = 256
-    recovery_samples: int = 1024
-    recovery_lr: float = 2e-4
     quant: tuple[str, ...] = ("int8", "nf4", "gptq")
     gptq_samples: int = 16
     gptq_seq_len: int = 256
@@ -228,14 +221,10 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
     from labkit.serve.bench import make_workload, run_engine, summarize
 
     dense, tok = zoo.load_causal_lm(config.llm, device=dev, progress=False)
-    pcfg = pruning_exp.Config(mlp_ratio=config.mlp_ratio, recovery_steps=config.recovery_steps,
-                              recovery_batch=config.recovery_batch, recovery_seq_len=config.recovery_seq_len,
-                              recovery_samples=config.recovery_samples, recovery_lr=config.recovery_lr,
-                              device=str(dev))
     calib = data.calibration_batches(tok, n=config.calib_samples, seq_len=config.calib_seq_len, device=dev)
     pruned = copy.deepcopy(dense)
     prune.prune_llm_mlp(pruned, config.mlp_ratio, calibration_ids=calib)
-    recovered, info = pruning_exp.recover(pruned, dense, tok, pcfg, progress, device=dev)
+    recovered, info = pruning_exp.recover(pruned, dense, tok, config, progress, device=dev)
     del pruned
     models = {"dense": (0, ["smollm2-135m fp32"], dense),
               "pruned-recovered": (1, ["smollm2-135m fp32", f"prune {config.mlp_ratio:.0%} MLP channels (Taylor)",

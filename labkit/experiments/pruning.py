@@ -26,7 +26,22 @@ NOTEBOOK = "02_pruning"
 
 
 @dataclass
-class Config:
+class LMPruneConfig:
+    """The MLP prune and its KD recovery (:func:`recover`), shared by this experiment and the capstone."""
+
+    llm: str = "smollm2-135m"
+    mlp_ratio: float = 0.3
+    calib_samples: int = 16  # calibration windows of calib_seq_len tokens for Taylor importance
+    calib_seq_len: int = 128
+    recovery_steps: int = 400
+    recovery_batch: int = 8
+    recovery_seq_len: int = 256
+    recovery_samples: int = 1024
+    recovery_lr: float = 2e-4
+
+
+@dataclass
+class Config(LMPruneConfig):
     cnn: str = "digits-cnn"
     cnn_ratio: float = 0.4
     cnn_importance: str = "taylor"
@@ -38,15 +53,6 @@ class Config:
     repeats: int = 5
     lm_repeats: int = 5
     run_lm: bool = True
-    llm: str = "smollm2-135m"
-    mlp_ratio: float = 0.3
-    calib_samples: int = 16  # calibration windows for Taylor importance
-    calib_seq_len: int = 128
-    recovery_steps: int = 400
-    recovery_batch: int = 8
-    recovery_seq_len: int = 256
-    recovery_samples: int = 1024
-    recovery_lr: float = 2e-4
     lm_batch: int = 1  # timed forward: lm_batch x lm_seq_len tokens
     lm_seq_len: int = 256
     ppl_window: int = 256
@@ -201,10 +207,11 @@ def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool)
             "lm_recovery_curve": info["recovery_loss"]}
 
 
-def recover(pruned, teacher, tok, config: Config, progress: bool = False, device: torch.device | None = None):
+def recover(pruned, teacher, tok, config: LMPruneConfig, progress: bool = False,
+            device: torch.device | None = None):
     """Distil ``teacher``'s next-token distributions into a copy of ``pruned`` (forward KL on calibration text),
     on ``device`` (default: the config's)."""
-    device = device or env.resolve_device(config.device)
+    device = device or env.resolve_device(getattr(config, "device", None))
     student = copy.deepcopy(pruned).to(device)
     teacher.to(device)
     for p in teacher.parameters():
