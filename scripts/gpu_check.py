@@ -34,22 +34,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Parts of the check, each about 5 minutes on one H100 (see ESTIMATE_S); run one or two per device call.
-PARTS: dict[str, list[str]] = {
-    "tests-quant": ["gpu-tests", "baseline", "quantization"],
-    "serve": ["serving", "capstone"],
-    "compress": ["pruning", "distillation", "onnx", "tensorrt"],
-}
+sys.path.insert(0, str(ROOT))  # the kit in this tree, wherever the script is started from
 
-# Seconds each step is expected to take on one H100, quick sizes, random weights. How: the CPU quick runs' wall
-# times (records under labkit/reference/cpu-epyc-2core: baseline 16 s, quantization 240, serving 619, pruning 217,
-# distillation 158, capstone 101, onnx 39, tensorrt 22 on 2 cores) divided by what a GPU buys each: decode-bound
-# steps (serving, quantization's decode timing) are launch-bound at batch 1 on a 135M model, so about 4x; training
-# and prefill-bound steps (pruning's KD recovery, distillation, capstone) about 5x; plus about 15 s a step to start
-# Python, torch and CUDA, and for quantization the two variants a GPU adds (fp16, bitsandbytes). The tests: about
-# 6 CUDA tests and their collection. Each step's timeout is twice its estimate.
-ESTIMATE_S: dict[str, int] = {"gpu-tests": 90, "baseline": 25, "quantization": 120, "serving": 170, "capstone": 45,
-                              "pruning": 60, "distillation": 50, "onnx": 40, "tensorrt": 60}
+from labkit import experiments  # noqa: E402
+
+# Parts of the check, each about 5 minutes on one H100; each experiment names its part and its expected seconds
+# (``GPU_CHECK`` in its module), so a new experiment joins the check by itself. How the seconds were estimated: the
+# CPU quick runs' wall times (records under labkit/reference/cpu-epyc-2core: baseline 16 s, quantization 240,
+# serving 619, pruning 217, distillation 158, capstone 101, onnx 39, tensorrt 22 on 2 cores) divided by what a GPU
+# buys each: decode-bound steps (serving, quantization's decode timing) are launch-bound at batch 1 on a 135M model,
+# so about 4x; training and prefill-bound steps (pruning's KD recovery, distillation, capstone) about 5x; plus about
+# 15 s a step to start Python, torch and CUDA, and for quantization the two variants a GPU adds (fp16,
+# bitsandbytes). The tests: about 6 CUDA tests and their collection. Each step's timeout is twice its estimate.
+PART_ORDER = ("tests-quant", "serve", "compress")  # the -m gpu tests run first, in the first part
+ESTIMATE_S: dict[str, int] = {"gpu-tests": 90}
+PARTS: dict[str, list[str]] = {PART_ORDER[0]: ["gpu-tests"]}
+for _name in experiments.available():
+    _part, ESTIMATE_S[_name] = experiments.get(_name).GPU_CHECK
+    PARTS.setdefault(_part, []).append(_name)
+PARTS = {p: PARTS[p] for p in sorted(PARTS, key=lambda p: (PART_ORDER + (p,)).index(p))}
 BUDGET_S = 540  # one device command may run 600 s: steps that would not finish inside this are not started
 REHEARSAL_LAYERS = 2  # the rehearsal's random SmolLM2 keeps every shape but the depth: the same code, 1/10 the work
 

@@ -22,6 +22,7 @@ from labkit.quant.projection import LLAMA_3_8B, LLAMA_3_70B, project
 from labkit.results import Record
 
 NOTEBOOK = "01_quantization"
+GPU_CHECK = ("tests-quant", 120)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "int4-g64", "nf4", "nf4-dq", "int4-calibrated",
                 "bnb-nf4", "bnb-int8")
