@@ -140,13 +140,6 @@ def load_reference(experiment: str, hardware: str | None = None) -> tuple[Record
     return rec[best], found[best].parent.name
 
 
-def target(out: dict[str, dict], key: str, value: float | None, limit: float | None, kind: str) -> None:
-    """Record one checked target in ``out``: ``value`` against ``limit`` (``kind`` "max" or "min"), ``ok`` None
-    when either is missing."""
-    ok = None if value is None or limit is None else (value <= limit if kind == "max" else value >= limit)
-    out[key] = {"value": value, "limit": limit, "kind": kind, "ok": ok}
-
-
 def ensure_writable(out_dir: str | Path) -> Path:
     """Create ``out_dir`` if needed and prove it is writable, before any work starts."""
     out = Path(out_dir)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from labkit import LabkitError, env, evaluate, measure, zoo
 from labkit import export as X
-from labkit.experiments.onnx import encoder_inputs
+from labkit.experiments.onnx import encoder_inputs, encoder_row
 from labkit.experiments.protocol import Target, check
 from labkit.export import tensorrt as T
 from labkit.results import Record
@@ -131,17 +131,13 @@ def _gpu(rec, model, path, feeds, config, d, dev) -> dict:
 
 
 
-def _enc(rec: Record, name: str) -> dict:
-    return rec.variant(name, rec.config["encoder"])
-
-
 # On a CPU only the compilers' parity is measured; the TensorRT rows need a CUDA GPU (not measured until one runs it)
 TARGETS = [
-    Target("torch-compile cosine_to_reference", lambda r: _enc(r, "torch-compile")["cosine_to_reference"], 0.9999),
-    Target("ort-fp32-fused cosine_to_reference", lambda r: _enc(r, "ort-fp32-fused")["cosine_to_reference"], 0.9999),
-    Target("tensorrt-fp32 cosine_to_reference", lambda r: _enc(r, "tensorrt-fp32")["cosine_to_reference"], 0.9999),
-    Target("tensorrt-fp16 cosine_to_reference", lambda r: _enc(r, "tensorrt-fp16")["cosine_to_reference"], 0.999),
-    Target("tensorrt-fp16 speedup_vs_baseline", lambda r: _enc(r, "tensorrt-fp16")["speedup_vs_baseline"], 2.0),
+    Target("torch-compile cosine_to_reference", lambda r: encoder_row(r, "torch-compile")["cosine_to_reference"], 0.9999),
+    Target("ort-fp32-fused cosine_to_reference", lambda r: encoder_row(r, "ort-fp32-fused")["cosine_to_reference"], 0.9999),
+    Target("tensorrt-fp32 cosine_to_reference", lambda r: encoder_row(r, "tensorrt-fp32")["cosine_to_reference"], 0.9999),
+    Target("tensorrt-fp16 cosine_to_reference", lambda r: encoder_row(r, "tensorrt-fp16")["cosine_to_reference"], 0.999),
+    Target("tensorrt-fp16 speedup_vs_baseline", lambda r: encoder_row(r, "tensorrt-fp16")["speedup_vs_baseline"], 2.0),
 ]
 
 

@@ -27,6 +27,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix = 0  # ids[prefix:offset] are sent already and decoded again as context for the next ones
         self.offset = 0  # ids before this index are already sent as text
+        self.before = ""  # the decoding of ids[prefix:offset], kept until the window moves
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -34,8 +35,7 @@ class IncrementalDetokenizer:
 
     def _delta(self) -> str:
         """The text of ids[offset:], decoded in the context of the window before it."""
-        before = self._decode(self.ids[self.prefix:self.offset])
-        return self._decode(self.ids[self.prefix:])[len(before):]
+        return self._decode(self.ids[self.prefix:])[len(self.before):]
 
     def push(self, token_id: int) -> str:
         """Add one token; return the new text that is complete (may be empty)."""
@@ -44,12 +44,14 @@ class IncrementalDetokenizer:
         if not text or text.endswith(REPLACEMENT):
             return ""  # an incomplete character (or a token with no text yet): wait for the next token
         self.prefix, self.offset = self.offset, len(self.ids)
+        self.before = self._decode(self.ids[self.prefix:self.offset])
         return text
 
     def flush(self) -> str:
         """The held-back tail at the end of the stream (decoded as is, replacement characters included)."""
         text = self._delta()
         self.prefix = self.offset = len(self.ids)
+        self.before = ""
         return text
 
 
