@@ -6,6 +6,7 @@ synchronise the device (``torch.utils.benchmark`` does) — the first call on a 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -369,11 +370,12 @@ def prefill_tokens_per_s(model: nn.Module, *, batch: int = 1, seq_len: int = 128
 
 @torch.no_grad()
 def decode_step_times(model: nn.Module, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 32,
-                      seed: int = 0) -> Callable[[], float]:
+                      seed: int = 0, around: Callable[[], Any] | None = None) -> Callable[[], float]:
     """A function that times ``new_tokens`` cached greedy decode steps *alone* and returns seconds.
 
     Each call first runs the prompt (prefill, untimed) to build a fresh KV cache, then times only the
-    single-token steps, so a short prompt's prefill does not pass itself off as decode speed.
+    single-token steps, so a short prompt's prefill does not pass itself off as decode speed. ``around()``, if
+    given, returns a context manager entered for the timed steps only (e.g. a profiler).
     """
     if new_tokens < 1:
         raise LabkitError(f"new_tokens={new_tokens} must be at least 1")
@@ -387,15 +389,67 @@ def decode_step_times(model: nn.Module, *, batch: int = 1, prompt_len: int = 32,
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         pos = prompt_len
         _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True,
-                        position_ids=torch.full((batch, 1), pos, device=dev))
-            past, nxt, pos = out.past_key_values, out.logits[:, -1:].argmax(-1), pos + 1
-        _sync(dev)
-        return time.perf_counter() - t0
+        with around() if around else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True,
+                            position_ids=torch.full((batch, 1), pos, device=dev))
+                past, nxt, pos = out.past_key_values, out.logits[:, -1:].argmax(-1), pos + 1
+            _sync(dev)
+            return time.perf_counter() - t0
 
     return run
+
+
+# aten op name -> what it is, for the decode breakdown (first match wins; the rest is "other tensor ops"). The
+# composites (aten::linear, aten::matmul) have next to no self time and would count each call twice.
+_OP_KINDS = (("weight matmuls", ("addmm", "aten::mm", "_weight_int8pack_mm", "_weight_int4pack_mm", "aten::bmm")),
+             ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+             ("copies, casts, cache appends", ("copy_", "aten::cat", "_to_copy", "aten::to", "contiguous", "clone",
+                                               "index_select", "aten::stack")))
+
+
+OUTSIDE_OPS = "outside torch ops (Python, module calls, cache bookkeeping)"
+
+
+def op_kind(name: str) -> str:
+    """The kind of work an aten op name does (the rows of :func:`decode_breakdown`)."""
+    for kind, keys in _OP_KINDS:
+        if any(k in name for k in keys):
+            return kind
+    return "other tensor ops (norms, activations, rotary, dequantize)"
+
+
+@torch.no_grad()
+def decode_breakdown(model: nn.Module, *, prompt_len: int = 32, new_tokens: int = 8, seed: int = 0
+                     ) -> list[dict[str, Any]]:
+    """Where batch-1 cached decode steps spend their time, by torch's profiler: each op's *self* time summed by
+    kind (nested ops are not counted twice), and the wall time outside every op — Python in the model's modules,
+    the cache's bookkeeping, dispatch — as its own row. On a GPU the op rows are kernel time on the device and the
+    last row is the time the device sat idle. The profiler adds a little cost to every op, so the rows are shares
+    of a profiled run (after one unprofiled warm-up), not a second speed measurement.
+
+    Rows: ``part``, ``ms_per_token``, ``share_pct``, ``ops`` (op calls per token).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = model_device(model).type == "cuda"
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []))
+    decode_step_times(model, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)()  # warm-up
+    wall = decode_step_times(model, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed, around=lambda: prof)()
+    by_kind: dict[str, list[float]] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0.0) if on_gpu else event.self_cpu_time_total
+        kind = by_kind.setdefault(op_kind(event.key), [0.0, 0])
+        kind[0] += us / 1e6
+        kind[1] += event.count
+    inside = sum(t for t, _ in by_kind.values())
+    rows = [{"part": kind, "ms_per_token": 1e3 * t / new_tokens, "share_pct": 100 * t / wall, "ops": n / new_tokens}
+            for kind, (t, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])]
+    outside = max(wall - inside, 0.0)
+    rows.append({"part": "device idle (launches, Python)" if on_gpu else OUTSIDE_OPS,
+                 "ms_per_token": 1e3 * outside / new_tokens, "share_pct": 100 * outside / wall, "ops": 0.0})
+    return rows
 
 
 @torch.no_grad()

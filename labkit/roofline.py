@@ -63,6 +63,19 @@ def matmul_flops(device: str | torch.device = "cpu", n: int = 1024, dtype: torch
     return 2 * n**3 / min(t.times_s)
 
 
+def decode_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one batch-1 decode step must read: every stored weight (packed where quantized), except embedding
+    tables, which a step reads one row of — unless an output head shares the table (tied weights), which reads
+    all of it. The KV cache adds ``2 x layers x context x kv_width`` more, small at the short contexts timed."""
+    from labkit.measure import _storage_key, tensor_bytes, weight_bytes
+
+    used_elsewhere = {_storage_key(t) for m in model.modules() if not isinstance(m, torch.nn.Embedding)
+                      for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}
+    lookups = {_storage_key(p): tensor_bytes(p) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+               for p in m.parameters(recurse=False)}
+    return weight_bytes(model) - sum(b for key, b in lookups.items() if key not in used_elsewhere)
+
+
 @torch.no_grad()
 def forward_flops(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
     """FLOPs of one ``model(**inputs)`` as torch counts them (matmuls, attention; element-wise ops are free)."""

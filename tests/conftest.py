@@ -11,11 +11,37 @@ os.environ.setdefault("LABKIT_QUICK", "1")
 
 
 REAL_MODEL_FIXTURES = {"smollm2", "minilm"}
+EXECUTED: dict[str, object] = {}  # notebook file name -> the notebook nbmake executed in this session, outputs and all
+FIGURE_CHECK = "test_executed_notebook_shows_each_figure_once"
+
+
+def _keep_what_nbmake_executes() -> None:
+    """nbmake runs every notebook and throws its outputs away; keep them, so the figure check reads the same run
+    instead of running each notebook a second time."""
+    try:
+        from nbmake import nb_run
+    except ImportError:
+        return
+    if getattr(nb_run.NotebookRun.execute, "_labkit_keeps", False):
+        return
+    original = nb_run.NotebookRun.execute
+
+    def execute(self):
+        result = original(self)
+        EXECUTED[os.path.basename(str(self.filename))] = result.nb
+        return result
+
+    execute._labkit_keeps = True
+    nb_run.NotebookRun.execute = execute
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test that loads a real model ``slow`` (so ``-m 'not slow'`` is a quick loop), and skip ``gpu``
-    tests without a CUDA device."""
+    """Mark every test that loads a real model ``slow`` (so ``-m 'not slow'`` is a quick loop), skip ``gpu`` tests
+    without a CUDA device, and run the notebook figure checks after nbmake's notebook runs, which they read."""
+    if any(getattr(item, "nbmake", False) for item in items):
+        _keep_what_nbmake_executes()
+        late = [item for item in items if item.name.startswith(FIGURE_CHECK)]
+        items[:] = [item for item in items if item not in late] + late
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

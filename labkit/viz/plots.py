@@ -105,3 +105,22 @@ def default_figures(record: Record) -> list[Figure]:
         if models:
             return [metric_bars(record, metric, model=m) for m in models]
     return []
+
+
+def batch_crossover(record: Record) -> Figure | None:
+    """Decode tokens/s against batch size per variant (rows carrying ``batch`` and ``decode_tok_s``), with the
+    min-max band of the repeats: where a weight-only format stops beating fp32. None when the record has none."""
+    rows = [v for v in record.variants if "batch" in v and "decode_tok_s" in v]
+    if not rows:
+        return None
+    fig = new_figure((7, 3.8))
+    ax = fig.subplots()
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["batch"])
+        b = [r["batch"] for r in mine]
+        ax.plot(b, [r["decode_tok_s"] for r in mine], "o-", label=name)
+        ax.fill_between(b, [r["decode_tok_s_min"] for r in mine], [r["decode_tok_s_max"] for r in mine], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    return finish_line_plot(fig, ax, "requests decoding together (batch)", "decode tokens/s (all requests)",
+                            f"{rows[0]['model']}: decode speed by batch size")

@@ -64,15 +64,25 @@ def test_quantization_experiment_subset_meets_targets(tmp_path):
     from labkit.experiments import quantization as Q
 
     cfg = Q.Config.quick()
-    cfg.variants = ("fp32", "int8", "nf4-dq")
+    cfg.variants = ("fp32", "int8", "int8-dequantize", "nf4-dq")
     cfg.ppl_max_windows = 3
-    cfg.repeats = 2
+    cfg.repeats = 3
     cfg.decode_tokens = 2
+    cfg.batch_sizes, cfg.sweep_tokens = (1, 2), 1
     rec = Q.run(cfg, progress=False)
     for name in cfg.variants:
         row = rec.variant(name, cfg.llm)
-        assert row["decode_repeats"] == 2 and row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+        assert row["decode_repeats"] == 3 and row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+        assert row["bandwidth_ceiling_tok_s"] * row["bytes_read_per_token"] == pytest.approx(
+            rec.config["ceilings"]["bandwidth_gb_s"] * 1e9)
     assert rec.variant("fp32", cfg.llm)["speedup_vs_baseline"] == 1.0
+    # the same int8 layer through the fused kernel (bf16 activations) and the readable path: the same model
+    assert rec.variant("int8", cfg.llm)["perplexity"] == pytest.approx(
+        rec.variant("int8-dequantize", cfg.llm)["perplexity"], rel=1e-2)
+    sweep = {(v["variant"], v["batch"]): v for v in rec.variants if v.get("model") == f"{cfg.llm} by batch"}
+    assert set(sweep) == {(n, b) for n in ("fp32", "int8") for b in (1, 2)}  # the swept variants that were built
+    assert all(sweep["fp32", b]["x_fp32_same_batch"] == 1.0 for b in (1, 2))
+    assert len(Q.figures(rec)) == 2  # memory vs perplexity (SmolLM2), and the batch crossover
     t = rec.config["targets"]
     for key in ("smollm2-135m/nf4-dq/bits_per_param_quantized", "smollm2-135m/nf4-dq/weight_bytes_ratio",
                 "smollm2-135m/int8/perplexity_ratio", "minilm-l6/int8/cosine_to_reference"):

@@ -14,9 +14,12 @@ LIN = nn.Linear(576, 96)  # 576 = 4.5 groups of 128: the last group is padded
 
 
 @pytest.mark.parametrize("make,floor,bits", [
-    (lambda: Int8Linear.from_linear(LIN), 38, 8 + 32 / 576),
-    (lambda: Int4Linear.from_linear(LIN, 128), 17, (4 + 24 / 128) * 640 / 576),
-    (lambda: Int4Linear.from_linear(LIN, 64, symmetric=True), 16, 4 + 16 / 64),
+    (lambda: Int8Linear.from_linear(LIN, compute_dtype=None), 38, 8 + 32 / 576),  # fused, fp32 all through
+    (lambda: Int8Linear.from_linear(LIN, "dequantize"), 38, 8 + 32 / 576),
+    (lambda: Int4Linear.from_linear(LIN, 128, kernel="dequantize"), 17, (4 + 24 / 128) * 640 / 576),
+    (lambda: Int4Linear.from_linear(LIN, 64, symmetric=True, kernel="dequantize"), 16, 4 + 16 / 64),
+    (lambda: Int4Linear.from_linear(LIN, 128, compute_dtype=None), 17, (4 + 32 / 128) * 640 / 576),  # fp16 s + z
+    (lambda: Int4Linear.from_linear(LIN, 64, symmetric=True, compute_dtype=None), 16, 4 + 32 / 64),
     (lambda: NF4Linear.from_linear(LIN, 64, double_quant=False), 19, 4.5),
     (lambda: NF4Linear.from_linear(LIN, 64, double_quant=True), 19, 4 + 8 / 64 + (32 * 4 + 32) / (96 * 576)),
 ])
@@ -112,7 +115,7 @@ def test_rtn_int4_codes_use_the_fp16_scales_it_stores():
 
     lin = nn.Linear(256, 32)
     torch.nn.init.normal_(lin.weight, std=0.07)
-    layer = Int4Linear.from_linear(lin, 64)
+    layer = Int4Linear.from_linear(lin, 64, kernel="dequantize")
     codes = prim.unpack_int4(layer.qweight).view(-1, 64).float()
     scale, zero = layer.scale.float().view(-1, 1), layer.zero.float().view(-1, 1)
     groups = lin.weight.detach().reshape(-1, 64)
