@@ -11,6 +11,11 @@ weights, reading 1 (int8) or 0.5 (int4) bytes per weight instead of 4 is the who
   ``w = (q - 8) * scale + zero`` from a blocked layout that ``torch._convert_weight_to_int4pack_for_cpu`` builds,
   so :class:`~labkit.quant.layers.Int4Linear` stores that layout instead of its own when the kernel is used.
 
+Both kernels are vectorized for **bf16 activations**; on fp32 inputs torch runs a reference loop slower than an fp32
+matmul (2-core Xeon, 576 x 1536, batch 1: fp32 ``F.linear`` 293 us; int8 kernel on fp32 input 1355 us, on bf16 input
+91 us). So the fused path casts activations to ``compute_dtype`` (bf16 by default) for the matmul and the output back:
+the numerics of a bf16 model with int8/int4 weights; ``compute_dtype=None`` keeps the input's dtype.
+
 On a GPU the fused kernels are bitsandbytes' (``labkit.quant.bnb``) and torchao's; these layers fall back to the
 readable path there and say so once. Private ``torch._`` ops change between releases: each is looked up, and a
 missing one is a fallback with its reason, never a crash.
@@ -60,7 +65,7 @@ def _op(name: str):
 
 def int8_reason(x: torch.Tensor) -> str | None:
     """Why the fused int8 kernel cannot take input ``x`` (None: it can)."""
-    if x.shape[-1] % 16:  # torch 2.13's vectorized bf16 path reads past the row otherwise (it crashed in tests)
+    if x.shape[-1] % 16:  # torch 2.13's bf16 kernel segfaults otherwise (found by tests/quant/test_kernels.py)
         return f"the int8 kernel needs in_features divisible by 16, not {x.shape[-1]}"
     if x.device.type != "cpu":
         return f"no fused int8 kernel is wired for {x.device.type}; labkit.quant.bnb's Linear8bitLt is the GPU path"
