@@ -23,6 +23,7 @@ missing one is a fallback with its reason, never a crash.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -59,6 +60,7 @@ def say_once(what: str, reason: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+@functools.cache  # looked up once: int8_reason runs on every forward
 def _op(name: str):
     return getattr(torch.ops.aten, name, None)
 

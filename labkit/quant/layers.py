@@ -1,4 +1,4 @@
-"""Quantized linear layers that *store* packed codes and their constants, and dequantize on the fly.
+"""Quantized linear layers that *store* packed codes and their constants, and multiply by them.
 
 Each layer keeps only integer codes (two 4-bit codes per byte) and small constants as buffers, so
 ``labkit.measure.weight_bytes`` sees the real memory. The readable path (``kernel="dequantize"``) rebuilds
@@ -20,7 +20,8 @@ from labkit.quant import primitives as prim
 
 
 class QuantLinear(nn.Module):
-    """Base class: shape bookkeeping, bias, forward by dequantize-then-matmul."""
+    """Base class: shape bookkeeping, bias, and forward: a subclass's fused kernel where it has one that fits,
+    else dequantize-then-matmul."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
                  kernel: str = "dequantize", compute_dtype: torch.dtype | None = torch.bfloat16) -> None:
