@@ -42,12 +42,16 @@ class LLMEngine:
         self.generators: dict[int, torch.Generator | None] = {}
         self.pending_forks: dict[int, int] = {}  # parent seq id -> samples still to fork (n > 1)
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise if the request can never run (reads only the config, so any thread may call it)."""
         if not prompt_token_ids:
             raise LabkitError("prompt is empty; give at least one token")
         if len(prompt_token_ids) >= self.config.max_model_len:
             raise LabkitError(f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
                               f"{self.config.max_model_len} (prompt + output must fit)")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        self.check_request(prompt_token_ids, params)
         seq = Sequence(list(prompt_token_ids), self.config.block_size, max_tokens=params.max_tokens)
         out = RequestOutput(seq.seq_id, list(prompt_token_ids), arrival_time=time.perf_counter())
         self._register(seq, params, out)

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server over the paged engine: FastAPI + uvicorn, the shape vLLM's server has.
 
-One background thread runs engine steps (:class:`EngineService`); each HTTP request adds its request to the
-engine between steps and awaits its own queue of tokens, so requests from many clients join the running
-batch. Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template),
+One background thread owns the engine (:class:`EngineService`); each HTTP request posts its request to the
+thread's inbox, which the thread drains between steps, and awaits its own queue of tokens, so requests from many
+clients join the running batch and no handler ever waits for a step. Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template),
 ``"stream": true`` as server-sent events ending in ``data: [DONE]``, ``GET /health`` and ``GET /metrics``
 (Prometheus text). Failures are answered, never swallowed: a bad body is an OpenAI-style 400, an engine step
 that raises fails the requests in its batch with a 500 (their blocks freed) and the engine serves on, and
@@ -12,7 +12,10 @@ a client that goes away mid-stream has its request aborted. Binds to 127.0.0.1 u
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import json
+import queue
 import socket
 import threading
 import time
@@ -34,63 +37,146 @@ Event = tuple[int | None, str | None, str | None]  # (new token, finish reason, 
 
 
 class EngineService:
-    """Thread-safe front of an :class:`LLMEngine`: submit, abort, health, metrics.
+    """The engine's own thread, and the only way in: an inbox it drains between steps.
 
-    Tokens reach each request through its ``sink`` callback, called from the engine thread. If a step
-    raises, the requests in the running batch get an ``error`` event and are aborted (their blocks go
-    back to the pool), and the block accounting is checked; if it is broken the service turns unhealthy
-    and refuses new work rather than serve from a corrupt cache.
+    HTTP handlers never wait for a step. ``submit`` checks the request against the engine's limits, hands it to
+    the inbox and returns its ticket at once; ``abort`` and :meth:`call` are inbox messages too, and
+    :meth:`metrics` reads the snapshot the engine thread publishes after every step. Only the engine thread
+    touches the engine. Tokens reach each request through its ``sink`` callback, called from the engine thread.
+    If a step raises, the requests in the running batch get an ``error`` event and are aborted (their blocks go
+    back to the pool), and the block accounting is checked; if it is broken the service turns unhealthy and
+    refuses new work rather than serve from a corrupt cache. ``stop`` answers every request still in flight at
+    once, without waiting for the step that is running.
     """
 
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
-        self.lock = threading.Lock()
+        self.inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.wake = threading.Event()
-        self.sinks: dict[int, Callable[[Event], None]] = {}
+        self.sinks: dict[int, Callable[[Event], None]] = {}  # ticket -> sink; entries leave with dict.pop (atomic)
+        self.tickets = itertools.count(1)
+        self.live: dict[int, int] = {}  # engine request id -> ticket (engine thread only)
+        self.ids: dict[int, int] = {}  # ticket -> engine request id (engine thread only)
         self.idle_wait_s = idle_wait_s
         self.healthy, self.last_error = True, None
         self.failed_steps = self.tokens_generated = self.requests_finished = self.requests_failed = 0
         self.stopped = False
+        self._snapshot = self._read_state()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="labkit-engine")
         self.thread.start()
 
+    # ------------------------------------------------------------------------------- any thread
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Event], None]) -> int:
-        with self.lock:
-            if not self.healthy:
-                raise APIError(503, f"the engine is unhealthy ({self.last_error}); restart the server",
-                               type="server_error", code="engine_unhealthy")
-            rid = self.engine.add_request(prompt_ids, params)
-            self.sinks[rid] = sink
+        """Queue a request; returns its ticket (for :meth:`abort`). Raises at once if it can never run."""
+        if self.stopped:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if not self.healthy:
+            raise APIError(503, f"the engine is unhealthy ({self.last_error}); restart the server",
+                           type="server_error", code="engine_unhealthy")
+        self.engine.check_request(prompt_ids, params)
+        ticket = next(self.tickets)
+        self.sinks[ticket] = sink
+        self._post(("add", ticket, list(prompt_ids), params))
+        return ticket
+
+    def abort(self, ticket: int) -> None:
+        self.sinks.pop(ticket, None)
+        self._post(("abort", ticket))
+
+    def call(self, fn: Callable[[LLMEngine], Any], timeout_s: float = 30.0) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result (tests, inspection)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._post(("call", fn, done))
+        return done.result(timeout_s)
+
+    def metrics(self) -> dict[str, float]:
+        """The engine's state after its last step (published by the engine thread; no waiting)."""
+        return {**self._snapshot, "generation_tokens_total": self.tokens_generated,
+                "requests_finished_total": self.requests_finished, "requests_failed_total": self.requests_failed,
+                "engine_failed_steps_total": self.failed_steps, "healthy": int(self.healthy)}
+
+    def stop(self) -> None:
+        """Stop the engine thread; every request still in flight gets an error event now."""
+        self.stopped = True
         self.wake.set()
-        return rid
+        for ticket in list(self.sinks):
+            if (sink := self.sinks.pop(ticket, None)) is not None:
+                _deliver(sink, (None, "error", "the server is shutting down; request aborted"))
+        self.thread.join(timeout=5)
 
-    def abort(self, rid: int) -> None:
-        with self.lock:
-            self.engine.abort(rid)
-            self.sinks.pop(rid, None)
+    def _post(self, message: tuple) -> None:
+        self.inbox.put(message)
+        self.wake.set()
 
+    # ------------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         while not self.stopped:
-            deliveries: list[tuple[Callable[[Event], None], Event]] = []
-            with self.lock:
-                busy = self.engine.has_unfinished()
-                if busy:
-                    try:
-                        for out, tok in self.engine.step():
-                            self.tokens_generated += 1
-                            sink = self.sinks.get(out.request_id)
-                            if out.finished:
-                                self.sinks.pop(out.request_id, None)
-                                self.requests_finished += 1
-                            if sink is not None:
-                                deliveries.append((sink, (tok, out.finish_reason, None)))
-                    except Exception as exc:  # noqa: BLE001 - any failure must reach the clients
-                        deliveries += self._fail_step(exc)
-            for sink, event in deliveries:
-                _deliver(sink, event)
-            if not busy:
+            self._drain()
+            busy = self.engine.has_unfinished()
+            if busy:
+                deliveries = self._step()
+                self._snapshot = self._read_state()
+                if not self.stopped:
+                    for sink, event in deliveries:
+                        _deliver(sink, event)
+            else:
+                self._snapshot = self._read_state()
                 self.wake.wait(self.idle_wait_s)
                 self.wake.clear()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind, *args = message
+            if kind == "add":
+                ticket, prompt_ids, params = args
+                if ticket not in self.sinks:  # aborted (or the server stopped) before it reached the engine
+                    continue
+                try:
+                    rid = self.engine.add_request(prompt_ids, params)
+                except LabkitError as exc:  # checked in submit; a limit can still bite here (e.g. n > 1)
+                    if (sink := self.sinks.pop(ticket, None)) is not None:
+                        _deliver(sink, (None, "error", str(exc)))
+                    continue
+                self.live[rid], self.ids[ticket] = ticket, rid
+            elif kind == "abort":
+                rid = self.ids.pop(args[0], None)
+                if rid is not None:
+                    self.live.pop(rid, None)
+                    self.engine.abort(rid)
+            else:  # "call"
+                fn, done = args
+                try:
+                    done.set_result(fn(self.engine))
+                except Exception as exc:  # noqa: BLE001 - handed back to the caller
+                    done.set_exception(exc)
+
+    def _finish(self, rid: int) -> Callable[[Event], None] | None:
+        """Forget a request the engine is done with; returns its sink if its client is still there."""
+        ticket = self.live.pop(rid, None)
+        if ticket is None:
+            return None
+        self.ids.pop(ticket, None)
+        return self.sinks.pop(ticket, None)
+
+    def _step(self) -> list[tuple[Callable[[Event], None], Event]]:
+        deliveries = []
+        try:
+            for out, tok in self.engine.step():
+                self.tokens_generated += 1
+                if out.finished:
+                    self.requests_finished += 1
+                    sink = self._finish(out.request_id)
+                else:
+                    sink = self.sinks.get(self.live.get(out.request_id, -1))
+                if sink is not None:
+                    deliveries.append((sink, (tok, out.finish_reason, None)))
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the clients
+            deliveries += self._fail_step(exc)
+        return deliveries
 
     def _fail_step(self, exc: Exception) -> list[tuple[Callable[[Event], None], Event]]:
         """Abort the batch a failed step was running (or the waiting request nothing can hold)."""
@@ -106,21 +192,12 @@ class EngineService:
             self.healthy, self.last_error = False, f"{self.last_error}; then {bad}"
         self.requests_failed += len(failed)
         msg = f"the engine failed while running this request ({self.last_error})"
-        return [(s, (None, "error", msg)) for out in failed if (s := self.sinks.pop(out.request_id, None))]
+        return [(s, (None, "error", msg)) for out in failed if (s := self._finish(out.request_id))]
 
-    def metrics(self) -> dict[str, float]:
-        with self.lock:
-            sch, bm = self.engine.scheduler, self.engine.bm
-            return {"num_requests_running": len(sch.running), "num_requests_waiting": len(sch.waiting),
-                    "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks),
-                    "generation_tokens_total": self.tokens_generated,
-                    "requests_finished_total": self.requests_finished, "requests_failed_total": self.requests_failed,
-                    "engine_failed_steps_total": self.failed_steps, "healthy": int(self.healthy)}
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.wake.set()
-        self.thread.join(timeout=5)
+    def _read_state(self) -> dict[str, int]:
+        sch, bm = self.engine.scheduler, self.engine.bm
+        return {"num_requests_running": len(sch.running), "num_requests_waiting": len(sch.waiting),
+                "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks)}
 
 
 def _deliver(sink: Callable[[Event], None], event: Event) -> None:
@@ -258,13 +335,13 @@ class OpenAIApp:
 
     async def _respond(self, body, prompt_ids: list[int], chat: bool):
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        inbox: asyncio.Queue[Event] = asyncio.Queue()
         try:
-            rid = self.service.submit(prompt_ids, body.sampling_params(),
-                                      lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            ticket = self.service.submit(prompt_ids, body.sampling_params(),
+                                         lambda ev: loop.call_soon_threadsafe(inbox.put_nowait, ev))
         except LabkitError as exc:
             raise APIError(400, str(exc), code="invalid_value") from None
-        events = self._events(rid, queue, TextStream(self.tokenizer, body.stop))
+        events = self._events(ticket, inbox, TextStream(self.tokenizer, body.stop))
         if body.stream:
             gen = self._sse(events, chat, len(prompt_ids), body.include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -278,14 +355,14 @@ class OpenAIApp:
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return JSONResponse({**self._envelope(chat, False), "choices": [choice], "usage": _usage(len(prompt_ids), n_out)})
 
-    async def _events(self, rid: int, queue: asyncio.Queue, text: TextStream) -> AsyncIterator[tuple]:
+    async def _events(self, ticket: int, tokens: asyncio.Queue, text: TextStream) -> AsyncIterator[tuple]:
         """``(text delta, output tokens so far, finish reason, error)`` until the request ends; aborts the
         engine request when the consumer stops early (client gone, stop string, timeout)."""
         n_out, done = 0, False
         try:
             while not done:
                 try:
-                    tok, reason, error = await asyncio.wait_for(queue.get(), self.request_timeout_s)
+                    tok, reason, error = await asyncio.wait_for(tokens.get(), self.request_timeout_s)
                 except asyncio.TimeoutError:
                     yield "", n_out, "error", f"no token within {self.request_timeout_s:g} s; request aborted"
                     return
@@ -304,7 +381,7 @@ class OpenAIApp:
                     yield delta, n_out, reason, None
         finally:
             if not done or text.stopped:
-                self.service.abort(rid)
+                self.service.abort(ticket)
 
     async def _sse(self, events, chat: bool, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
         env = self._envelope(chat, True)
@@ -395,10 +472,11 @@ def start_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 0, v
 
 
 def stop_server(handle: ServerHandle) -> None:
+    """Answer every request in flight (an error event: the server is going), then shut the HTTP side down."""
+    handle.service.stop()
     handle.server.should_exit = True
     handle.thread.join(timeout=10)
     handle.sock.close()
-    handle.service.stop()
 
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, **engine_args: Any) -> None:

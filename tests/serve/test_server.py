@@ -13,6 +13,8 @@ pytest.importorskip("fastapi", reason="the server needs fastapi (a labkit depend
 
 from labkit.serve import LLM  # noqa: E402
 from labkit.serve.client import bench_serve  # noqa: E402
+from labkit.serve.protocol import APIError  # noqa: E402
+from labkit.serve.sampling import SamplingParams  # noqa: E402
 from labkit.serve.server import start_server, stop_server  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
@@ -40,9 +42,9 @@ def no_leak(srv, wait_s: float = 10.0) -> bool:
     eng = srv.service.engine
     deadline = time.time() + wait_s
     while time.time() < deadline:
-        with srv.service.lock:
-            if eng.bm.num_free == len(eng.bm.blocks) and not eng.has_unfinished() and not eng.requests:
-                return not srv.service.sinks and not eng.generators
+        if srv.service.call(lambda e: e.bm.num_free == len(e.bm.blocks) and not e.has_unfinished()
+                            and not e.requests):
+            return not srv.service.sinks and not eng.generators and not srv.service.live
         time.sleep(0.02)
     return False
 
@@ -249,6 +251,80 @@ def failing_step(srv, at: int, message: str):
         yield
     finally:
         runner.run = real_run
+
+
+@contextlib.contextmanager
+def slow_step(srv, seconds: float):
+    """Make the engine's next model step take ``seconds`` longer; yields an Event set when that step begins."""
+    runner = srv.service.engine.runner
+    real_run, began = runner.run, threading.Event()
+
+    def slow(*a, **k):
+        if not began.is_set():
+            began.set()
+            time.sleep(seconds)
+        return real_run(*a, **k)
+
+    runner.run = slow
+    try:
+        yield began
+    finally:
+        runner.run = real_run
+
+
+def test_handlers_answer_while_a_slow_step_runs(server):
+    """The HTTP handlers never wait for a step: health, metrics and a new request's acceptance answer while a
+    2-second step runs (a lock held for the step would make each of them wait for it)."""
+    first = []
+    with slow_step(server, 2.0) as began:
+        t = threading.Thread(target=lambda: first.append(request(server, "POST", "/v1/completions", {
+            "prompt": [4] * 5, "max_tokens": 3, "ignore_eos": True})))
+        t.start()
+        assert began.wait(10)
+        took = {"health": [], "metrics": [], "accept": []}
+        for _ in range(3):
+            for what, path in (("health", "/health"), ("metrics", "/metrics")):
+                t0 = time.perf_counter()
+                assert request(server, "GET", path)[0] == 200
+                took[what].append(time.perf_counter() - t0)
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": [6] * 4, "max_tokens": 2, "stream": True,
+                                                                "ignore_eos": True}))
+            resp = conn.getresponse()  # the status line: the request was accepted into the inbox
+            took["accept"].append(time.perf_counter() - t0)
+            assert resp.status == 200
+            conn.close()  # hangs up: the engine drops the request when it drains its inbox
+        still_in_step = t.is_alive()
+    t.join()
+    assert still_in_step and first[0][0] == 200
+    for what, times in took.items():
+        assert sorted(times)[1] < 0.05, (what, times)  # the median of three, against a 2 s step
+    assert no_leak(server) and healthy(server)
+
+
+def test_stop_answers_in_flight_clients_at_once(tokenizer):
+    llm = LLM(tiny_llama(seed=2), tokenizer, block_size=4, max_model_len=64)
+    srv = start_server(llm, "tiny")
+    got = []
+    try:
+        with slow_step(srv, 3.0) as began:
+            t = threading.Thread(target=lambda: got.append(sse(srv, "/v1/completions", {
+                "prompt": [3] * 5, "max_tokens": 8, "ignore_eos": True, "stream": True})))
+            t.start()
+            assert began.wait(10)
+            stopper = threading.Thread(target=srv.service.stop)
+            t0 = time.perf_counter()
+            stopper.start()
+            t.join(2.0)
+            answered_in = time.perf_counter() - t0
+            assert not t.is_alive(), "the in-flight client was not answered while the step still ran"
+            stopper.join()
+    finally:
+        stop_server(srv)
+    assert answered_in < 2.0 and "shutting down" in got[0][-1]["error"]["message"]
+    with pytest.raises(APIError, match="shutting down"):
+        srv.service.submit([1, 2], SamplingParams(max_tokens=2), lambda ev: None)
 
 
 def test_a_failing_engine_step_fails_its_requests_and_serving_goes_on(server):
