@@ -368,20 +368,45 @@ def prefill_tokens_per_s(model: nn.Module, *, batch: int = 1, seq_len: int = 128
     return batch * seq_len / t.median_s, t
 
 
+DECODE_LOOPS = ("hf", "static")
+
+
 @torch.no_grad()
 def decode_step_times(model: nn.Module, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 32,
-                      seed: int = 0, around: Callable[[], Any] | None = None) -> Callable[[], float]:
+                      seed: int = 0, around: Callable[[], Any] | None = None, loop: str = "hf",
+                      dtype: torch.dtype | None = None) -> Callable[[], float]:
     """A function that times ``new_tokens`` cached greedy decode steps *alone* and returns seconds.
 
     Each call first runs the prompt (prefill, untimed) to build a fresh KV cache, then times only the
     single-token steps, so a short prompt's prefill does not pass itself off as decode speed. ``around()``, if
-    given, returns a context manager entered for the timed steps only (e.g. a profiler).
+    given, returns a context manager entered for the timed steps only (e.g. a profiler). ``loop="hf"`` steps the
+    Hugging Face model with its dynamic cache; ``loop="static"`` steps :class:`labkit.decode.StaticDecoder` on the
+    same weights (a preallocated cache, no per-step bookkeeping; activations in ``dtype``).
     """
     if new_tokens < 1:
         raise LabkitError(f"new_tokens={new_tokens} must be at least 1")
+    if loop not in DECODE_LOOPS:
+        raise LabkitError(f"loop={loop!r} is not one of {DECODE_LOOPS}")
     dev = model_device(model)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)).to(dev)
+    if loop == "static":
+        from labkit.decode import StaticDecoder
+
+        dec = StaticDecoder(model, batch=batch, max_len=prompt_len + new_tokens, dtype=dtype)
+
+        def run_static() -> float:
+            dec.reset()
+            nxt = dec.forward(ids).argmax(-1, keepdim=True)
+            _sync(dev)
+            with around() if around else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                for _ in range(new_tokens):
+                    nxt = dec.forward(nxt).argmax(-1, keepdim=True)
+                _sync(dev)
+                return time.perf_counter() - t0
+
+        return run_static
 
     @torch.no_grad()
     def run() -> float:

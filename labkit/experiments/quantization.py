@@ -27,6 +27,10 @@ GPU_CHECK = ("tests-quant", 120)  # its part of scripts/gpu_check.py, seconds ex
 LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-dequantize", "int8-with-head", "int4-g128", "int4-g128-dequantize", "int4-g64",
                 "nf4", "nf4-dq", "int4-calibrated", "bnb-nf4", "bnb-int8")
 SWEEP_VARIANTS = ("fp32", "bf16", "int8", "int4-g128")  # decode speed by batch size: where weight-only stops paying
+# also timed in labkit.decode's static loop (HF's per-step overhead removed), with the activations' dtype: bf16
+# where the fused kernels compute in bf16, so no projection casts around its matmul
+STATIC_LOOP = {"fp32": None, "bf16": None, "int8": torch.bfloat16, "int8-with-head": torch.bfloat16,
+               "int4-g128": torch.bfloat16}
 
 
 @dataclass
@@ -194,13 +198,24 @@ def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> d
     """Batch-1 decode of every variant, rotated; each row also gets its bandwidth ceiling and how near it came."""
     if not models:
         return None
-    fns = {name: measure.decode_step_times(m, prompt_len=config.decode_prompt_len, new_tokens=config.decode_tokens)
-           for name, m in models.items()}
+    timing = dict(prompt_len=config.decode_prompt_len, new_tokens=config.decode_tokens)
+    fns = {name: measure.decode_step_times(m, **timing) for name, m in models.items()}
+    fns.update({("static", name): measure.decode_step_times(models[name], loop="static", dtype=dt, **timing)
+                for name, dt in STATIC_LOOP.items() if name in models})
     for fn in fns.values():  # warm-up, untimed
         fn()
     bar = tqdm(total=config.repeats * len(fns), desc="decode timing (rotated)", disable=not progress)
     times = measure.interleaved(fns, config.repeats, progress=lambda n, r: bar.update(1))
     bar.close()
+    static = {name[1]: times.pop(name) for name in list(times) if isinstance(name, tuple)}
+    for name, ts in static.items():
+        tps = measure.spread([config.decode_tokens / t for t in ts])
+        rec.variant(name, config.llm).update(static_tokens_per_s=tps["median"], static_tokens_per_s_min=tps["min"],
+                                             static_tokens_per_s_max=tps["max"])
+    if "fp32" in static:
+        rows = {name: rec.variant(name, config.llm) for name in static}
+        for name, x in measure.speedups(rows, "fp32", "static_tokens_per_s", higher_is_better=True).items():
+            rows[name]["static_speedup_vs_fp32"] = x
     for name, ts in times.items():
         tps = measure.spread([config.decode_tokens / t for t in ts])
         row = rec.variant(name, config.llm)
@@ -217,6 +232,8 @@ def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> d
         ceiling = ceil.bandwidth_bytes_per_s / per_token
         row.update(bytes_read_per_token=per_token, bandwidth_ceiling_tok_s=ceiling,
                    pct_of_bandwidth_ceiling=100 * row["tokens_per_s"] / ceiling)
+        if "static_tokens_per_s" in row:
+            row["static_pct_of_bandwidth_ceiling"] = 100 * row["static_tokens_per_s"] / ceiling
     return ceil.as_dict()
 
 

@@ -1,0 +1,131 @@
+"""A lean greedy decoder for Llama-shaped models: a static KV cache and one straight loop over the layers.
+
+Hugging Face's ``generate`` pays, every token, for generality a batch-1 decode step does not need: a dynamic cache
+object, mask construction, hooks and ~160 aten calls per layer (most of them views) around its seven matmuls
+(notebook 01's breakdown measures it). On a small model on a CPU that overhead is as large as the matmuls, so it hides what
+quantization saves. :class:`StaticDecoder` runs the same weights — every projection is still the model's own module,
+so quantized layers (labkit's fused kernels, bitsandbytes) run unchanged — with only what a decode step needs:
+
+- the KV cache is preallocated once, ``[batch, kv_heads, max_len, head_dim]`` per layer, and written in place;
+- rotary cos/sin come from the model's own rotary module, computed once for every position;
+- RMSNorm is one ``F.rms_norm``; attention is one ``scaled_dot_product_attention`` with grouped-query heads;
+- ``dtype`` sets the activations' dtype: bf16 for layers whose fused kernels compute in bf16 (labkit's int8/int4 on
+  a CPU), so no projection casts its input and output every call; plain ``nn.Linear`` weights in another dtype
+  (an fp32 output head) get their input cast.
+
+Its greedy tokens equal HF's (tests/test_decode.py); it is a measuring tool for decode speed, not a server (that is
+``labkit.serve``). Supported: the decoder layers of Llama, Mistral (without a sliding window) and Qwen2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit import LabkitError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StaticDecoder:
+    """Prefill a prompt, then greedy decode steps, on a preallocated cache of ``max_len`` positions."""
+
+    def __init__(self, model: nn.Module, batch: int = 1, max_len: int = 512, dtype: torch.dtype | None = None
+                 ) -> None:
+        cfg = model.config
+        model_type = getattr(cfg, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise LabkitError(f"model_type={model_type!r} is not supported by StaticDecoder; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-shaped decoders)")
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
+                and cfg.sliding_window < max_len:
+            raise LabkitError(f"max_len={max_len} is past the model's sliding window ({cfg.sliding_window}); "
+                              "StaticDecoder attends over the whole context")
+        if batch < 1 or max_len < 2:
+            raise LabkitError(f"batch={batch} and max_len={max_len} must be at least 1 and 2")
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        emb = model.model.embed_tokens.weight
+        self.dtype, self.device = dtype or emb.dtype, emb.device
+        self.norms = {id(mod): mod.weight.detach().to(self.dtype) for mod in model.modules()
+                      if type(mod).__name__.endswith("RMSNorm")}
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in model.model.layers]
+        positions = torch.arange(max_len, device=self.device)[None]
+        with torch.no_grad():
+            cos, sin = model.model.rotary_emb(emb[:1][None].float(), positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, head_dim]
+        self.pos = 0
+
+    def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        w = self.norms[id(norm)]
+        return F.rms_norm(x, w.shape, w, getattr(norm, "variance_epsilon", self.eps))
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run ``ids [batch, n]`` at the next ``n`` positions; returns the last position's logits ``[batch, vocab]``."""
+        b, n = ids.shape
+        p0, p1 = self.pos, self.pos + n
+        if b != self.batch:
+            raise LabkitError(f"ids has batch {b}; this decoder was built for batch={self.batch}")
+        if p1 > self.max_len:
+            raise LabkitError(f"position {p1} is past max_len={self.max_len}; build the decoder with a larger max_len")
+        m = self.model.model
+        cos, sin = self.cos[p0:p1], self.sin[p0:p1]
+        h = m.embed_tokens(ids).to(self.dtype)
+        lin = _linear
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = self._norm(h, layer.input_layernorm)
+            q = lin(attn.q_proj, x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+            k = lin(attn.k_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = lin(attn.v_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            self.k[i][:, :, p0:p1] = k * cos + _rotate_half(k) * sin
+            self.v[i][:, :, p0:p1] = v
+            o = F.scaled_dot_product_attention(q, self.k[i][:, :, :p1], self.v[i][:, :, :p1], is_causal=n > 1 and p0 == 0,
+                                               attn_mask=_causal_tail(n, p0, p1, h.device), enable_gqa=True)
+            h = h + lin(attn.o_proj, o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+            x = self._norm(h, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            h = h + lin(mlp.down_proj, F.silu(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
+        self.pos = p1
+        return lin(self.model.lm_head, self._norm(h[:, -1], m.norm))
+
+    def reset(self) -> None:
+        """Forget the context (the cache is overwritten from position 0 by the next prefill)."""
+        self.pos = 0
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy: prefill ``ids`` and decode ``new_tokens``; returns ``[batch, new_tokens]``."""
+        self.reset()
+        nxt = self.forward(ids).argmax(-1, keepdim=True)
+        out = [nxt]
+        for _ in range(new_tokens - 1):
+            nxt = self.forward(nxt).argmax(-1, keepdim=True)
+            out.append(nxt)
+        return torch.cat(out, dim=1)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` in another dtype gets ``x`` cast to its weight's dtype and back."""
+    if type(module) is nn.Linear and module.weight.dtype != x.dtype:
+        return F.linear(x.to(module.weight.dtype), module.weight, module.bias).to(x.dtype)
+    return module(x)
+
+
+def _causal_tail(n: int, p0: int, p1: int, device: torch.device) -> torch.Tensor | None:
+    """The mask for ``n > 1`` new tokens after ``p0`` cached ones (chunked prefill); ``None`` where none is needed."""
+    if n == 1 or p0 == 0:
+        return None
+    return torch.arange(p1, device=device)[None, :] <= torch.arange(p0, p1, device=device)[:, None]
