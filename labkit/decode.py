@@ -22,15 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from labkit.serve.model import SUPPORTED_MODEL_TYPES
 
 
 class StaticDecoder:
@@ -81,26 +76,25 @@ class StaticDecoder:
         if p1 > self.max_len:
             raise LabkitError(f"position {p1} is past max_len={self.max_len}; build the decoder with a larger max_len")
         m = self.model.model
-        cos, sin = self.cos[p0:p1], self.sin[p0:p1]
+        cos, sin = self.cos[None, p0:p1], self.sin[None, p0:p1]
+        causal, mask = n > 1 and p0 == 0, _causal_tail(n, p0, p1, self.device)  # the same for every layer
         h = m.embed_tokens(ids).to(self.dtype)
-        lin = _linear
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = self._norm(h, layer.input_layernorm)
-            q = lin(attn.q_proj, x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-            k = lin(attn.k_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = lin(attn.v_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            self.k[i][:, :, p0:p1] = k * cos + _rotate_half(k) * sin
+            q = _linear(attn.q_proj, x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+            k = _linear(attn.k_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = _linear(attn.v_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, self.k[i][:, :, p0:p1] = apply_rotary_pos_emb(q, k, cos, sin)
             self.v[i][:, :, p0:p1] = v
-            o = F.scaled_dot_product_attention(q, self.k[i][:, :, :p1], self.v[i][:, :, :p1], is_causal=n > 1 and p0 == 0,
-                                               attn_mask=_causal_tail(n, p0, p1, h.device), enable_gqa=True)
-            h = h + lin(attn.o_proj, o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+            o = F.scaled_dot_product_attention(q, self.k[i][:, :, :p1], self.v[i][:, :, :p1], is_causal=causal,
+                                               attn_mask=mask, enable_gqa=True)
+            h = h + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
             x = self._norm(h, layer.post_attention_layernorm)
             mlp = layer.mlp
-            h = h + lin(mlp.down_proj, F.silu(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
+            h = h + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
         self.pos = p1
-        return lin(self.model.lm_head, self._norm(h[:, -1], m.norm))
+        return _linear(self.model.lm_head, self._norm(h[:, -1], m.norm))
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten from position 0 by the next prefill)."""

@@ -395,31 +395,35 @@ def decode_step_times(model: nn.Module, *, batch: int = 1, prompt_len: int = 32,
 
         dec = StaticDecoder(model, batch=batch, max_len=prompt_len + new_tokens, dtype=dtype)
 
-        def run_static() -> float:
+        def prefill() -> Callable[[], None]:
+            """Run the prompt on a fresh cache; returns the single-token step that continues from it."""
             dec.reset()
             nxt = dec.forward(ids).argmax(-1, keepdim=True)
-            _sync(dev)
-            with around() if around else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                for _ in range(new_tokens):
-                    nxt = dec.forward(nxt).argmax(-1, keepdim=True)
-                _sync(dev)
-                return time.perf_counter() - t0
 
-        return run_static
+            def step() -> None:
+                nonlocal nxt
+                nxt = dec.forward(nxt).argmax(-1, keepdim=True)
+            return step
+    else:
+        def prefill() -> Callable[[], None]:
+            out = model(input_ids=ids, use_cache=True)
+            past, nxt, pos = out.past_key_values, out.logits[:, -1:].argmax(-1), prompt_len
+
+            def step() -> None:
+                nonlocal past, nxt, pos
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True,
+                            position_ids=torch.full((batch, 1), pos, device=dev))
+                past, nxt, pos = out.past_key_values, out.logits[:, -1:].argmax(-1), pos + 1
+            return step
 
     @torch.no_grad()
     def run() -> float:
-        out = model(input_ids=ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        pos = prompt_len
+        step = prefill()
         _sync(dev)
         with around() if around else contextlib.nullcontext():
             t0 = time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True,
-                            position_ids=torch.full((batch, 1), pos, device=dev))
-                past, nxt, pos = out.past_key_values, out.logits[:, -1:].argmax(-1), pos + 1
+                step()
             _sync(dev)
             return time.perf_counter() - t0
 

@@ -113,14 +113,12 @@ class EngineService:
         while not self.stopped:
             self._drain()
             busy = self.engine.has_unfinished()
-            if busy:
-                deliveries = self._step()
-                self._snapshot = self._read_state()
-                if not self.stopped:
-                    for sink, event in deliveries:
-                        _deliver(sink, event)
-            else:
-                self._snapshot = self._read_state()
+            deliveries = self._step() if busy else []
+            self._snapshot = self._read_state()
+            if not self.stopped:
+                for sink, event in deliveries:
+                    _deliver(sink, event)
+            if not busy:
                 self.wake.wait(self.idle_wait_s)
                 self.wake.clear()
 
