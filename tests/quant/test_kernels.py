@@ -40,7 +40,9 @@ def test_fused_int4_matches_the_readable_path(i, o, rows, group, symmetric):
     x = torch.randn(rows, i)
     _bf16_close(fused(x), x, readable.dequantize(), lin.bias)  # bf16 activations inside the kernel
     exact = Int4Linear.from_linear(lin, group, symmetric, compute_dtype=None)  # fp32 all through
-    torch.testing.assert_close(exact(x), readable(x), rtol=1e-4, atol=1e-4)
+    # fp32 through the kernel is x @ the weight the kernel holds (its fp16 zero points are checked against the
+    # readable weight above; readable(x) differs from it by that rounding, up to 0.5 % of a step per weight)
+    torch.testing.assert_close(exact(x), nn.functional.linear(x, exact.dequantize(), lin.bias), rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=20, deadline=None)
