@@ -9,6 +9,9 @@ so quantized layers (labkit's fused kernels, bitsandbytes) run unchanged — wit
 - the KV cache is preallocated once, ``[batch, kv_heads, max_len, head_dim]`` per layer, and written in place;
 - rotary cos/sin come from the model's own rotary module, computed once for every position;
 - RMSNorm is one ``F.rms_norm``; attention is one ``scaled_dot_product_attention`` with grouped-query heads;
+- q/k/v and gate/up are stacked into one matmul each (:func:`labkit.quant.fuse.concat_rows`; ``fuse=False`` keeps
+  seven calls a layer): four kernel calls a layer instead of seven. The decoder holds its own stacked copy (5/7
+  of each layer's weight bytes, for as long as it lives); the model is not changed;
 - ``dtype`` sets the activations' dtype: bf16 for layers whose fused kernels compute in bf16 (labkit's int8/int4 on
   a CPU), so no projection casts its input and output every call; plain ``nn.Linear`` weights in another dtype
   (an fp32 output head) get their input cast.
@@ -25,14 +28,15 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
+from labkit.quant.fuse import concat_rows
 from labkit.serve.model import SUPPORTED_MODEL_TYPES
 
 
 class StaticDecoder:
     """Prefill a prompt, then greedy decode steps, on a preallocated cache of ``max_len`` positions."""
 
-    def __init__(self, model: nn.Module, batch: int = 1, max_len: int = 512, dtype: torch.dtype | None = None
-                 ) -> None:
+    def __init__(self, model: nn.Module, batch: int = 1, max_len: int = 512, dtype: torch.dtype | None = None,
+                 fuse: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -61,6 +65,9 @@ class StaticDecoder:
             cos, sin = model.model.rotary_emb(emb[:1][None].float(), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, head_dim]
         self.pos = 0
+        self.qkv = [_stacked(fuse, (a.q_proj, a.k_proj, a.v_proj)) for a in (ly.self_attn for ly in model.model.layers)]
+        self.gate_up = [_stacked(fuse, (ly.mlp.gate_proj, ly.mlp.up_proj)) for ly in model.model.layers]
+        self.fused_groups = sum(len(g) == 1 for g in self.qkv + self.gate_up)  # how many stacks became one matmul
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         w = self.norms[id(norm)]
@@ -82,17 +89,18 @@ class StaticDecoder:
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = self._norm(h, layer.input_layernorm)
-            q = _linear(attn.q_proj, x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-            k = _linear(attn.k_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = _linear(attn.v_proj, x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = _project(self.qkv[i], x)
+            q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
             q, self.k[i][:, :, p0:p1] = apply_rotary_pos_emb(q, k, cos, sin)
             self.v[i][:, :, p0:p1] = v
             o = F.scaled_dot_product_attention(q, self.k[i][:, :, :p1], self.v[i][:, :, :p1], is_causal=causal,
                                                attn_mask=mask, enable_gqa=True)
             h = h + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
             x = self._norm(h, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            h = h + _linear(mlp.down_proj, F.silu(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+            gate, up = _project(self.gate_up[i], x)
+            h = h + _linear(layer.mlp.down_proj, F.silu(gate) * up)
         self.pos = p1
         return _linear(self.model.lm_head, self._norm(h[:, -1], m.norm))
 
@@ -109,6 +117,19 @@ class StaticDecoder:
             nxt = self.forward(nxt).argmax(-1, keepdim=True)
             out.append(nxt)
         return torch.cat(out, dim=1)
+
+
+def _stacked(fuse: bool, mods: tuple[nn.Module, ...]) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """``[(module, output sizes)]``: one stacked module where ``fuse`` and the modules allow, else each alone."""
+    one = concat_rows(mods) if fuse else None
+    if one is None:
+        return [(m, (m.out_features,)) for m in mods]
+    return [(one, tuple(m.out_features for m in mods))]
+
+
+def _project(group: list[tuple[nn.Module, tuple[int, ...]]], x: torch.Tensor) -> list[torch.Tensor]:
+    """Every projection of ``x`` in the group, in order (split from a stacked matmul where there is one)."""
+    return [part for module, sizes in group for part in _linear(module, x).split(sizes, dim=-1)]
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

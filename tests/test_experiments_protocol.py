@@ -31,8 +31,10 @@ def test_every_experiment_keeps_the_contract(name):
 
 
 # Targets an open issue sets that the newest reference record does not meet yet (the report says "not met"): issue 19's
-# decode speed-ups of the fused int8/int4 kernels over fp32 at batch 1 (1.23x and 1.29x in the 2-core Xeon record).
-OPEN_GOALS = {"quantization": {"smollm2-135m/int8/speedup_vs_baseline", "smollm2-135m/int4-g128/speedup_vs_baseline"}}
+# decode speed-ups of the fused int8/int4 kernels over fp32 at batch 1, in HF's loop (1.13x and 1.18x in the 2-core Xeon
+# record) and in the kit's static loop with stacked projections (1.29x and 1.50x).
+OPEN_GOALS = {"quantization": {"smollm2-135m/int8/speedup_vs_baseline", "smollm2-135m/int4-g128/speedup_vs_baseline",
+                               "smollm2-135m/int8/static_speedup_vs_fp32", "smollm2-135m/int4-g128/static_speedup_vs_fp32"}}
 
 
 @pytest.mark.parametrize("name", experiments.available())

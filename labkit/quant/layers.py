@@ -30,6 +30,22 @@ class QuantLinear(nn.Module):
         self.kernel = kernels.check_kernel(kernel)
         self.compute_dtype = kernels.check_compute_dtype(compute_dtype)  # the fused kernels' activations
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._casts: dict[tuple[str, torch.dtype], tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def kernel_constant(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Buffer ``name`` in ``dtype``, converted once and kept: the fused kernels want their scales in the
+        activations' dtype, and converting on every call is one more copy per matmul (211 a token for SmolLM2).
+        Rebuilt when the buffer is replaced (``.to(device)``) or changed in place (``load_state_dict``). The copy
+        is a few bytes a row or group (int8: 2 a row; int4: 4 a group) and is not counted in
+        :meth:`quantized_bytes`, which is what the layer stores."""
+        t = getattr(self, name)
+        if t.dtype == dtype:
+            return t
+        hit = self._casts.get((name, dtype))
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            hit = (t, t._version, t.to(dtype))
+            self._casts[(name, dtype)] = hit
+        return hit[2]
 
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -85,7 +101,8 @@ class Int8Linear(QuantLinear):
         if reason:
             kernels.say_once("Int8Linear", reason)
             return None
-        return kernels.int8_mm(x, self.qweight, self.scale, self.compute_dtype)
+        return kernels.int8_mm(x, self.qweight, self.kernel_constant("scale", self.compute_dtype or x.dtype),
+                               self.compute_dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -132,11 +149,26 @@ class Int4Linear(QuantLinear):
         return cls(w.shape[1], w.shape[0], codes.reshape(w.shape[0], padded), scale, zero, group_size, linear.bias,
                    kernel, compute_dtype)
 
+    @classmethod
+    def from_kernel_layout(cls, in_features: int, out_features: int, packed: torch.Tensor,
+                           scale_and_zero: torch.Tensor, group_size: int, padded_in: int,
+                           bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = torch.bfloat16,
+                           symmetric: bool = False) -> Int4Linear:
+        """A fused-layout layer from the kernel's own tensors (as :func:`labkit.quant.fuse.concat_rows` stacks
+        them), without going back through codes."""
+        layer = cls.__new__(cls)
+        QuantLinear.__init__(layer, in_features, out_features, bias, "fused", compute_dtype)
+        layer.group_size, layer.symmetric, layer.padded_in = group_size, symmetric, padded_in
+        layer.register_buffer("qweight", packed)
+        layer.register_buffer("scale_and_zero", scale_and_zero)
+        return layer
+
     def fused(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.device.type != "cpu" or x.dtype not in kernels.DTYPES:
             kernels.say_once("Int4Linear", f"the CPU int4 kernel does not take a {x.dtype} input on {x.device.type}")
             return None
-        return kernels.int4_mm(x, self.qweight, self.group_size, self.scale_and_zero, self.padded_in,
+        return kernels.int4_mm(x, self.qweight, self.group_size,
+                               self.kernel_constant("scale_and_zero", self.compute_dtype or x.dtype), self.padded_in,
                                self.compute_dtype)
 
     def dequantize(self) -> torch.Tensor:

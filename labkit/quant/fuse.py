@@ -1,0 +1,68 @@
+"""One matmul for projections that read the same input: q/k/v, and gate/up, stacked by rows.
+
+A Llama layer makes seven weight matmuls a token; q, k and v all read the same normed input, and so do gate and
+up. Stacking their weights row-wise gives one matmul each, ``x @ cat(Wq, Wk, Wv).T = cat(x @ Wq.T, ...)``, so a
+decode step calls four kernels a layer instead of seven: fewer calls, each one longer, which is what a kernel with
+a fixed cost per call wants at batch 1. The stacking is exact for the quantized layouts too: int8 keeps one scale
+per output row and int4 one scale (and zero) per group *within* a row, so every row carries its own constants
+(torch's packed int4 layout packs rows in blocks of 64, so stacked packed weights equal the packing of stacked codes
+when every part but the last has a multiple of 64 rows: SmolLM2's 576/192/192 and 1536/1536 do; checked in
+tests/quant/test_fuse.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from labkit.quant.layers import Int4Linear, Int8Linear
+
+INT4_ROW_BLOCK = 64  # torch's CPU int4 layout packs output rows in blocks of this many
+
+
+def _bias(mods: Sequence[nn.Module]) -> tuple[bool, torch.Tensor | None]:
+    """(can stack, the stacked bias): every module has a bias, or none has."""
+    biases = [m.bias for m in mods]
+    if all(b is None for b in biases):
+        return True, None
+    if any(b is None for b in biases):
+        return False, None
+    return True, torch.cat([b.detach() for b in biases])
+
+
+def concat_rows(mods: Sequence[nn.Module]) -> nn.Module | None:
+    """One layer computing ``torch.cat([m(x) for m in mods], -1)`` with a single matmul, or None where these
+    modules cannot be stacked (different types, input sizes, dtypes, kernels or constants' layout). The result is
+    a new layer holding a copy of the stacked weights; ``mods`` are not changed."""
+    first = mods[0]
+    same = all(type(m) is type(first) and m.in_features == first.in_features for m in mods)
+    ok, bias = _bias(mods)
+    if not (same and ok):
+        return None
+    out = sum(m.out_features for m in mods)
+    if type(first) is nn.Linear:
+        if len({(m.weight.dtype, m.weight.device) for m in mods}) > 1:
+            return None
+        layer = nn.Linear(first.in_features, out, bias=bias is not None, device=first.weight.device,
+                          dtype=first.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.cat([m.weight for m in mods]))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer.requires_grad_(False)
+    if type(first) is Int8Linear:
+        if len({(m.kernel, m.compute_dtype) for m in mods}) > 1:
+            return None
+        return Int8Linear(first.in_features, out, torch.cat([m.qweight for m in mods]),
+                          torch.cat([m.scale for m in mods]), bias, first.kernel, first.compute_dtype)
+    if type(first) is Int4Linear:
+        layouts = {(m.kernel, m.compute_dtype, m.group_size, m.padded_in, m.symmetric) for m in mods}
+        if len(layouts) > 1 or first.kernel != "fused" or any(m.out_features % INT4_ROW_BLOCK for m in mods[:-1]):
+            return None
+        return Int4Linear.from_kernel_layout(
+            first.in_features, out, torch.cat([m.qweight for m in mods]),
+            torch.cat([m.scale_and_zero for m in mods], dim=1), first.group_size, first.padded_in, bias,
+            first.compute_dtype, first.symmetric)
+    return None
