@@ -73,6 +73,18 @@ def _cmd_bench_serve(args: argparse.Namespace) -> None:
     main_from_args(args)
 
 
+def _cmd_grade(args: argparse.Namespace) -> None:
+    from labkit import grading
+
+    rows = grading.grade(args.submissions, args.out, lesson=args.lesson, cell_timeout=args.cell_timeout,
+                         notebook_timeout=args.notebook_timeout, memory_mb=args.memory_mb,
+                         gradescope=args.gradescope)
+    for r in rows:
+        print(f"{r.learner}: {r.total:g} / {sum(e['max_points'] for e in r.exercises.values()):g}  ({r.status})")
+    print(f"wrote {Path(args.out) / 'grades.csv'}, grades.json, feedback/"
+          + (", gradescope/" if args.gradescope else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labkit", description="Inference optimization, measured honestly.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (default: none)")
     b.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
     b.set_defaults(fn=_cmd_bench_serve)
+
+    g = sub.add_parser("grade", help="run a cohort's notebooks and grade every exercise they check")
+    g.add_argument("submissions", nargs="+", help="submitted .ipynb files or directories of them (learner = file name)")
+    g.add_argument("--out", default="grades", help="output directory (default: grades)")
+    g.add_argument("--lesson", default=None, help="the lesson graded, e.g. 01 (default: the lessons learners checked)")
+    g.add_argument("--cell-timeout", type=float, default=120.0, help="seconds a cell may run (default: 120)")
+    g.add_argument("--notebook-timeout", type=float, default=900.0, help="seconds a notebook may run (default: 900)")
+    g.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each run (default: 4096)")
+    g.add_argument("--gradescope", action="store_true", help="also write gradescope/<learner>/results.json")
+    g.set_defaults(fn=_cmd_grade)
     return p
 
 

@@ -14,14 +14,16 @@ lesson's exercises are a new module here.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pkgutil
 from collections.abc import Callable
 from functools import cache
 
 from labkit import LabkitError
-from labkit.exercises._check import Mismatch, Verdict
+from labkit.exercises._check import Mismatch, Verdict, score
 
-__all__ = ["Mismatch", "Verdict", "available", "check", "solution", "verify"]
+__all__ = ["Mismatch", "Verdict", "available", "check", "notebook_of", "solution", "verify"]
 
 
 @cache
@@ -40,6 +42,11 @@ def available(notebook: str | None = None) -> list[str]:
     return [n for n, (nb, _, _) in _registry().items() if notebook is None or nb == notebook]
 
 
+def notebook_of(name: str) -> str:
+    """The lesson an exercise belongs to ("01", ...)."""
+    return _entry(name)[0]
+
+
 def solution(name: str) -> Callable:
     """The kit's own function for an exercise."""
     return _entry(name)[1]
@@ -52,21 +59,40 @@ def _entry(name: str) -> tuple[str, Callable, Callable]:
 
 
 def verify(name: str, fn: Callable) -> Verdict:
-    """Run the checker without printing: ``Verdict(ok, message, fallback)``."""
+    """Run the checker without printing: ``Verdict(ok, message, fallback, points, max_points)``. A checker that
+    walks its cases through ``each`` gives partial points (the share of cases right); the message is the first
+    failure's."""
     _, _, checker = _entry(name)
     try:
-        return Verdict(name, True, checker(fn), fallback=False)
+        message, cases, first = score(checker, fn)
     except NotImplementedError:
         return Verdict(name, False, "not written yet (the stub raises NotImplementedError)", fallback=True)
     except Mismatch as exc:
         return Verdict(name, False, str(exc), fallback=True)
     except Exception as exc:  # noqa: BLE001 - a learner's bug is reported, never a crash of the notebook
         return Verdict(name, False, f"your function raised {type(exc).__name__}: {exc}", fallback=True)
+    if first is None:
+        return Verdict(name, True, message, fallback=False)
+    right = cases.total - len(cases.failed)
+    what = str(first) if isinstance(first, Mismatch) else f"your function raised {type(first).__name__}: {first}"
+    if isinstance(first, NotImplementedError):
+        what = "not written yet (the stub raises NotImplementedError)"
+    return Verdict(name, False, f"{what} ({right} of {cases.total} cases right)" if right else what,
+                   fallback=True, points=round(right / cases.total, 3))
+
+
+GRADE_LOG = "LABKIT_GRADE_LOG"  # set by `labkit grade`: every check appends its verdict to this file
 
 
 def check(name: str, fn: Callable) -> Callable:
-    """Check a learner's function, print ✓ or what differs, and return the function to go on with."""
+    """Check a learner's function, print ✓ or what differs, and return the function to go on with. Under
+    ``labkit grade`` the verdict is also appended, as one JSON line, to the file ``$LABKIT_GRADE_LOG`` names."""
     v = verify(name, fn)
+    if os.environ.get(GRADE_LOG):
+        if fn is solution(name):  # e.g. `f = exercises.solution(...)`: the kit's work, not the learner's
+            v = Verdict(name, False, "this is the kit's own function (exercises.solution), not yours", fallback=True)
+        with open(os.environ[GRADE_LOG], "a", encoding="utf-8") as log:
+            log.write(json.dumps(v.as_dict()) + "\n")
     if v.ok:
         print(f"✓ {name}: {v.message}")
         return fn

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from labkit.exercises._check import Mismatch
+from labkit.exercises._check import Mismatch, each
 
 NOTEBOOK = "07"
 
@@ -37,7 +37,7 @@ def _check_choose(fn: Callable) -> str:
         ("the baseline is the row named by baseline=", 0.02, [("teacher", 0.97, 90), ("dense", 0.99, 80),
                                                                ("student", 0.955, 40)]),
     ]
-    for what, within, spec in cases:
+    for what, within, spec in each(cases):
         rows, base = _stage_rows(spec), "teacher" if "baseline=" in what else "dense"
         got, want = fn([dict(r) for r in rows], within, base), _kit_choose(rows, within, base)
         if got != want:

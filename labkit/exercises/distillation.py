@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.exercises._check import Mismatch, gen
+from labkit.exercises._check import Mismatch, each, gen
 
 NOTEBOOK = "03"
 
@@ -20,7 +20,7 @@ def _kit_hinton(student_logits, teacher_logits, labels, temperature=4.0, alpha=0
 def _check_hinton(fn: Callable) -> str:
     g = gen(6)
     offset_seen = False
-    for temperature, alpha in ((1.0, 0.5), (4.0, 0.9), (8.0, 1.0), (2.0, 0.0)):
+    for temperature, alpha in each(((1.0, 0.5), (4.0, 0.9), (8.0, 1.0), (2.0, 0.0))):
         s, t = torch.randn(16, 10, generator=g) * 3, torch.randn(16, 10, generator=g) * 3
         y = torch.randint(0, 10, (16,), generator=g)
         got, want = fn(s, t, y, temperature, alpha), _kit_hinton(s, t, y, temperature, alpha)

@@ -6,7 +6,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from labkit.exercises._check import Mismatch
+from labkit.exercises._check import Mismatch, each
 
 NOTEBOOK = "05"
 
@@ -43,7 +43,7 @@ def _canonical(nodes: Any) -> list[tuple]:
 
 
 def _check_fuse_bias_gelu(fn: Callable) -> str:
-    for what, nodes, consts, outs in _fusion_cases():
+    for what, nodes, consts, outs in each(_fusion_cases()):
         got = fn(copy.deepcopy(nodes), dict(consts), list(outs))
         want = _kit_fuse_bias_gelu(copy.deepcopy(nodes), consts, outs)
         if not isinstance(got, list) or not all(isinstance(n, dict) and {"op", "inputs", "output"} <= n.keys()

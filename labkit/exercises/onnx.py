@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.exercises._check import Mismatch, gen
+from labkit.exercises._check import Mismatch, each, gen
 
 NOTEBOOK = "04"
 
@@ -42,7 +42,7 @@ def _check_parity(fn: Callable) -> str:
              "worst": "the index (batch, token, feature) of that largest difference",
              "cosine": "cosine per row — one row per batch item, its real tokens flattened — then the mean",
              "within_tolerance": "every real element within atol + rtol·|reference| (atol 1e-4, rtol 1e-3)"}
-    for what, out, mask in cases:
+    for what, out, mask in each(cases):
         got = fn(ref, out.numpy(), mask.numpy())  # ORT returns numpy arrays: the check must take them
         want = _kit_parity(ref, out, mask)
         if not isinstance(got, dict) or set(got) != PARITY_KEYS:

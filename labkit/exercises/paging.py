@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.exercises._check import Mismatch, close, gen
+from labkit.exercises._check import Mismatch, close, each, gen
 
 NOTEBOOK = "06"
 
@@ -90,7 +90,7 @@ def _append_cases() -> list[tuple[str, dict]]:
 
 
 def _check_append_slot(fn: Callable) -> str:
-    for what, case in _append_cases():
+    for what, case in each(_append_cases()):
         mine, kit = copy.deepcopy(case), copy.deepcopy(case)
         args = ("block_table", "num_tokens", "free_blocks", "ref_counts", "block_size")
         got, want = fn(*(mine[a] for a in args)), kit_append_slot(**kit)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from labkit.exercises._check import Mismatch, gen
+from labkit.exercises._check import Mismatch, each, gen
 
 NOTEBOOK = "02"
 
@@ -22,7 +22,7 @@ def _check_global_masks(fn: Callable) -> str:
     # layers of very different scales: a global threshold prunes the small-scale layer much harder
     weights = [torch.randn(16, 8, generator=g) * 0.1, torch.randn(32, 16, generator=g), torch.randn(10, 32, generator=g) * 3]
     total = sum(w.numel() for w in weights)
-    for sparsity in (0.0, 0.33, 0.5, 0.9):  # 0.33 of 960 is 316.8: round() gives 317, int() 316
+    for sparsity in each((0.0, 0.33, 0.5, 0.9)):  # 0.33 of 960 is 316.8: round() gives 317, int() 316
         got = fn(weights, sparsity)
         want = _kit_global_masks(weights, sparsity)
         if not isinstance(got, (list, tuple)) or len(got) != len(weights):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from labkit.exercises._check import Mismatch, close, gen
+from labkit.exercises._check import Mismatch, close, each, gen
 from labkit.quant import primitives as prim
 
 NOTEBOOK = "01"
@@ -38,7 +38,7 @@ def _check_quantize_asymmetric(fn: Callable) -> str:
     # Judged by what quantization must do, not by the kit's exact choices: uint8 codes in range, and every value
     # rebuilt within half a step of the kit's grid. A tighter grid (the textbook min/max range, which need not
     # include 0) passes; a coarser one or a symmetric grid on all-positive rows does not.
-    for label, x, bits in _quant_inputs():
+    for label, x, bits in each(_quant_inputs()):
         out = fn(x, bits)
         if not (isinstance(out, tuple) and len(out) == 3):
             raise Mismatch("return three things: (codes, scale, zero)")
@@ -68,7 +68,7 @@ def _check_quantize_asymmetric(fn: Callable) -> str:
 
 
 def _check_dequantize_asymmetric(fn: Callable) -> str:
-    for label, x, bits in _quant_inputs():
+    for label, x, bits in each(_quant_inputs()):
         q, s, z = prim.quantize_asymmetric(x, bits)
         close(fn(q, s, z), prim.dequantize_asymmetric(q, s, z), f"{label}: x̂ = (q - zero) * scale")
     return "x̂ = (q − zero) · scale on every row"
@@ -78,7 +78,7 @@ def _check_pack_int4(fn: Callable) -> str:
     g = gen(1)
     cases = [("random codes", torch.randint(0, 16, (64,), generator=g, dtype=torch.uint8)),
              ("all 15s", torch.full((10,), 15, dtype=torch.uint8)), ("two codes", torch.tensor([3, 12], dtype=torch.uint8))]
-    for label, codes in cases:
+    for label, codes in each(cases):
         got = fn(codes)
         want = prim.pack_int4(codes)
         if isinstance(got, torch.Tensor) and got.dtype != torch.uint8:
@@ -105,7 +105,7 @@ def _check_double_quantize(fn: Callable) -> str:
     cases = [("4096 block constants", torch.rand(4096, generator=g) * 0.2 + 0.05),
              ("a partial last block (1000 constants)", torch.rand(1000, generator=g) * 0.3 + 0.01),
              ("identical constants", torch.full((300,), 0.125))]
-    for label, absmax in cases:
+    for label, absmax in each(cases):
         out = fn(absmax, 256)
         if not (isinstance(out, tuple) and len(out) == 3):
             raise Mismatch("return three things: (int8 codes, per-block scales, the subtracted mean)")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from labkit.exercises._check import Mismatch
+from labkit.exercises._check import Mismatch, each
 
 NOTEBOOK = "00"
 
@@ -40,7 +40,7 @@ def _check_timing(fn: Callable) -> str:
     rounds = [(2, 5, 0.08, 5, "one timed call took 60 ms: take the median of the repeats, not the mean"),
               (4, 3, 0.05, None, "the 4 cold-start calls got in: time only after the warm-up calls")]
     got = 0.0
-    for warmup, repeats, cold_s, hiccup, hint in rounds:
+    for warmup, repeats, cold_s, hiccup, hint in each(rounds):
         workload, calls = _timed_workload(warmup, cold_s, hiccup)
         got = fn(workload, warmup=warmup, repeats=repeats)
         if not isinstance(got, (int, float)) or isinstance(got, bool):

@@ -1,0 +1,153 @@
+"""labkit grade: a cohort built here — right, partly right, empty, raising, hanging, memory-hungry, reaching
+outside its directory — graded once; every grade and message checked."""
+
+import csv
+import json
+
+import nbformat
+import pytest
+
+from labkit import LabkitError, exercises
+from labkit.cli import main
+from labkit.grading import check_gradescope, grade
+
+IMPORTS = "from labkit import exercises\nimport torch"
+PACK = '''def pack_int4(codes):
+    c = codes.reshape(-1).to(torch.uint8)
+    return (c[0::2] | (c[1::2] << 4)).to(torch.uint8)
+pack_int4 = exercises.check("pack_int4", pack_int4)'''
+UNPACK = '''def unpack_int4(packed):
+    p = packed.reshape(-1)
+    return torch.stack([p & 15, p >> 4], dim=1).reshape(-1)
+unpack_int4 = exercises.check("unpack_int4", unpack_int4)'''
+# right on every case but the one with exactly two codes (1 of pack_int4's 3 cases wrong)
+PARTLY = '''def pack_int4(codes):
+    c = codes.reshape(-1).to(torch.uint8)
+    out = (c[0::2] | (c[1::2] << 4)).to(torch.uint8)
+    return out if c.numel() > 2 else out + 1
+pack_int4 = exercises.check("pack_int4", pack_int4)'''
+COHORT = {
+    "alice": [IMPORTS, PACK, UNPACK],
+    "bob": [IMPORTS, PARTLY, "unpack_int4 = exercises.check('unpack_int4', lambda p: p)"],
+    "carol": [IMPORTS],
+    "dave": [IMPORTS, "raise ValueError('oops')", PACK],
+    "erin": [IMPORTS, PACK, "import time\nwhile True:\n    time.sleep(0.5)", UNPACK],
+    "frank": [IMPORTS, "x = torch.ones(2**31, dtype=torch.float64)", PACK],
+    "gina": [IMPORTS, "open({escape!r}, 'w').write('x')", "import shutil; shutil.rmtree({victim!r})", PACK],
+    "hal": [IMPORTS, "print(open({other!r}).read()[:20])", "import urllib.request\n"
+            "urllib.request.urlopen('http://example.com', timeout=2)", "import subprocess\nsubprocess.run(['ls'])",
+            "exercises.check('no_such_exercise', len)", "pack_int4 = exercises.check('pack_int4', "
+            "exercises.solution('pack_int4'))"],
+}
+
+
+def _write(path, cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    subs, out, victim = root / "subs", root / "out", root / "victim"
+    subs.mkdir()
+    victim.mkdir()
+    (victim / "keep.txt").write_text("still here")
+    fills = {"escape": str(root / "escaped.txt"), "victim": str(victim), "other": str(subs / "alice.ipynb")}
+    for name, cells in COHORT.items():
+        _write(subs / f"{name}.ipynb", [c.format(**fills) if "{" in c and name in ("gina", "hal") else c
+                                        for c in cells])
+    (subs / "ivan.ipynb").write_text("not json")
+    other = root / "elsewhere"
+    other.mkdir()
+    _write(other / "alice.ipynb", [IMPORTS])  # a second "alice": a duplicate learner name
+    rc = main(["grade", str(subs), str(other / "alice.ipynb"), "--out", str(out), "--lesson", "01",
+               "--cell-timeout", "8", "--memory-mb", "3072", "--gradescope"])
+    rows = {r["learner"] + ("#dup" if "duplicate" in r["status"] else ""): r
+            for r in json.loads((out / "grades.json").read_text())}
+    return rc, rows, out, root
+
+
+def test_every_learner_has_a_row_and_the_grades_are_right(graded):
+    rc, rows, out, _ = graded
+    assert rc == 0
+    assert set(rows) == set(COHORT) | {"ivan", "alice#dup"}
+    ex = {n: {k: v["points"] for k, v in r["exercises"].items()} for n, r in rows.items()}
+    assert list(ex["alice"]) == exercises.available("01")
+    assert ex["alice"]["pack_int4"] == 1 and ex["alice"]["unpack_int4"] == 1
+    assert ex["bob"]["pack_int4"] == pytest.approx(2 / 3, abs=1e-3) and ex["bob"]["unpack_int4"] == 0
+    assert "(2 of 3 cases right)" in rows["bob"]["exercises"]["pack_int4"]["message"]
+    assert all(v == 0 for v in ex["carol"].values())
+    assert rows["carol"]["exercises"]["pack_int4"]["message"].startswith("not attempted")
+    assert ex["dave"]["pack_int4"] == 1 and rows["dave"]["errors"] == [{"cell": 2, "error": "ValueError: oops"}]
+    with open(out / "grades.csv") as f:
+        table = {r["learner"]: r for r in csv.DictReader(f)}
+    assert float(table["alice"]["total"]) == 2 and float(table["bob"]["total"]) == pytest.approx(2 / 3, abs=1e-3)
+    assert "alice" in (out / "feedback" / "alice.html").read_text()
+
+
+def test_a_hang_a_memory_hog_and_a_bad_file_cost_only_their_own_rows(graded):
+    _, rows, _, _ = graded
+    erin = rows["erin"]
+    assert "cell 3 ran past 8 s" in erin["status"]
+    assert erin["exercises"]["pack_int4"]["points"] == 1 and erin["exercises"]["unpack_int4"]["points"] == 0
+    frank = rows["frank"]
+    assert any("allocate" in e["error"] for e in frank["errors"]), frank
+    assert frank["exercises"]["pack_int4"]["points"] == 1  # the notebook went on after the failed allocation
+    assert rows["ivan"]["status"].startswith("not a notebook")
+    assert "duplicate learner name 'alice'" in rows["alice#dup"]["status"]
+
+
+def test_reaching_outside_is_refused_and_said(graded):
+    _, rows, _, root = graded
+    assert not (root / "escaped.txt").exists() and (root / "victim" / "keep.txt").exists()
+    gina = [e["error"] for e in rows["gina"]["errors"]]
+    assert "PermissionError" in gina[0] and "outside the submission's directory" in gina[0]
+    assert "PermissionError" in gina[1]
+    assert rows["gina"]["exercises"]["pack_int4"]["points"] == 1
+    hal = [e["error"] for e in rows["hal"]["errors"]]
+    assert "reading" in hal[0] and "alice.ipynb" in hal[0]  # another learner's submission
+    assert "no network while grading" in hal[1]
+    assert "starting a process" in hal[2]
+    assert "no_such_exercise" in hal[3] and "does not exist" in hal[3]
+    assert rows["hal"]["exercises"]["pack_int4"] == {**rows["hal"]["exercises"]["pack_int4"], "points": 0}
+    assert "kit's own function" in rows["hal"]["exercises"]["pack_int4"]["message"]
+
+
+def test_gradescope_results_have_gradescopes_shape(graded):
+    _, rows, out, _ = graded
+    results = json.loads((out / "gradescope" / "bob" / "results.json").read_text())
+    check_gradescope(results)
+    assert results["score"] == pytest.approx(2 / 3, abs=1e-3)
+    assert [t["name"] for t in results["tests"]] == exercises.available("01")
+    with pytest.raises(LabkitError, match="score outside"):
+        check_gradescope({"tests": [{"name": "x", "score": 2, "max_score": 1}]})
+    with pytest.raises(LabkitError, match="visibility"):
+        check_gradescope({"tests": [], "visibility": "sometimes"})
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(LabkitError, match="holds no .ipynb"):
+        grade([tmp_path])
+    with pytest.raises(LabkitError, match="does not exist"):
+        grade([tmp_path / "nope.ipynb"])
+    with pytest.raises(LabkitError, match="lesson='99'"):
+        grade([tmp_path], lesson="99")
+    with pytest.raises(LabkitError, match="memory_mb=10"):
+        grade([tmp_path], memory_mb=10)
+
+
+def test_partial_points_without_a_kernel():
+    """The scoring alone: a checker's cases are judged one by one, a stub scores 0, a right function full."""
+    import torch
+
+    def partly(codes):
+        out = (codes[0::2] | (codes[1::2] << 4)).to(torch.uint8)
+        return out if codes.numel() > 2 else out + 1
+
+    v = exercises.verify("pack_int4", partly)
+    assert not v.ok and v.points == pytest.approx(2 / 3, abs=1e-3) and "2 of 3 cases right" in v.message
+    assert exercises.verify("pack_int4", exercises.solution("pack_int4")).points == 1
+    stub = exercises.verify("pack_int4", lambda codes: (_ for _ in ()).throw(NotImplementedError))
+    assert stub.points == 0 and "not written yet" in stub.message
