@@ -25,8 +25,6 @@ _DEVICES = ("/dev/null", "/dev/tty", "/dev/stdout", "/dev/stderr")  # writable w
 
 
 def _inside(path: object, root: str) -> bool:
-    if isinstance(path, int):  # a file descriptor: already opened, judged when it was
-        return True
     try:
         full = os.path.realpath(os.fsdecode(path))
     except (TypeError, ValueError):
@@ -48,6 +46,8 @@ def install(root: str, forbidden: list[str]) -> None:
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, mode = args[0], args[1] or "r"
+            if isinstance(path, int):  # os.fdopen of a descriptor: judged when the descriptor was opened
+                return
             if any(_inside(path, f) for f in forbidden):
                 refuse(f"reading {os.fsdecode(path)}")
             writing = any(c in str(mode) for c in "wax+") or (isinstance(args[2], int) and args[2] & (
