@@ -65,20 +65,23 @@ def verify(name: str, fn: Callable) -> Verdict:
     _, _, checker = _entry(name)
     try:
         message, cases, first = score(checker, fn)
-    except NotImplementedError:
-        return Verdict(name, False, "not written yet (the stub raises NotImplementedError)", fallback=True)
-    except Mismatch as exc:
-        return Verdict(name, False, str(exc), fallback=True)
     except Exception as exc:  # noqa: BLE001 - a learner's bug is reported, never a crash of the notebook
-        return Verdict(name, False, f"your function raised {type(exc).__name__}: {exc}", fallback=True)
+        return Verdict(name, False, _said(exc), fallback=True)
     if first is None:
         return Verdict(name, True, message, fallback=False)
     right = cases.total - len(cases.failed)
-    what = str(first) if isinstance(first, Mismatch) else f"your function raised {type(first).__name__}: {first}"
-    if isinstance(first, NotImplementedError):
-        what = "not written yet (the stub raises NotImplementedError)"
+    what = _said(first)
     return Verdict(name, False, f"{what} ({right} of {cases.total} cases right)" if right else what,
                    fallback=True, points=round(right / cases.total, 3))
+
+
+def _said(exc: BaseException) -> str:
+    """What a failed check tells the learner."""
+    if isinstance(exc, NotImplementedError):
+        return "not written yet (the stub raises NotImplementedError)"
+    if isinstance(exc, Mismatch):
+        return str(exc)
+    return f"your function raised {type(exc).__name__}: {exc}"
 
 
 GRADE_LOG = "LABKIT_GRADE_LOG"  # set by `labkit grade`: every check appends its verdict to this file

@@ -59,6 +59,8 @@ def _learners(paths: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[Submi
             files.append(p)
         else:
             raise LabkitError(f"submission {str(p)!r} does not exist")
+    import nbformat
+
     ok, bad, names = [], [], set()
     for f in files:
         name = f.stem
@@ -67,8 +69,6 @@ def _learners(paths: Sequence[Path]) -> tuple[list[tuple[str, Path]], list[Submi
             continue
         names.add(name)
         try:
-            import nbformat
-
             nbformat.validate(nbformat.read(f, as_version=4))
         except Exception as exc:  # noqa: BLE001 - any unreadable file is that learner's problem only
             bad.append(Submission(name, str(f), f"not a notebook: {type(exc).__name__}: {str(exc)[:200]}"))
@@ -98,15 +98,16 @@ def run_one(learner: str, notebook: Path, *, forbidden: Sequence[Path], cell_tim
                    IPYTHONDIR=str(work / ".ipython"), JUPYTER_RUNTIME_DIR=str(work / ".jupyter"),
                    HF_HUB_OFFLINE="1", LABKIT_GRADE_FORBIDDEN=json.dumps([str(p) for p in forbidden]))
         cmd = [sys.executable, "-m", "labkit.grading.worker", "submission.ipynb", str(result), str(cell_timeout)]
-        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=_limits(memory_mb), start_new_session=True)
+        err_path = Path(tmp) / "worker.err"  # a file, not a pipe: a kernel writing megabytes to fd 2 costs disk only
+        with open(err_path, "wb") as err_file:
+            proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=err_file,
+                                    preexec_fn=_limits(memory_mb), start_new_session=True)
         try:
-            _, err = proc.communicate(timeout=notebook_timeout)
+            proc.wait(timeout=notebook_timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the worker and its kernel
-            proc.communicate()
+            proc.wait()
             sub.status = f"the notebook ran past {notebook_timeout:g} s and was stopped"
-            err = b""
         else:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # a kernel left behind
@@ -120,7 +121,9 @@ def run_one(learner: str, notebook: Path, *, forbidden: Sequence[Path], cell_tim
             for check in out["checks"]:
                 sub.exercises.setdefault(check["name"], check)  # the first check of an exercise counts
         elif sub.status == Submission.status:
-            sub.status = f"the grader's worker failed: {err.decode(errors='replace')[-300:]}"
+            with open(err_path, "rb") as f:
+                f.seek(max(err_path.stat().st_size - 300, 0))
+                sub.status = f"the grader's worker failed: {f.read().decode(errors='replace')}"
     return sub
 
 
@@ -155,12 +158,11 @@ def grade(submissions: Sequence[str | Path], out: str | Path | None = None, *, l
         bar.set_postfix_str(learner)
         rows.append(run_one(learner, path, forbidden=forbidden, cell_timeout=cell_timeout,
                             notebook_timeout=notebook_timeout, memory_mb=memory_mb))
-    names = exercises.available(lesson) if lesson else [
-        n for n in exercises.available()
-        if exercises.notebook_of(n) in {exercises.notebook_of(e) for r in rows for e in r.exercises
-                                        if e in exercises.available()}]
+    known = exercises.available()
+    checked = {exercises.notebook_of(e) for r in rows for e in r.exercises if e in known}
+    names = exercises.available(lesson) if lesson else [n for n in known if exercises.notebook_of(n) in checked]
     for row in rows:
-        unknown = sorted(set(row.exercises) - set(exercises.available()))
+        unknown = sorted(set(row.exercises) - set(known))
         for name in unknown:
             row.errors.append({"cell": row.exercises.pop(name).get("cell"), "error": f"unknown exercise {name!r}"})
         row.exercises = {n: row.exercises.get(n) or {"name": n, "ok": False, "points": 0.0, "max_points": 1.0,
