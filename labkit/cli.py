@@ -85,6 +85,15 @@ def _cmd_grade(args: argparse.Namespace) -> None:
           + (", gradescope/" if args.gradescope else ""))
 
 
+def _cmd_export_otter(args: argparse.Namespace) -> None:
+    from labkit.grading import otter
+
+    files = otter.export(args.dir, lesson=args.lesson, seed=args.seed, points=args.points)
+    print(f"wrote {len(files)} Otter test files to {Path(args.dir) / 'tests'}: "
+          + ", ".join(f.stem for f in files))
+    print("next: `otter generate -t DIR/tests` for Gradescope, or `grader.check(NAME)` / `otter run` with these tests")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labkit", description="Inference optimization, measured honestly.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,9 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lesson", default=None, help="the lesson graded, e.g. 01 (default: the lessons learners checked)")
     g.add_argument("--cell-timeout", type=float, default=120.0, help="seconds a cell may run (default: 120)")
     g.add_argument("--notebook-timeout", type=float, default=900.0, help="seconds a notebook may run (default: 900)")
-    g.add_argument("--memory-mb", type=int, default=4096, help="address-space limit of each run (default: 4096)")
+    g.add_argument("--memory-mb", type=int, default=8192,
+                   help="address-space limit of each run in MiB (default: 8192; the SmolLM2 lessons need more than 4096)")
     g.add_argument("--gradescope", action="store_true", help="also write gradescope/<learner>/results.json")
     g.set_defaults(fn=_cmd_grade)
+
+    o = sub.add_parser("export-otter", help="write Otter-Grader test files (DIR/tests) for the kit's exercises")
+    o.add_argument("dir", help="output directory; the tests go to DIR/tests")
+    o.add_argument("--lesson", default=None, help="only this lesson's exercises, e.g. 01 (default: all)")
+    o.add_argument("--seed", type=int, default=1, help="seed of the hidden cases' inputs, >= 1 (default: 1)")
+    o.add_argument("--points", type=float, default=1.0, help="points per exercise, half per case (default: 1)")
+    o.set_defaults(fn=_cmd_export_otter)
     return p
 
 

@@ -74,8 +74,9 @@ class StaticDecoder:
         return F.rms_norm(x, w.shape, w, getattr(norm, "variance_epsilon", self.eps))
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run ``ids [batch, n]`` at the next ``n`` positions; returns the last position's logits ``[batch, vocab]``."""
+    def forward(self, ids: torch.Tensor, every: bool = False) -> torch.Tensor:
+        """Run ``ids [batch, n]`` at the next ``n`` positions; returns the last position's logits ``[batch, vocab]``,
+        or with ``every`` each position's, ``[batch, n, vocab]`` (speculative decoding verifies n tokens at once)."""
         b, n = ids.shape
         p0, p1 = self.pos, self.pos + n
         if b != self.batch:
@@ -102,11 +103,17 @@ class StaticDecoder:
             gate, up = _project(self.gate_up[i], x)
             h = h + _linear(layer.mlp.down_proj, F.silu(gate) * up)
         self.pos = p1
-        return _linear(self.model.lm_head, self._norm(h[:, -1], m.norm))
+        return _linear(self.model.lm_head, self._norm(h if every else h[:, -1], m.norm))
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten from position 0 by the next prefill)."""
         self.pos = 0
+
+    def rewind(self, pos: int) -> None:
+        """Keep only the first ``pos`` cached positions (rejected draft tokens are overwritten by what comes next)."""
+        if not 0 <= pos <= self.pos:
+            raise LabkitError(f"pos={pos} must lie in 0..{self.pos} (the positions cached now)")
+        self.pos = pos
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy: prefill ``ids`` and decode ``new_tokens``; returns ``[batch, new_tokens]``."""

@@ -7,7 +7,7 @@ import json
 import nbformat
 import pytest
 
-from labkit import LabkitError, exercises
+from labkit import LabkitError, exercises, zoo
 from labkit.cli import main
 from labkit.grading import check_gradescope, grade
 
@@ -33,7 +33,9 @@ COHORT = {
     "dave": [IMPORTS, "raise ValueError('oops')", PACK],
     "erin": [IMPORTS, PACK, "import time\nwhile True:\n    time.sleep(0.5)", UNPACK],
     "frank": [IMPORTS, "x = torch.ones(2**31, dtype=torch.float64)", PACK],
-    "gina": [IMPORTS, "open({escape!r}, 'w').write('x')", "import shutil; shutil.rmtree({victim!r})", PACK],
+    "gina": [IMPORTS, "open({escape!r}, 'w').write('x')", "import shutil; shutil.rmtree({victim!r})", PACK,
+             "import os\ncache = os.environ['LABKIT_CACHE']\nassert os.listdir(cache)  # the models: readable\n"
+             "open(os.path.join(cache, 'planted.txt'), 'w')"],
     "hal": [IMPORTS, "print(open({other!r}).read()[:20])", "import urllib.request\n"
             "urllib.request.urlopen('http://example.com', timeout=2)", "import subprocess\nsubprocess.run(['ls'])",
             "exercises.check('no_such_exercise', len)", "pack_int4 = exercises.check('pack_int4', "
@@ -105,6 +107,8 @@ def test_reaching_outside_is_refused_and_said(graded):
     gina = [e["error"] for e in rows["gina"]["errors"]]
     assert "PermissionError" in gina[0] and "outside the submission's directory" in gina[0]
     assert "PermissionError" in gina[1]
+    assert "planted.txt" in gina[2] and "outside the submission's directory" in gina[2] and len(gina) == 3
+    assert not (zoo.cache_dir() / "planted.txt").exists()
     assert rows["gina"]["exercises"]["pack_int4"]["points"] == 1
     hal = [e["error"] for e in rows["hal"]["errors"]]
     assert "reading" in hal[0] and "alice.ipynb" in hal[0]  # another learner's submission

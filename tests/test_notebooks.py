@@ -20,6 +20,7 @@ def test_stored_without_outputs(path):
     for i, c in enumerate(cells(path)):
         if c["cell_type"] == "code":
             assert c.get("outputs") == [] and c.get("execution_count") is None, f"{path.name} cell {i} has outputs"
+        assert c.get("id"), f"{path.name} cell {i} has no id (nbformat 4.5 requires one)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from functools import cache
 
 from labkit import LabkitError
-from labkit.exercises._check import Mismatch, Verdict, score
+from labkit.exercises._check import Mismatch, Verdict, other_inputs, score
 
 __all__ = ["Mismatch", "Verdict", "available", "check", "notebook_of", "solution", "verify"]
 
@@ -58,13 +58,17 @@ def _entry(name: str) -> tuple[str, Callable, Callable]:
     return _registry()[name]
 
 
-def verify(name: str, fn: Callable) -> Verdict:
+def verify(name: str, fn: Callable, inputs: int = 0) -> Verdict:
     """Run the checker without printing: ``Verdict(ok, message, fallback, points, max_points)``. A checker that
     walks its cases through ``each`` gives partial points (the share of cases right); the message is the first
-    failure's."""
+    failure's. ``inputs``: 0 checks on the random inputs the notebook's check uses; another number draws others
+    of the same shapes (a grader's hidden cases)."""
     _, _, checker = _entry(name)
+    if not (isinstance(inputs, int) and inputs >= 0):
+        raise LabkitError(f"inputs={inputs!r} must be a whole number >= 0 (0: the notebook's own inputs)")
     try:
-        message, cases, first = score(checker, fn)
+        with other_inputs(inputs):
+            message, cases, first = score(checker, fn)
     except Exception as exc:  # noqa: BLE001 - a learner's bug is reported, never a crash of the notebook
         return Verdict(name, False, _said(exc), fallback=True)
     if first is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from labkit import LabkitError, atomic, exercises
+from labkit import LabkitError, atomic, exercises, zoo
 
 NOT_ATTEMPTED = "not attempted (no exercises.check of it ran)"
 
@@ -85,8 +85,9 @@ def _limits(memory_mb: int):
 
 
 def run_one(learner: str, notebook: Path, *, forbidden: Sequence[Path], cell_timeout: float,
-            notebook_timeout: float, memory_mb: int) -> Submission:
-    """Run one notebook in a fresh temporary directory and read back its checks."""
+            notebook_timeout: float, memory_mb: int, cache: Path | None = None) -> Submission:
+    """Run one notebook in a fresh temporary directory and read back its checks. ``cache``: the kit's model cache
+    the kernel reads (it may not write there); by default the grader's own."""
     sub = Submission(learner, str(notebook))
     with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
         work, result = Path(tmp) / "work", Path(tmp) / "result.json"
@@ -96,7 +97,7 @@ def run_one(learner: str, notebook: Path, *, forbidden: Sequence[Path], cell_tim
         env.update(LABKIT_QUICK="1", LABKIT_GRADE_LOG=str(work / ".labkit-grade-log.jsonl"), HOME=str(work),
                    TMPDIR=str(work), MPLCONFIGDIR=str(work / ".matplotlib"), XDG_CACHE_HOME=str(work / ".cache"),
                    IPYTHONDIR=str(work / ".ipython"), JUPYTER_RUNTIME_DIR=str(work / ".jupyter"),
-                   HF_HUB_OFFLINE="1", LABKIT_GRADE_FORBIDDEN=json.dumps([str(p) for p in forbidden]))
+                   HF_HUB_OFFLINE="1", LABKIT_CACHE=str(cache or zoo.cache_dir()), LABKIT_GRADE_FORBIDDEN=json.dumps([str(p) for p in forbidden]))
         cmd = [sys.executable, "-m", "labkit.grading.worker", "submission.ipynb", str(result), str(cell_timeout)]
         err_path = Path(tmp) / "worker.err"  # a file, not a pipe: a kernel writing megabytes to fd 2 costs disk only
         with open(err_path, "wb") as err_file:
@@ -128,7 +129,7 @@ def run_one(learner: str, notebook: Path, *, forbidden: Sequence[Path], cell_tim
 
 
 def grade(submissions: Sequence[str | Path], out: str | Path | None = None, *, lesson: str | None = None,
-          cell_timeout: float = 120.0, notebook_timeout: float = 900.0, memory_mb: int = 4096,
+          cell_timeout: float = 120.0, notebook_timeout: float = 900.0, memory_mb: int = 8192,
           gradescope: bool = False, progress: bool = True) -> list[Submission]:
     """Grade every submission (files or directories of ``.ipynb``); write the cohort's files to ``out``.
 
@@ -152,6 +153,8 @@ def grade(submissions: Sequence[str | Path], out: str | Path | None = None, *, l
     if not paths:
         raise LabkitError("submissions is empty: pass notebooks or directories of them")
     todo, rows = _learners(paths)
+    if todo:
+        zoo.fetch(progress=progress)  # the kernels read the models from the grader's cache: writing it is refused
     forbidden = sorted({p.resolve().parent for _, p in todo} | {Path(exercises.__file__).resolve().parent})
     bar = tqdm(todo, desc="grading", unit="notebook", disable=not progress)
     for learner, path in bar:
