@@ -53,7 +53,7 @@ def test_reference_records_meet_their_targets_and_draw(name):
     assert mod.figures(rec)
 
 
-def test_notebooks_and_experiments_are_one_to_one():
+def test_every_notebook_has_an_experiment_and_every_experiment_a_notebook():
     assert experiments.available() == sorted(experiments.available(), key=experiments.notebook)
     taught = {experiments.notebook(n) for n in experiments.available()}
     assert taught == {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}

@@ -1,4 +1,5 @@
-"""One experiment per notebook, each a module keeping :mod:`labkit.experiments.protocol`'s contract.
+"""Experiments, each a module keeping :mod:`labkit.experiments.protocol`'s contract; every notebook has at least one
+(notebook 06 has two: serving and speculative decoding), and every experiment names the notebook that teaches it.
 
 The experiments are found by themselves: every module in this package except ``protocol`` is one, and they are
 listed in the order of the notebooks that teach them. Adding an experiment is adding its module.
