@@ -142,7 +142,8 @@ def generate(target: StaticDecoder, prompt: list[int], max_new_tokens: int, conf
         draft = StaticDecoder(cfg.model, max_len=target.max_len, dtype=target.dtype)
     greedy = temperature == 0
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    dist = (lambda x: x) if greedy else (lambda x: torch.softmax(x.float() / temperature, -1))  # noqa: E731
+    # sampling draws on the CPU (one generator, whatever the device): the distributions come over once a round
+    dist = (lambda x: x) if greedy else (lambda x: torch.softmax(x.float().cpu() / temperature, -1))  # noqa: E731
     ids = lambda toks: torch.tensor([toks], device=target.device)  # noqa: E731
 
     target.reset()

@@ -32,3 +32,19 @@ def test_bf16_report_matches_the_compute_capability():
     major, _ = torch.cuda.get_device_capability()
     assert env.bf16_supported("cuda") == (major >= 8)
     assert env.resolve_device("cuda").type == "cuda"
+
+
+def test_speculative_decoding_on_cuda():
+    """Greedy speculation on CUDA gives plain greedy's tokens; sampling (drawn on the CPU) runs and is seeded."""
+    from labkit.decode import StaticDecoder
+    from labkit.speculative import generate
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(seed=2).cuda()
+    target = StaticDecoder(model, max_len=96)
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7]
+    plain = target.generate(torch.tensor([prompt], device="cuda"), 24)[0].tolist()
+    for cfg in ({"method": "ngram"}, {"method": "draft_model", "model": model}):
+        assert generate(target, prompt, 24, cfg).tokens == plain
+    a = generate(target, prompt, 16, {"method": "ngram"}, temperature=0.8, seed=3).tokens
+    assert a == generate(target, prompt, 16, {"method": "ngram"}, temperature=0.8, seed=3).tokens
