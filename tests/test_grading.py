@@ -39,7 +39,8 @@ COHORT = {
     "hal": [IMPORTS, "print(open({other!r}).read()[:20])", "import urllib.request\n"
             "urllib.request.urlopen('http://example.com', timeout=2)", "import subprocess\nsubprocess.run(['ls'])",
             "exercises.check('no_such_exercise', len)", "pack_int4 = exercises.check('pack_int4', "
-            "exercises.solution('pack_int4'))"],
+            "exercises.solution('pack_int4'))", "import labkit.exercises.quantization as solutions\n"
+            "print(open(solutions.__file__).read()[:20])"],
 }
 
 
@@ -115,6 +116,7 @@ def test_reaching_outside_is_refused_and_said(graded):
     assert "no network while grading" in hal[1]
     assert "starting a process" in hal[2]
     assert "no_such_exercise" in hal[3] and "does not exist" in hal[3]
+    assert "reading" in hal[4] and "exercises/quantization.py" in hal[4]  # the kit's solutions
     assert rows["hal"]["exercises"]["pack_int4"] == {**rows["hal"]["exercises"]["pack_int4"], "points": 0}
     assert "kit's own function" in rows["hal"]["exercises"]["pack_int4"]["message"]
 
