@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from labkit import LabkitError
-from labkit.quant.primitives import dequantize_symmetric, fake_quantize, quantize_symmetric
+from labkit.quant.primitives import dequantize_symmetric, fake_quantize, quantize_symmetric, sqnr
 
 LLM_INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (bitsandbytes' default llm_int8_threshold)
 
@@ -119,3 +119,31 @@ def per_tensor_int8(x: torch.Tensor) -> torch.Tensor:
     """``x`` through one absmax int8 scale for the whole tensor: what a single outlier does to everything else."""
     q, s = quantize_symmetric(x.reshape(1, -1), 8)
     return dequantize_symmetric(q, s).reshape(x.shape)
+
+
+def layer_inputs(model: torch.nn.Module, input_ids: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """The inputs each named linear layer sees on ``input_ids``, as ``[tokens, in]`` (one forward, hooks removed)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: seen.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+        for n in names]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def compare_methods(x: torch.Tensor, w: torch.Tensor, group_size: int = 64) -> dict[str, float]:
+    """Output SQNR (dB, against the float product) of every method here on one layer's real inputs ``x``, with
+    the outlier columns LLM.int8 would split off and the α AWQ picked."""
+    ref = x.float() @ w.float().T
+    s_awq, alpha = awq_scales(x, w, bits=4, group_size=group_size)
+    return {"max_abs_x": float(x.abs().max()), "outlier_columns": int(outlier_columns(x).sum()),
+            "int8 (W8A8, per token)": sqnr(ref, int8_matmul(x, w)),
+            "LLM.int8 split": sqnr(ref, int8_decomposed_matmul(x, w)),
+            "SmoothQuant W8A8": sqnr(ref, w8a8_matmul(x, w, smooth_scales(x.abs().amax(dim=0), w))),
+            f"int4 g{group_size} RTN": sqnr(ref, x.float() @ fake_quantize(w.float(), 4, group_size=group_size).T),
+            f"int4 g{group_size} AWQ": sqnr(ref, awq_matmul(x, w, s_awq, 4, group_size)), "awq_alpha": alpha}

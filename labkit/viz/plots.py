@@ -41,6 +41,21 @@ def finish_line_plot(fig: Figure, ax, xlabel: str, ylabel: str, title: str) -> F
 UNITS = {"weight_bytes": (1e-6, "MB"), "peak_memory_bytes": (1e-6, "MB"), "params": (1e-6, "M params")}
 
 
+def lines(rows: list[dict], x: str, ys: list[str], *, xlabel: str, ylabel: str, title: str,
+          label: str | None = None) -> Figure:
+    """One line per column in ``ys`` over ``x`` (rows as dicts); with ``label``, one panel per value of that key."""
+    groups = sorted({r[label] for r in rows}) if label else [None]
+    fig = new_figure((5.5 * len(groups), 3.6))
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, g in zip(axes, groups):
+        part = [r for r in rows if label is None or r[label] == g]
+        for y in ys:
+            ax.plot([r[x] for r in part], [r[y] for r in part], marker="o", label=y)
+        finish_line_plot(fig, ax, xlabel, ylabel, f"{title} · {g}" if g is not None else title)
+    fig.tight_layout()
+    return fig
+
+
 def metric_bars(record: Record, metric: str, *, title: str | None = None, log: bool = False,
                 model: str | None = None, errors: bool = True) -> Figure:
     """Horizontal bars of ``metric`` for every variant that has it (of one ``model`` if given), in human units

@@ -106,3 +106,22 @@ def test_bad_input_is_named():
         aa.outlier_columns(x, threshold=0)
     with pytest.raises(LabkitError, match="grid=0"):
         aa.awq_scales(x, w, grid=0)
+
+
+def test_methods_compared_on_a_models_real_inputs():
+    from labkit.viz.plots import lines
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(seed=1)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    ids = torch.randint(3, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    seen = aa.layer_inputs(model, ids, names)
+    assert {n: tuple(x.shape) for n, x in seen.items()} == {names[0]: (40, 64), names[1]: (40, 128)}
+    assert not any(model.get_submodule(n)._forward_pre_hooks for n in names)  # hooks removed
+    rows = [{"layer": i, "projection": n.split(".")[-1], **aa.compare_methods(seen[n], model.get_submodule(n).weight,
+                                                                              group_size=32)}
+            for i, n in enumerate(names)]
+    assert rows[0]["int4 g32 AWQ"] >= rows[0]["int4 g32 RTN"] - 1e-4 and rows[0]["LLM.int8 split"] > 20
+    fig = lines(rows, "layer", ["int4 g32 RTN", "int4 g32 AWQ"], xlabel="layer", ylabel="dB", title="t",
+                label="projection")
+    assert len(fig.axes) == 2
