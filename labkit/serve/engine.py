@@ -13,7 +13,7 @@ import torch
 from labkit import LabkitError
 from labkit.serve.block_manager import BlockManager
 from labkit.serve.config import EngineConfig
-from labkit.serve.kv_cache import KVCache
+from labkit.serve.kv_cache import Int8KVCache, KVCache
 from labkit.serve.model import PagedLlama
 from labkit.serve.outputs import EngineStats, RequestOutput
 from labkit.serve.runner import ModelRunner
@@ -30,7 +30,8 @@ class LLMEngine:
         self.model = PagedLlama(hf_model)
         cfg = self.config
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.kv = KVCache(self.model.num_layers, cfg.num_blocks, cfg.block_size, self.model.num_kv_heads,
+        cache = Int8KVCache if cfg.kv_cache_dtype == "int8" else KVCache
+        self.kv = cache(self.model.num_layers, cfg.num_blocks, cfg.block_size, self.model.num_kv_heads,
                           self.model.head_dim, self.model.dtype, self.model.device)
         self.scheduler = Scheduler(cfg, self.bm)
         self.runner = ModelRunner(self.model, self.kv, self.bm, cfg.decode_group)

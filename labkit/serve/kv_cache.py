@@ -1,7 +1,9 @@
 """Per-layer K/V storage for the paged cache: one flat tensor of slots per layer, indexed by slot mapping.
 
 Slot ``block_id * block_size + offset`` holds one token's keys and values for all KV heads. The block
-manager decides which slots a sequence owns; this module only stores and gathers.
+manager decides which slots a sequence owns; this module only stores and gathers. :class:`Int8KVCache` stores the
+same slots as int8 with one scale per token and head (``kv_cache_dtype="int8"``): a quarter of fp32's bytes (half of
+bf16's) plus the scales, so the same memory holds about four (two) times the tokens.
 """
 
 from __future__ import annotations
@@ -44,9 +46,49 @@ class KVCache:
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: duplicate a block's KV in every layer."""
         s, d, b = src * self.block_size, dst * self.block_size, self.block_size
-        for k, v in zip(self.k, self.v):
-            k[d:d + b] = k[s:s + b]
-            v[d:d + b] = v[s:s + b]
+        for t in self._stored():
+            t[d:d + b] = t[s:s + b]
+
+    def _stored(self) -> list[torch.Tensor]:
+        """Every tensor that holds a slot's state (one row per slot)."""
+        return [*self.k, *self.v]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds, every layer."""
+        return sum(t.numel() * t.element_size() for t in self._stored())
+
+
+class Int8KVCache(KVCache):
+    """The same pool in int8: each token's keys (and values) of one head share one absmax scale, kept in
+    ``scale_dtype``; ``gather`` returns them dequantized in ``dtype``, the model's, so attention is unchanged."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, scale_dtype: torch.dtype = torch.float16) -> None:
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, torch.int8, device)
+        scales = (num_blocks * block_size, num_kv_heads, 1)
+        self.k_scale = [torch.ones(scales, dtype=scale_dtype, device=device) for _ in range(num_layers)]
+        self.v_scale = [torch.ones(scales, dtype=scale_dtype, device=device) for _ in range(num_layers)]
+        self.dtype = dtype
+
+    @staticmethod
+    def _quantize(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp(min=1e-8).to(scale_dtype)
+        return torch.round(x.float() / scale.float()).clamp(-127, 127).to(torch.int8), scale
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self._quantize(x, scales[layer].dtype)
+            codes[layer][slots] = q
+            scales[layer][slots] = s
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = super().gather(layer, block_ids)
+        ks, vs = KVCache.of_tensors(self.k_scale[layer], self.v_scale[layer], self.block_size).gather(0, block_ids)
+        return (k.to(self.dtype) * ks.to(self.dtype)), (v.to(self.dtype) * vs.to(self.dtype))
+
+    def _stored(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, *self.k_scale, *self.v_scale]
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
