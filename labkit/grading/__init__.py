@@ -155,12 +155,13 @@ def grade(submissions: Sequence[str | Path], out: str | Path | None = None, *, l
     todo, rows = _learners(paths)
     if todo:
         zoo.fetch(progress=progress)  # the kernels read the models from the grader's cache: writing it is refused
+    cache = zoo.cache_dir()
     forbidden = sorted({p.resolve().parent for _, p in todo} | {Path(exercises.__file__).resolve().parent})
     bar = tqdm(todo, desc="grading", unit="notebook", disable=not progress)
     for learner, path in bar:
         bar.set_postfix_str(learner)
         rows.append(run_one(learner, path, forbidden=forbidden, cell_timeout=cell_timeout,
-                            notebook_timeout=notebook_timeout, memory_mb=memory_mb))
+                            notebook_timeout=notebook_timeout, memory_mb=memory_mb, cache=cache))
     known = exercises.available()
     checked = {exercises.notebook_of(e) for r in rows for e in r.exercises if e in known}
     names = exercises.available(lesson) if lesson else [n for n in known if exercises.notebook_of(n) in checked]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from labkit.quant.primitives import quantize_symmetric
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -36,12 +38,7 @@ class KVCache:
 
         Gathering blocks (not single slots) copies ``block_size`` contiguous tokens per index.
         """
-        def by_block(t: torch.Tensor) -> torch.Tensor:
-            rows = t.view(-1, self.block_size * t.shape[1] * t.shape[2])  # one row per block
-            picked = torch.index_select(rows, 0, block_ids.reshape(-1))  # faster than t[idx] on CPU
-            return picked.view(*block_ids.shape[:-1], -1, *t.shape[1:])
-
-        return by_block(self.k[layer]), by_block(self.v[layer])
+        return _by_block(self.k[layer], block_ids, self.block_size), _by_block(self.v[layer], block_ids, self.block_size)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: duplicate a block's KV in every layer."""
@@ -71,24 +68,26 @@ class Int8KVCache(KVCache):
         self.v_scale = [torch.ones(scales, dtype=scale_dtype, device=device) for _ in range(num_layers)]
         self.dtype = dtype
 
-    @staticmethod
-    def _quantize(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp(min=1e-8).to(scale_dtype)
-        return torch.round(x.float() / scale.float()).clamp(-127, 127).to(torch.int8), scale
-
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, s = self._quantize(x, scales[layer].dtype)
+            q, s = quantize_symmetric(x, 8, dim=-1, scale_dtype=scales[layer].dtype)  # absmax per token and head
             codes[layer][slots] = q
-            scales[layer][slots] = s
+            scales[layer][slots] = s.to(scales[layer].dtype)
 
     def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = super().gather(layer, block_ids)
-        ks, vs = KVCache.of_tensors(self.k_scale[layer], self.v_scale[layer], self.block_size).gather(0, block_ids)
+        ks, vs = (_by_block(t[layer], block_ids, self.block_size) for t in (self.k_scale, self.v_scale))
         return (k.to(self.dtype) * ks.to(self.dtype)), (v.to(self.dtype) * vs.to(self.dtype))
 
     def _stored(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, *self.k_scale, *self.v_scale]
+
+
+def _by_block(t: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Rows of ``t [num_slots, ...]`` for whole blocks: ``block_ids [..., nb]`` → ``[..., nb * block_size, ...]``."""
+    rows = t.view(-1, block_size * t[0].numel())  # one row per block
+    picked = torch.index_select(rows, 0, block_ids.reshape(-1))  # faster than t[idx] on CPU
+    return picked.view(*block_ids.shape[:-1], -1, *t.shape[1:])
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
