@@ -69,8 +69,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
              f"draft-{len(keep)}L": {"method": "draft_model", "model": draft_model, "num_speculative_tokens": k}}
     rec = Record("speculative", env=env.describe())
     for workload, ids in tqdm(prompts.items(), desc="speculative: workloads", disable=not progress):
-        plain = target.generate(torch.tensor([ids], device=device), config.new_tokens)[0].tolist()
         rows, outs = _time(target, draft, ids, specs, config, device)
+        plain = outs["greedy"][0]  # the untimed warm-up call: every later call of every variant must give these
         for name, row in rows.items():
             runs = outs[name]
             tokens = [r if isinstance(r, list) else r.tokens for r in runs]
