@@ -23,12 +23,14 @@ The configuration is shaped like vLLM's ``speculative_config``: ``{"method": "ng
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from labkit import LabkitError
-from labkit.decode import StaticDecoder
+
+if TYPE_CHECKING:  # labkit.decode imports the serving package, whose engine imports this module's math
+    from labkit.decode import StaticDecoder
 
 METHODS = ("ngram", "draft_model")
 
@@ -94,7 +96,7 @@ def ngram_propose(context: list[int], k: int, n_max: int = 4, n_min: int = 1) ->
     return []
 
 
-def _accept(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None, greedy: bool,
+def accept(p: torch.Tensor, drafts: list[int], q: torch.Tensor | None, greedy: bool,
             gen: torch.Generator | None) -> tuple[int, int]:
     """How many drafts to keep and the token that follows them. ``p [k+1, vocab]``: the target's distributions
     (logits when greedy); ``q [k, vocab]``: the draft's (None: one-hot on the drafts)."""
@@ -139,6 +141,8 @@ def generate(target: StaticDecoder, prompt: list[int], max_new_tokens: int, conf
         raise LabkitError(f"prompt + max_new_tokens + num_speculative_tokens = {need} is past the target's "
                           f"max_len={target.max_len}")
     if cfg.method == "draft_model" and draft is None:
+        from labkit.decode import StaticDecoder
+
         draft = StaticDecoder(cfg.model, max_len=target.max_len, dtype=target.dtype)
     greedy = temperature == 0
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -160,7 +164,7 @@ def generate(target: StaticDecoder, prompt: list[int], max_new_tokens: int, conf
         drafts, q = _propose(cfg, context, k, draft, dist, greedy, gen, ids)
         base = target.pos  # the cache holds context[:-1]; context[-1] runs now with the drafts
         logits = target.forward(ids([context[-1], *drafts]), every=True)[0].float()
-        n_ok, nxt = _accept(dist(logits), drafts, q, greedy, gen)
+        n_ok, nxt = accept(dist(logits), drafts, q, greedy, gen)
         kept = [*drafts[:n_ok], nxt]
         target.rewind(base + 1 + n_ok)
         if draft is not None:

@@ -10,6 +10,8 @@ from labkit import cli
     (["serve", "--max-num-seqs", "0"], {}, "max_num_seqs=0 must be a positive integer"),
     (["serve", "--kv-reservation", "half"], {}, "kv_reservation='half'; allowed: 'max_model_len', 'exact'"),
     (["serve", "--no-paged", "--enable-prefix-caching"], {}, "enable_prefix_caching=True needs paged=True"),
+    (["serve", "--speculative-config", "{ngram"], {}, "speculative_config='{ngram' is not JSON"),
+    (["serve", "--speculative-config", '{"method": "eagle"}'], {}, "method='eagle' is not a speculative method"),
     (["bench-serve", "--prompt-len", "10", "5"], {}, "prompt_len=(10, 5) must be (MIN, MAX)"),
     (["bench-serve", "--num-requests", "0"], {}, "num_requests=0"),
     (["bench-serve", "--out", "/nonexistent-dir/x.json"], {}, "the directory '/nonexistent-dir' does not exist"),
@@ -48,3 +50,7 @@ def test_serve_offers_every_engine_setting():
     assert {f.name for f in fields(EngineConfig)} <= dests
     args = serve.parse_args(["--block-size", "8", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"])
     assert (args.block_size, args.enable_chunked_prefill, args.paged) == (8, False, True)
+    args = serve.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    from labkit.serve.config import EngineConfig
+
+    assert EngineConfig(speculative_config=args.speculative_config).speculative().num_speculative_tokens == 3

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from labkit import LabkitError
 from labkit.decode import StaticDecoder
 from labkit.distill import layer_dropped_lm
-from labkit.speculative import SpeculativeConfig, _accept, generate, ngram_propose
+from labkit.speculative import SpeculativeConfig, accept, generate, ngram_propose
 from tests.conftest import tiny_llama
 
 
@@ -56,12 +56,12 @@ def test_rejection_sampling_keeps_the_targets_distribution():
     n = 20000
     for _ in range(n):
         d = int(torch.multinomial(q[0], 1, generator=g))
-        kept, nxt = _accept(p, [d], q, greedy=False, gen=g)
+        kept, nxt = accept(p, [d], q, greedy=False, gen=g)
         counts[d if kept else nxt] += 1
     assert torch.allclose(counts / n, p[0], atol=0.015)
     counts.zero_()
     for _ in range(n):  # an n-gram draft is a point mass on token 2
-        kept, nxt = _accept(p, [2], None, greedy=False, gen=g)
+        kept, nxt = accept(p, [2], None, greedy=False, gen=g)
         counts[2 if kept else nxt] += 1
     assert torch.allclose(counts / n, p[0], atol=0.015)
 

@@ -47,11 +47,21 @@ class Config:
         return cls(new_tokens=4, num_speculative_tokens=2, draft_keep=(0,), repeats=1)
 
 
+def copy_prompt(tok, passage: str) -> list[int]:
+    """The model is asked to repeat ``passage``, and has begun to: prompt lookup finds what comes next."""
+    return tok(f"Copy the text exactly.\nText: {passage}\nCopy: {' '.join(passage.split()[:4])}").input_ids
+
+
+def copy_requests(tok, n: int, sentences_each: int = 3) -> list[list[int]]:
+    """``n`` copy prompts, each over different sentences (a batch for the engine's speculation)."""
+    text = sentences()
+    return [copy_prompt(tok, " ".join(text[sentences_each * i:sentences_each * (i + 1)])) for i in range(n)]
+
+
 def workloads(tok) -> dict[str, list[int]]:
-    """``copy``: the model is asked to repeat a passage it was shown (prompt lookup finds what comes next);
-    ``free``: the start of a story (nothing in the prompt to copy)."""
-    passage = " ".join(sentences()[:6])
-    return {"copy": tok(f"Copy the text exactly.\nText: {passage}\nCopy: {' '.join(passage.split()[:4])}").input_ids,
+    """``copy``: the model is asked to repeat a passage it was shown (:func:`copy_prompt`); ``free``: the start of
+    a story (nothing in the prompt to copy)."""
+    return {"copy": copy_prompt(tok, " ".join(sentences()[:6])),
             "free": tok("Once upon a time, in a small village by the sea,").input_ids}
 
 

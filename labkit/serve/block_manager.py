@@ -14,6 +14,8 @@ tokens it has not produced yet: waste is at most one partly filled block per seq
   token must be run to produce the next logits. Generated tokens count too, so a preempted sequence finds
   its own blocks again.
 * Freed blocks keep their hash until reused, so a later request with the same prefix can still hit them.
+* **Speculative decoding** writes K/V for guessed tokens past the sequence's end: :meth:`append_slot` takes
+  ``lookahead`` slots for them and :meth:`trim` gives back the blocks that held only rejected guesses.
 * **Contiguous mode** (``contiguous=True`` in :meth:`allocate`): the baseline without paging. A sequence
   takes one run of consecutive blocks for everything it reserves, so the pool also suffers *external*
   fragmentation: free blocks scattered in holes too small for the next request.
@@ -178,26 +180,43 @@ class BlockManager:
                 block.hash, block.token_ids = h, tuple(seq.block_tokens(i))
                 self.hash_to_block.setdefault(h, block.block_id)
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the sequence's next token has a slot (a new block is needed at a block boundary,
-        or a private copy when the last block is shared)."""
-        needs_block = len(seq) > len(seq.block_table) * self.block_size
-        shared_last = bool(seq.block_table) and self.blocks[seq.block_table[-1]].ref_count > 1 and not needs_block
-        return self.num_free >= int(needs_block or shared_last)
+    def append_cost(self, seq: Sequence, lookahead: int = 0) -> int:
+        """Free blocks :meth:`append_slot` needs: new blocks up to ``len(seq) + lookahead`` tokens, plus a private
+        copy when the block taking this step's first write (the last known token's) is shared."""
+        first = (len(seq) - 1) // self.block_size
+        new = max(0, -(-(len(seq) + lookahead) // self.block_size) - len(seq.block_table))
+        shared = first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1
+        return new + int(shared)
 
-    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
-        """Make room for the token just appended to ``seq``. Returns ``(src, dst)`` when a shared block was
-        copied on write (the runner must copy its KV), else None."""
-        if len(seq) > len(seq.block_table) * self.block_size:
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        """Whether the sequence's next token (and ``lookahead`` speculated ones after it) have slots: a new block
+        at a block boundary, or a private copy when the block written first is shared."""
+        return self.num_free >= self.append_cost(seq, lookahead)
+
+    def append_slot(self, seq: Sequence, lookahead: int = 0) -> tuple[int, int] | None:
+        """Make room for the token just appended to ``seq`` and ``lookahead`` speculated tokens after it. Returns
+        ``(src, dst)`` when a shared block was copied on write (the runner must copy its KV), else None."""
+        copy = None
+        first = (len(seq) - 1) // self.block_size
+        if first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1:
+            old, new = self.blocks[seq.block_table[first]], self._take_free()
+            old.ref_count -= 1
+            seq.block_table[first] = new.block_id
+            copy = old.block_id, new.block_id
+        while len(seq.block_table) * self.block_size < len(seq) + lookahead:
             seq.block_table.append(self._take_free().block_id)
-            return None
-        last = self.blocks[seq.block_table[-1]]
-        if last.ref_count > 1:
-            new = self._take_free()
-            last.ref_count -= 1
-            seq.block_table[-1] = new.block_id
-            return last.block_id, new.block_id
-        return None
+        return copy
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """KV rollback after speculation: give back the blocks past the first ``num_tokens`` tokens (they held only
+        rejected guesses, so they are private and unhashed)."""
+        keep = -(-num_tokens // self.block_size)
+        for bid in seq.block_table[keep:]:
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids.append(bid)
+        del seq.block_table[keep:]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share all of ``parent``'s blocks with ``child`` (parallel sampling); writes then copy on write."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -25,6 +26,10 @@ class EngineConfig:
     ``kv_cache_dtype`` (vLLM's name for it): ``"auto"`` stores K/V in the model's dtype, ``"int8"`` as int8 with a
     scale per token and head (:class:`~labkit.serve.kv_cache.Int8KVCache`): the same bytes hold about 2x (bf16) to
     4x (fp32) the tokens, at a small cost in agreement with the model's own tokens.
+    ``speculative_config`` (vLLM's name and shape): ``{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4, "prompt_lookup_min": 1}`` makes every decoding sequence guess its next tokens by
+    prompt lookup; the step verifies them (greedy output is unchanged; sampling keeps its distribution). The engine
+    speculates with n-gram lookup only; a draft model runs at batch 1 in :mod:`labkit.speculative`.
     """
 
     block_size: int = 16
@@ -38,8 +43,11 @@ class EngineConfig:
     kv_reservation: str = "max_model_len"
     decode_group: int = 8
     kv_cache_dtype: str = "auto"
+    speculative_config: dict | str | None = None  # a dict, or its JSON text
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            self.speculative()  # checked now, not at the first step
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise LabkitError(f"kv_cache_dtype={self.kv_cache_dtype!r}; allowed: {', '.join(map(repr, KV_CACHE_DTYPES))}")
         if self.kv_reservation not in ("max_model_len", "exact"):
@@ -61,6 +69,27 @@ class EngineConfig:
             raise LabkitError(f"num_blocks={self.num_blocks} x block_size={self.block_size} cannot hold one "
                               f"sequence of max_model_len={self.max_model_len}")
 
+    def speculative(self):
+        """The parsed ``speculative_config`` (a :class:`labkit.speculative.SpeculativeConfig`), or None."""
+        from labkit.speculative import SpeculativeConfig
+
+        spec = self.speculative_config
+        if spec is None:
+            return None
+        if isinstance(spec, str) and spec.lstrip().startswith("{"):  # JSON text, as the command line gives it
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as exc:
+                raise LabkitError(f"speculative_config={spec!r} is not JSON ({exc})") from None
+        if not isinstance(spec, dict):
+            raise LabkitError(f"speculative_config={spec!r} must be a dict such as "
+                              "{'method': 'ngram', 'num_speculative_tokens': 4}")
+        parsed = SpeculativeConfig.from_dict(spec)
+        if parsed.method != "ngram":
+            raise LabkitError(f"speculative_config method={parsed.method!r}: the paged engine speculates with "
+                              "'ngram' only; a draft model runs at batch 1 (labkit.speculative.generate)")
+        return parsed
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """The config from keyword arguments, each an ``EngineConfig`` field (as nano-vllm filters its
@@ -78,6 +107,9 @@ def cli_options() -> list[tuple[str, type | None, Any, str]]:
     for f in fields(EngineConfig):
         default = None if f.default is MISSING else f.default
         kind = bool if isinstance(default, bool) else (str if isinstance(default, str) else int)
+        if f.name == "speculative_config":
+            kind = str  # JSON text, as vLLM's --speculative-config '{"method": "ngram", ...}'
         out.append((f"--{f.name.replace('_', '-')}", None if kind is bool else kind, default,
                     f"engine: {f.name} (default {default})"))
     return out
+

@@ -1,5 +1,5 @@
-"""The engine loop: ``LLMEngine.step()`` = schedule → run the model on the flattened batch → append sampled
-tokens → finish what is done and free its blocks. The user-facing API is :class:`labkit.serve.LLM` (``llm.py``);
+"""The engine loop: ``LLMEngine.step()`` = (guess next tokens by prompt lookup, when speculating) → schedule → run
+the model on the flattened batch → append sampled (or kept) tokens → finish what is done and free its blocks. The user-facing API is :class:`labkit.serve.LLM` (``llm.py``);
 what a request returns is in ``outputs.py``."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from labkit.serve.outputs import EngineStats, RequestOutput
 from labkit.serve.runner import ModelRunner
 from labkit.serve.sampling import SamplingParams
 from labkit.serve.scheduler import Scheduler
-from labkit.serve.sequence import Sequence
+from labkit.serve.sequence import Sequence, Status
+from labkit.speculative import ngram_propose
 
 
 class LLMEngine:
@@ -35,6 +36,7 @@ class LLMEngine:
                           self.model.head_dim, self.model.dtype, self.model.device)
         self.scheduler = Scheduler(cfg, self.bm)
         self.runner = ModelRunner(self.model, self.kv, self.bm, cfg.decode_group)
+        self.spec = cfg.speculative()
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else \
             hf_model.config.eos_token_id
         self.stats = EngineStats()
@@ -111,43 +113,73 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def _propose(self) -> dict[int, list[int]]:
+        """Prompt-lookup guesses for every running sequence about to decode, never past its ``max_tokens`` or
+        ``max_model_len`` (``k`` guesses can add ``k + 1`` tokens)."""
+        spec, drafts = self.spec, {}
+        for seq in self.scheduler.running:
+            if len(seq) - seq.num_computed_tokens != 1 or seq.seq_id in self.pending_forks:
+                continue
+            _, p, out = self.requests[seq.seq_id]
+            k = min(spec.num_speculative_tokens, p.max_tokens - len(out.token_ids) - 1,
+                    self.config.max_model_len - len(seq) - 1)
+            guess = ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min) if k > 0 else []
+            if guess:
+                drafts[seq.seq_id] = guess
+        return drafts
+
     def step(self) -> list[tuple[RequestOutput, int]]:
-        """Run one engine step; returns ``(output, new_token)`` for every token produced."""
-        sched = self.scheduler.schedule()
+        """Run one engine step; returns ``(output, new_token)`` for every token produced (with speculative
+        decoding, a request can produce several in one step; its finish reason belongs to its last one)."""
+        sched = self.scheduler.schedule(self._propose() if self.spec else None)
         if not sched.scheduled:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise LabkitError("the KV pool cannot hold the next waiting request; raise num_blocks")
             return []
         params = {s.seq_id: self.requests[s.seq_id][1] for s, _ in sched.scheduled}
-        new = self.runner.run(sched.scheduled, params, self.generators, sched.copies)
+        new = self.runner.run(sched.scheduled, params, self.generators, sched.copies, sched.drafts)
         now = time.perf_counter()
         for seq, n in sched.scheduled:
-            self.bm.mark_computed(seq, seq.num_computed_tokens + n)
+            guess = sched.drafts.get(seq.seq_id)
+            # KV is valid for what ran, less the rejected guesses (the kept ones join the sequence below)
+            self.bm.mark_computed(seq, seq.num_computed_tokens + (len(new[seq.seq_id]) if guess else n))
+            if guess:
+                self.stats.spec_proposed += len(guess)
+                self.stats.spec_accepted += len(new[seq.seq_id]) - 1
         self._account(sched)
         events = []
         for seq, _ in sched.scheduled:
-            if seq.seq_id not in new:
-                continue
-            token = new[seq.seq_id]
-            _, p, out = self.requests[seq.seq_id]
-            seq.append(token)
-            out.token_ids.append(token)
-            out.token_times.append(now)
-            out.first_token_time = out.first_token_time or now
-            events.append((out, token))
-            if seq.seq_id in self.pending_forks:
-                self._fork_samples(seq)
-            if not p.ignore_eos and token == self.eos_token_id:
-                out.finish_reason = "stop"
-            elif len(out.token_ids) >= p.max_tokens or len(seq) >= self.config.max_model_len:
-                out.finish_reason = "length"
-            if out.finished:
-                out.finish_time = now
-                self.scheduler.finish(seq)
-                self.stats.close_trace(seq.seq_id)
-                del self.requests[seq.seq_id]
-                self.generators.pop(seq.seq_id, None)
+            for token in new.get(seq.seq_id, []):
+                events.append(self._emit(seq, token, now))
+                if seq.status is Status.FINISHED:  # a stop among the kept guesses: the rest is not wanted
+                    break
+            else:
+                if seq.seq_id in sched.drafts:
+                    self.bm.mark_computed(seq, seq.num_computed_tokens)  # hashes of blocks the kept guesses filled
+                    if self.config.paged:
+                        self.bm.trim(seq, len(seq))  # KV rollback: blocks that held only rejected guesses
         return events
+
+    def _emit(self, seq: Sequence, token: int, now: float) -> tuple[RequestOutput, int]:
+        """Append one new token to its request; finish the request at EOS or its length limit."""
+        _, p, out = self.requests[seq.seq_id]
+        seq.append(token)
+        out.token_ids.append(token)
+        out.token_times.append(now)
+        out.first_token_time = out.first_token_time or now
+        if seq.seq_id in self.pending_forks:
+            self._fork_samples(seq)
+        if not p.ignore_eos and token == self.eos_token_id:
+            out.finish_reason = "stop"
+        elif len(out.token_ids) >= p.max_tokens or len(seq) >= self.config.max_model_len:
+            out.finish_reason = "length"
+        if out.finished:
+            out.finish_time = now
+            self.scheduler.finish(seq)
+            self.stats.close_trace(seq.seq_id)
+            del self.requests[seq.seq_id]
+            self.generators.pop(seq.seq_id, None)
+        return out, token
 
     def _block_fill(self) -> tuple[dict[int, list[int]], dict[int, int]]:
         """Owners of every used block and how many of its slots hold a token's KV (shared blocks once)."""

@@ -71,7 +71,7 @@ class LLM:
         while self.engine.has_unfinished():
             for out, _ in self.engine.step():
                 n_tokens += 1
-                if out.finished and out.request_id in wanted:
+                if out.finished and out.request_id in wanted and out.request_id not in outputs:
                     outputs[out.request_id] = out
                     bar.update(1)
             bar.set_postfix(out_tok_s=f"{n_tokens / max(time.perf_counter() - t0, 1e-9):.1f}")

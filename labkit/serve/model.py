@@ -32,8 +32,9 @@ class Batch:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] where each token's K/V goes
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (flat start, n tokens, context blocks [nb], first position)
-    # decode tokens in groups of similar context length (less padding): (flat rows [b], block tables
-    # [b, nb_max] padded with block 0, mask [b, nb_max * block_size] True where a real context token is)
+    # decode tokens in groups of similar context length (less padding): (flat rows [b, n] (n > 1 when verifying
+    # speculated tokens), block tables [b, nb_max] padded with block 0, mask [b, n, nb_max * block_size] True where
+    # a context token the row may see is)
     decodes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     logits_rows: torch.Tensor  # [N] flat rows whose next-token logits are wanted
 
@@ -92,7 +93,7 @@ class PagedLlama(nn.Module):
 
         T = batch.input_ids.shape[0]
         groups = self.num_heads // self.num_kv_heads
-        decodes = [(rows, blocks, group_mask(mask.unsqueeze(1), groups)) for rows, blocks, mask in batch.decodes]
+        decodes = [(rows, blocks, group_mask(mask, groups)) for rows, blocks, mask in batch.decodes]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -111,8 +112,8 @@ class PagedLlama(nn.Module):
                                                groups, self.scale)[0]
             for rows, blocks, mask in decodes:  # masks built once per step, shared by every layer
                 ck, cv = kv.gather(i, blocks)
-                qd = q[:, rows].transpose(0, 1).unsqueeze(2)  # [b, heads, 1, d]
-                out[rows] = _attend(qd, ck, cv, mask, groups, self.scale)[:, 0]
+                qd = q[:, rows].transpose(0, 1)  # [b, heads, n, d]
+                out[rows] = _attend(qd, ck, cv, mask, groups, self.scale)
             h = h + attn.o_proj(out.unsqueeze(0))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = m.norm(h[0, batch.logits_rows])

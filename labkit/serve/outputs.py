@@ -50,6 +50,13 @@ class EngineStats:
     external_slot_steps: int = 0  # external fragmentation: free, but in holes too small for the waiting request
     pool_slot_steps: int = 0  # the whole pool
     open_traces: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # seq -> (held, filled) a step
+    spec_proposed: int = 0  # speculative decoding: guessed tokens verified
+    spec_accepted: int = 0  # ... and kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of guessed tokens the target kept (speculative decoding; 0 without it)."""
+        return self.spec_accepted / self.spec_proposed if self.spec_proposed else 0.0
 
     def close_trace(self, seq_id: int) -> None:
         """Once a request ends, its length is known: split each step's held slots into used / reserved /

@@ -1,5 +1,6 @@
 """Model runner: turns the scheduler's decision into a flattened :class:`~labkit.serve.model.Batch`, runs the
-model, and samples one token for every sequence whose known tokens now all have KV."""
+model, and samples one token for every sequence whose known tokens now all have KV — or, for a sequence that
+brought guesses (speculative decoding), verifies them and returns the kept ones and the token after them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from labkit.serve.block_manager import BlockManager
 from labkit.serve.kv_cache import KVCache
 from labkit.serve.model import Batch, PagedLlama
-from labkit.serve.sampling import SamplingParams, sample_batch
+from labkit.serve.sampling import SamplingParams, sample_batch, verify_batch
 from labkit.serve.sequence import Sequence
 
 
@@ -18,48 +19,65 @@ class ModelRunner:
         self.device = model.device
         self.decode_group = decode_group  # decode sequences attended together (EngineConfig.decode_group)
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[Batch, list[Sequence]]:
+    def prepare(self, scheduled: list[tuple[Sequence, int]], drafts: dict[int, list[int]] | None = None
+                ) -> tuple[Batch, list[Sequence]]:
+        """The flat batch, and the sequences it samples for, in the order of their logits rows (a sequence with
+        ``k`` drafts has ``k + 1`` rows: the target's next-token logits after each of its guesses)."""
+        drafts = drafts or {}
         ids, pos, slots, prefills, dec_rows, dec_ctx, logit_rows, sampled = [], [], [], [], [], [], [], []
         for seq, n in scheduled:
             c = seq.num_computed_tokens
             row = len(ids)
-            ids += seq.token_ids[c:c + n]
+            guess = drafts.get(seq.seq_id, [])
+            ids += seq.token_ids[c:c + n - len(guess)] + guess
             pos += range(c, c + n)
             slots += [self.bm.slot(seq, p) for p in range(c, c + n)]
             blocks = seq.block_table[:-(-(c + n) // self.bm.block_size)]
-            if n == 1 and c > 0:
-                dec_rows.append(row)
-                dec_ctx.append((blocks, c + 1))
+            if (n == 1 or guess) and c > 0:  # a decode: its token, and any guesses after it, attend together
+                dec_rows.append(list(range(row, row + n)))
+                dec_ctx.append((blocks, c + n))
             else:
                 prefills.append((row, n, torch.tensor(blocks, device=self.device), c))
-            if c + n == len(seq):
+            if guess:
+                logit_rows += range(row, row + n)
+                sampled.append(seq)
+            elif c + n == len(seq):
                 logit_rows.append(row + n - 1)
                 sampled.append(seq)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        order = sorted(range(len(dec_rows)), key=lambda i: dec_ctx[i][1])
+        order = sorted(range(len(dec_rows)), key=lambda i: (len(dec_rows[i]), dec_ctx[i][1]))
         decodes = [self._decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g])
                    for g in (order[k:k + self.decode_group] for k in range(0, len(order), self.decode_group))]
         batch = Batch(input_ids=t(ids), positions=t(pos), slot_mapping=t(slots), prefills=prefills,
                       decodes=decodes, logits_rows=t(logit_rows))
         return batch, sampled
 
-    def _decode_group(self, rows: list[int], ctx: list[tuple[list[int], int]]
+    def _decode_group(self, rows: list[list[int]], ctx: list[tuple[list[int], int]]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        nb_max = max(len(b) for b, _ in ctx)
+        """One batched attention call for decodes of similar length. A sequence verifying ``k`` guesses has
+        ``k + 1`` query rows, each seeing the context up to itself; shorter sequences repeat their last row (the
+        same query and mask, so the repeated write is the same value)."""
+        nb_max, n_max = max(len(b) for b, _ in ctx), max(map(len, rows))
         blocks = torch.zeros(len(ctx), nb_max, dtype=torch.long)
-        mask = torch.zeros(len(ctx), nb_max * self.bm.block_size, dtype=torch.bool)
+        mask = torch.zeros(len(ctx), n_max, nb_max * self.bm.block_size, dtype=torch.bool)
         for i, (b, length) in enumerate(ctx):
             blocks[i, :len(b)] = torch.tensor(b)
-            mask[i, :length] = True
-        return torch.tensor(rows, device=self.device), blocks.to(self.device), mask.to(self.device)
+            for j in range(n_max):
+                mask[i, j, :length - len(rows[i]) + 1 + min(j, len(rows[i]) - 1)] = True
+        padded = [r + [r[-1]] * (n_max - len(r)) for r in rows]
+        return torch.tensor(padded, device=self.device), blocks.to(self.device), mask.to(self.device)
 
     def run(self, scheduled: list[tuple[Sequence, int]], params: dict[int, SamplingParams],
-            generators: dict[int, torch.Generator | None], copies: list[tuple[int, int]] = ()) -> dict[int, int]:
-        """One step: copy-on-write copies, forward, sampling. Returns ``{seq_id: new token}``."""
+            generators: dict[int, torch.Generator | None], copies: list[tuple[int, int]] = (),
+            drafts: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+        """One step: copy-on-write copies, forward, sampling. Returns ``{seq_id: new tokens}``: one token, or with
+        drafts the kept guesses and the target's token after them."""
         for src, dst in copies:
             self.kv.copy_block(src, dst)
-        batch, sampled = self.prepare(scheduled)
+        batch, sampled = self.prepare(scheduled, drafts)
         logits = self.model(batch, self.kv)
-        tokens = sample_batch(logits, [params[s.seq_id] for s in sampled],
-                              [generators.get(s.seq_id) for s in sampled])
-        return {s.seq_id: t for s, t in zip(sampled, tokens)}
+        sp, gens = [params[s.seq_id] for s in sampled], [generators.get(s.seq_id) for s in sampled]
+        if not drafts:
+            return {s.seq_id: [t] for s, t in zip(sampled, sample_batch(logits, sp, gens))}
+        guesses = [drafts.get(s.seq_id, []) for s in sampled]
+        return {s.seq_id: t for s, t in zip(sampled, verify_batch(logits, guesses, sp, gens))}

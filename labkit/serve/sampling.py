@@ -36,10 +36,8 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row of logits."""
-    if params.greedy:
-        return int(torch.argmax(logits))
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampling request draws from: temperature, then top-k, then top-p, on the CPU."""
     logits = logits.float() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -49,8 +47,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p, idx = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    probs = probs if probs.device.type == "cpu" else probs.cpu()  # CPU generators: the same draw on every device
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs if probs.device.type == "cpu" else probs.cpu()  # CPU generators: the same draw on every device
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row of logits."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
@@ -77,4 +81,44 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     rows = host[len(greedy):].view(len(sampled), -1) if sampled else None
     for j, i in enumerate(sampled):
         out[i] = sample(rows[j], params[i], generators[i])
+    return out
+
+
+def verify_batch(logits: torch.Tensor, drafts: list[list[int]], params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> list[list[int]]:
+    """Speculative decoding's check, for every sequence of a step: ``logits`` holds ``len(drafts[i]) + 1``
+    consecutive rows for sequence ``i`` (the target's next-token logits after its last token and after each guess).
+    Returns, per sequence, the guesses kept and the target's own token after them.
+
+    Greedy keeps guesses while they equal the argmax, so the tokens are exactly plain greedy decoding's; sampling
+    keeps guess ``d`` with probability ``p(d)`` and otherwise draws from ``p`` without ``d``
+    (:func:`labkit.speculative.accept` with a one-hot draft), so the tokens follow ``p`` exactly. As in
+    :func:`sample_batch`, one device-to-host transfer a step."""
+    from labkit.speculative import accept
+
+    starts = [0]
+    for d in drafts:
+        starts.append(starts[-1] + len(d) + 1)
+    rows = lambda i: range(starts[i], starts[i + 1])  # noqa: E731
+    greedy_rows = [r for i, p in enumerate(params) if p.greedy for r in rows(i)]
+    sampled_rows = [r for i, p in enumerate(params) if not p.greedy for r in rows(i)]
+    parts = []
+    if greedy_rows:
+        parts.append(torch.argmax(logits[greedy_rows], dim=-1).float())
+    if sampled_rows:
+        parts.append(logits[sampled_rows].float().reshape(-1))
+    host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
+    best = dict(zip(greedy_rows, host[:len(greedy_rows)].long().tolist()))
+    dists = host[len(greedy_rows):].view(len(sampled_rows), -1) if sampled_rows else None
+    at = {r: j for j, r in enumerate(sampled_rows)}
+    out = []
+    for i, (d, p) in enumerate(zip(drafts, params)):
+        if p.greedy:
+            top = [best[r] for r in rows(i)]
+            n_ok = next((j for j, g in enumerate(d) if g != top[j]), len(d))
+            out.append([*d[:n_ok], top[n_ok]])
+        else:
+            probs = torch.stack([probabilities(dists[at[r]], p) for r in rows(i)])
+            n_ok, nxt = accept(probs, d, None, greedy=False, gen=generators[i])
+            out.append([*d[:n_ok], nxt])
     return out

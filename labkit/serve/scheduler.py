@@ -8,6 +8,10 @@ Every step the scheduler fills a budget of ``max_num_batched_tokens`` tokens and
 2. **Then waiting sequences**, first come first served, while blocks, tokens and sequence slots last
    (never after a preemption in the same step). A prompt longer than the remaining budget is *chunked*.
 
+With speculative decoding, a decoding sequence may bring ``k`` guessed tokens (``drafts``): it is scheduled for
+``1 + k`` tokens when the budget and the pool allow, else for its one token without guesses (guesses never cause a
+preemption).
+
 A request is never lost: it is always in exactly one of waiting, running or finished.
 """
 
@@ -26,6 +30,7 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
     preempted: list[Sequence] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies for the runner
+    drafts: dict[int, list[int]] = field(default_factory=dict)  # seq id -> guessed tokens scheduled after its last
 
     @property
     def num_tokens(self) -> int:
@@ -67,8 +72,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: dict[int, list[int]] | None = None) -> SchedulerOutput:
+        """This step's batch. ``drafts``: guessed next tokens of decoding sequences (speculative decoding)."""
         out = SchedulerOutput()
+        drafts = drafts or {}
+        # blocks no running sequence needs for its own next token: only these may hold guesses
+        spare = self.bm.num_free - sum(self.bm.append_cost(s) for s in self.running) if drafts else 0
         budget = self.config.max_num_batched_tokens
         for seq in list(self.running):
             if budget == 0:
@@ -76,6 +85,11 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(len(seq) - seq.num_computed_tokens, budget)
+            guess = drafts.get(seq.seq_id, [])[:budget - 1] if n == 1 else []
+            extra = self.bm.append_cost(seq, len(guess)) - self.bm.append_cost(seq) if guess else 0
+            if extra > spare:
+                guess, extra = [], 0
+            spare -= extra
             while not self.bm.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -84,9 +98,12 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            copy = self.bm.append_slot(seq)
+            copy = self.bm.append_slot(seq, len(guess))
             if copy:
                 out.copies.append(copy)
+            if guess:
+                out.drafts[seq.seq_id] = guess
+                n += len(guess)
             out.scheduled.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:

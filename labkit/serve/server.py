@@ -163,15 +163,18 @@ class EngineService:
     def _step(self) -> list[tuple[Callable[[Event], None], Event]]:
         deliveries = []
         try:
-            for out, tok in self.engine.step():
+            events = self.engine.step()
+            last = {out.request_id: i for i, (out, _) in enumerate(events)}  # several tokens a step when speculating
+            for i, (out, tok) in enumerate(events):
                 self.tokens_generated += 1
-                if out.finished:
+                done = out.finished and last[out.request_id] == i
+                if done:
                     self.requests_finished += 1
                     sink = self._finish(out.request_id)
                 else:
                     sink = self.sinks.get(self.live.get(out.request_id, -1))
                 if sink is not None:
-                    deliveries.append((sink, (tok, out.finish_reason, None)))
+                    deliveries.append((sink, (tok, out.finish_reason if done else None, None)))
         except Exception as exc:  # noqa: BLE001 - any failure must reach the clients
             deliveries += self._fail_step(exc)
         return deliveries
@@ -195,7 +198,9 @@ class EngineService:
     def _read_state(self) -> dict[str, int]:
         sch, bm = self.engine.scheduler, self.engine.bm
         return {"num_requests_running": len(sch.running), "num_requests_waiting": len(sch.waiting),
-                "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks)}
+                "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks),
+                "spec_draft_tokens_total": self.engine.stats.spec_proposed,  # speculative decoding: guessed
+                "spec_accepted_tokens_total": self.engine.stats.spec_accepted}  # ... and kept
 
 
 def _deliver(sink: Callable[[Event], None], event: Event) -> None:

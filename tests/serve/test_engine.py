@@ -131,8 +131,8 @@ def test_random_workloads_respect_budgets_and_conserve_blocks(lengths, block_siz
     finished = []
     orig_schedule = eng.scheduler.schedule
 
-    def checked():
-        out = orig_schedule()
+    def checked(*args):
+        out = orig_schedule(*args)
         assert out.num_tokens <= budget and len(eng.scheduler.running) <= max_seqs
         live = eng.scheduler.running
         eng.bm.check_invariants(live)

@@ -411,3 +411,26 @@ def test_load_generator_runs_inside_an_event_loop_as_in_jupyter(server):
         return bench_serve(server.url, num_requests=2, prompt_len=(4, 6), output_len=(2, 3), seed=2)
 
     assert asyncio.run(notebook_cell())["completed"] == 2
+
+
+def test_speculating_server_streams_every_token_once(server, tokenizer):
+    """With n-gram speculation a request gains several tokens in one step: each reaches the stream, the finish
+    reason only with the last."""
+    llm = LLM(tiny_llama(seed=2), tokenizer, block_size=4, max_model_len=256,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    srv = start_server(llm, "tiny")
+    try:
+        body = {"prompt": [7, 8, 9, 10] * 6, "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+        chunks = sse(srv, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+        _, plain = request(server, "POST", "/v1/completions", body)  # the same model without speculation
+        assert chunks[-1]["usage"]["completion_tokens"] == 20
+        assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]].count("length") == 1
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == json.loads(plain)["choices"][0]["text"]
+        _, text = request(srv, "GET", "/metrics")
+        metrics = dict(line.split() for line in text.decode().splitlines())
+        assert int(metrics["labkit_spec_accepted_tokens_total"]) > 0
+        assert int(metrics["labkit_spec_draft_tokens_total"]) >= int(metrics["labkit_spec_accepted_tokens_total"])
+        assert no_leak(srv)
+    finally:
+        stop_server(srv)
