@@ -25,13 +25,13 @@ NOTEBOOK = "01_quantization"
 GPU_CHECK = ("tests-quant", 120)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-dequantize", "int8-with-head", "int4-g128", "int4-g128-dequantize",
-                "int4-g128-with-head", "int4-g64",
+                "int4-g128-int8-head", "int4-g64",
                 "nf4", "nf4-dq", "int4-calibrated", "bnb-nf4", "bnb-int8")
 SWEEP_VARIANTS = ("fp32", "bf16", "int8", "int4-g128")  # decode speed by batch size: where weight-only stops paying
 # also timed in labkit.decode's static loop (HF's per-step overhead removed), with the activations' dtype: bf16
 # where the fused kernels compute in bf16, so no projection casts around its matmul
 STATIC_LOOP = {"fp32": None, "bf16": None, "int8": torch.bfloat16, "int8-with-head": torch.bfloat16,
-               "int4-g128": torch.bfloat16, "int4-g128-with-head": torch.bfloat16}
+               "int4-g128": torch.bfloat16, "int4-g128-int8-head": torch.bfloat16}
 
 
 @dataclass
@@ -70,10 +70,13 @@ class Config(LLMMetricsConfig):
 def variants(config: Config, device: torch.device) -> list[Variant]:
     """Every SmolLM2 variant: ``build()`` returns (model, tokenizer, extra metrics)."""
 
-    def own(qconfig, **kw):
+    def own(qconfig, head=None, **kw):
+        """Quantize with ``qconfig``; ``head``: a second config for the tied output head alone."""
         def build():
             model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
             report = quantize_(model, qconfig, **kw)
+            if head is not None:
+                report.quantized += quantize_(model, head, skip=(), filter_fn=lambda _, name: name == "lm_head").quantized
             extra = {"layers_quantized": len(report.quantized), "layers_skipped": sorted(report.skipped)}
             if not isinstance(qconfig, DtypeConfig):
                 extra["bits_per_param_quantized"] = bits_per_param_quantized(model)
@@ -122,9 +125,11 @@ def variants(config: Config, device: torch.device) -> list[Variant]:
                     {"group_size": 128, "kernel": "fused"}),
             Variant("int4-g128-dequantize", own(Int4Config(group_size=128, kernel="dequantize")),
                     "the same int4 layer on the readable path", {"group_size": 128, "kernel": "dequantize"}),
-            Variant("int4-g128-with-head", own(Int4Config(group_size=128), skip=()),
-                    "int4 g128 for every Linear, the tied output head too (a new int4 copy): the fp32 head is 113 of "
-                    "the 174 MB an int4-g128 step reads", {"group_size": 128, "kernel": "fused", "lm_head": "int4"}),
+            Variant("int4-g128-int8-head", own(Int4Config(group_size=128), head=Int8Config()),
+                    "int4 g128 for every layer's Linear, the tied output head in int8 (a new copy): the fp32 head is "
+                    "113 of the 174 MB an int4-g128 step reads. llama.cpp's Q4_1 file of this model is laid out the "
+                    "same way (Q4_1 blocks, its tied token_embd in Q8_0)",
+                    {"group_size": 128, "kernel": "fused", "lm_head": "int8"}),
             Variant("int4-g64", own(Int4Config(group_size=g)), "int4 round-to-nearest", {"group_size": g}),
             Variant("nf4", own(NF4Config(64, double_quant=False)), "NF4 codes, fp32 absmax", {"group_size": 64}),
             Variant("nf4-dq", own(NF4Config(64, double_quant=True)), "NF4, absmax quantized again",
