@@ -69,19 +69,28 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
         return []
     greedy = [i for i, p in enumerate(params) if p.greedy]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    parts = []
-    if greedy:
-        parts.append(torch.argmax(logits[greedy], dim=-1).float())
-    if sampled:
-        parts.append(logits[sampled].float().reshape(-1))
-    host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
+    best, rows = _to_host(logits, greedy, sampled)
     out: list[int] = [0] * len(params)
     for j, i in enumerate(greedy):
-        out[i] = int(host[j])
-    rows = host[len(greedy):].view(len(sampled), -1) if sampled else None
+        out[i] = best[j]
     for j, i in enumerate(sampled):
         out[i] = sample(rows[j], params[i], generators[i])
     return out
+
+
+def _to_host(logits: torch.Tensor, greedy_rows: list[int], sampled_rows: list[int]
+             ) -> tuple[list[int], torch.Tensor | None]:
+    """One device-to-host transfer: the argmax of every greedy row, and the logits of every sampled row (CPU)."""
+    parts = []
+    if greedy_rows:
+        parts.append(torch.argmax(logits[greedy_rows], dim=-1).float())
+    if sampled_rows:
+        parts.append(logits[sampled_rows].float().reshape(-1))
+    if not parts:
+        return [], None
+    host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
+    rows = host[len(greedy_rows):].view(len(sampled_rows), -1) if sampled_rows else None
+    return host[:len(greedy_rows)].long().tolist(), rows
 
 
 def verify_batch(logits: torch.Tensor, drafts: list[list[int]], params: list[SamplingParams],
@@ -102,14 +111,8 @@ def verify_batch(logits: torch.Tensor, drafts: list[list[int]], params: list[Sam
     rows = lambda i: range(starts[i], starts[i + 1])  # noqa: E731
     greedy_rows = [r for i, p in enumerate(params) if p.greedy for r in rows(i)]
     sampled_rows = [r for i, p in enumerate(params) if not p.greedy for r in rows(i)]
-    parts = []
-    if greedy_rows:
-        parts.append(torch.argmax(logits[greedy_rows], dim=-1).float())
-    if sampled_rows:
-        parts.append(logits[sampled_rows].float().reshape(-1))
-    host = torch.cat(parts).cpu() if len(parts) > 1 else parts[0].cpu()
-    best = dict(zip(greedy_rows, host[:len(greedy_rows)].long().tolist()))
-    dists = host[len(greedy_rows):].view(len(sampled_rows), -1) if sampled_rows else None
+    ids, dists = _to_host(logits, greedy_rows, sampled_rows)
+    best = dict(zip(greedy_rows, ids))
     at = {r: j for j, r in enumerate(sampled_rows)}
     out = []
     for i, (d, p) in enumerate(zip(drafts, params)):

@@ -32,10 +32,11 @@ def hf_greedy(p, n=10):
     return _REF[key]
 
 
-def run(ps, **kw):
+def run(ps, params=GREEDY, **kw):
+    """Serve ``ps``; every KV block must be back on the free list afterwards."""
     kw.setdefault("max_model_len", 128)
     llm = LLM(MODEL, None, **kw)
-    outs = llm.generate(ps, GREEDY, use_tqdm=False)
+    outs = llm.generate(ps, params, use_tqdm=False)
     bm = llm.engine.bm
     assert bm.num_free == len(bm.blocks), "KV blocks leaked"
     bm.check_invariants([])

@@ -14,6 +14,7 @@ from labkit.serve.block_manager import BlockManager
 from labkit.serve.sampling import verify_batch
 from labkit.serve.sequence import Sequence
 from tests.serve.test_engine import MODEL, hf_greedy
+from tests.serve.test_engine import run as serve
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 N_NEW = 16
@@ -28,13 +29,7 @@ def copy_prompts(seed=0, count=4, period=6, repeats=4):
 
 
 def run(ps, params=GREEDY, **kw):
-    kw.setdefault("max_model_len", 128)
-    llm = LLM(MODEL, None, **kw)
-    outs = llm.generate(ps, params, use_tqdm=False)
-    bm = llm.engine.bm
-    assert bm.num_free == len(bm.blocks), "KV blocks leaked"
-    bm.check_invariants([])
-    return outs, llm
+    return serve(ps, params, **kw)
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
