@@ -28,8 +28,9 @@ class EngineConfig:
     4x (fp32) the tokens, at a small cost in agreement with the model's own tokens.
     ``speculative_config`` (vLLM's name and shape): ``{"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 4, "prompt_lookup_min": 1}`` makes every decoding sequence guess its next tokens by
-    prompt lookup; the step verifies them (greedy output is unchanged; sampling keeps its distribution). The engine
-    speculates with n-gram lookup only; a draft model runs at batch 1 in :mod:`labkit.speculative`.
+    prompt lookup; the step verifies them (greedy output is unchanged; sampling keeps its distribution).
+    ``{"method": "draft_model", "model": draft, "num_speculative_tokens": 4}`` has a small Llama-shaped model with the
+    target's vocabulary propose instead, with its own KV pool under the same block tables (``drafter.py``).
     """
 
     block_size: int = 16
@@ -84,11 +85,7 @@ class EngineConfig:
         if not isinstance(spec, dict):
             raise LabkitError(f"speculative_config={spec!r} must be a dict such as "
                               "{'method': 'ngram', 'num_speculative_tokens': 4}")
-        parsed = SpeculativeConfig.from_dict(spec)
-        if parsed.method != "ngram":
-            raise LabkitError(f"speculative_config method={parsed.method!r}: the paged engine speculates with "
-                              "'ngram' only; a draft model runs at batch 1 (labkit.speculative.generate)")
-        return parsed
+        return SpeculativeConfig.from_dict(spec)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -1,6 +1,7 @@
-"""The engine loop: ``LLMEngine.step()`` = (guess next tokens by prompt lookup, when speculating) → schedule → run
-the model on the flattened batch → append sampled (or kept) tokens → finish what is done and free its blocks. The user-facing API is :class:`labkit.serve.LLM` (``llm.py``);
-what a request returns is in ``outputs.py``."""
+"""The engine loop: ``LLMEngine.step()`` = (guess next tokens by prompt lookup or a draft model, when speculating)
+→ schedule → run the model on the flattened batch → append sampled (or kept) tokens → finish what is done and free
+its blocks. The user-facing API is :class:`labkit.serve.LLM` (``llm.py``); what a request returns is in
+``outputs.py``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from labkit import LabkitError
 from labkit.serve.block_manager import BlockManager
 from labkit.serve.config import EngineConfig
+from labkit.serve.drafter import DraftProposer
 from labkit.serve.kv_cache import Int8KVCache, KVCache
 from labkit.serve.model import PagedLlama
 from labkit.serve.outputs import EngineStats, RequestOutput
@@ -37,6 +39,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.bm)
         self.runner = ModelRunner(self.model, self.kv, self.bm, cfg.decode_group)
         self.spec = cfg.speculative()
+        self.drafter = DraftProposer(self.spec.model, self.model, cache, self.bm, cfg.decode_group) \
+            if self.spec and self.spec.method == "draft_model" else None
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else \
             hf_model.config.eos_token_id
         self.stats = EngineStats()
@@ -91,6 +95,8 @@ class LLMEngine:
         """Drop a request wherever it is; its blocks return to the pool. Returns its output, if it was live."""
         self.generators.pop(request_id, None)
         self.pending_forks.pop(request_id, None)
+        if self.drafter:
+            self.drafter.forget(request_id)
         if request_id not in self.requests:
             return None
         seq, _, out = self.requests.pop(request_id)
@@ -114,8 +120,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def _propose(self) -> dict[int, list[int]]:
-        """Prompt-lookup guesses for every running sequence about to decode, never past its ``max_tokens`` or
-        ``max_model_len`` (``k`` guesses can add ``k + 1`` tokens)."""
+        """Guesses for every running sequence about to decode, never past its ``max_tokens`` or ``max_model_len``
+        (``k`` guesses can add ``k + 1`` tokens): prompt lookup's, or with a draft model ``k`` placeholders that
+        :meth:`DraftProposer.fill` replaces once the scheduler has granted their slots."""
         spec, drafts = self.spec, {}
         for seq in self.scheduler.running:
             if len(seq) - seq.num_computed_tokens != 1 or seq.seq_id in self.pending_forks:
@@ -123,7 +130,10 @@ class LLMEngine:
             _, p, out = self.requests[seq.seq_id]
             k = min(spec.num_speculative_tokens, p.max_tokens - len(out.token_ids) - 1,
                     self.config.max_model_len - len(seq) - 1)
-            guess = ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min) if k > 0 else []
+            if k <= 0:
+                continue
+            guess = [0] * k if self.drafter else ngram_propose(seq.token_ids, k, spec.prompt_lookup_max,
+                                                                 spec.prompt_lookup_min)
             if guess:
                 drafts[seq.seq_id] = guess
         return drafts
@@ -132,6 +142,8 @@ class LLMEngine:
         """Run one engine step; returns ``(output, new_token)`` for every token produced (with speculative
         decoding, a request can produce several in one step; its finish reason belongs to its last one)."""
         sched = self.scheduler.schedule(self._propose() if self.spec else None)
+        if self.drafter:
+            self.drafter.fill(sched)
         if not sched.scheduled:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise LabkitError("the KV pool cannot hold the next waiting request; raise num_blocks")
@@ -158,6 +170,8 @@ class LLMEngine:
                     self.bm.mark_computed(seq, seq.num_computed_tokens)  # hashes of blocks the kept guesses filled
                     if self.config.paged:
                         self.bm.trim(seq, len(seq))  # KV rollback: blocks that held only rejected guesses
+                    if self.drafter:
+                        self.drafter.settle(seq)
         return events
 
     def _emit(self, seq: Sequence, token: int, now: float) -> tuple[RequestOutput, int]:
@@ -179,6 +193,8 @@ class LLMEngine:
             self.stats.close_trace(seq.seq_id)
             del self.requests[seq.seq_id]
             self.generators.pop(seq.seq_id, None)
+            if self.drafter:
+                self.drafter.forget(seq.seq_id)
         return out, token
 
     def _block_fill(self) -> tuple[dict[int, list[int]], dict[int, int]]:

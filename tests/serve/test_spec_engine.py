@@ -13,6 +13,7 @@ from labkit.serve import LLM, SamplingParams
 from labkit.serve.block_manager import BlockManager
 from labkit.serve.sampling import verify_batch
 from labkit.serve.sequence import Sequence
+from tests.conftest import tiny_llama
 from tests.serve.test_engine import MODEL, hf_greedy
 from tests.serve.test_engine import run as serve
 
@@ -189,7 +190,7 @@ def test_block_manager_lookahead_copy_on_write_and_trim():
 
 @pytest.mark.parametrize("spec,match", [
     ("ngram", "must be a dict"),
-    ({"method": "draft_model", "model": object()}, "'ngram' only"),
+    ({"method": "draft_model"}, "model= is the draft model"),
     ({"method": "ngram", "lookahead": 3}, "'lookahead'.*known keys"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens=0"),
     ({"method": "medusa"}, "method='medusa'"),
@@ -198,3 +199,54 @@ def test_bad_speculative_configs_are_named(spec, match):
     with pytest.raises(LabkitError, match=match):
         LLM(MODEL, None, max_model_len=64, speculative_config=spec)
     assert issubclass(LabkitError, ValueError)
+
+
+def draft_spec(model, k=4):
+    return {"method": "draft_model", "model": model, "num_speculative_tokens": k}
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("caching", [False, True])
+def test_a_draft_that_is_the_target_is_always_right(block_size, caching):
+    """The target as its own draft: every guess is the target's greedy token, so all are kept."""
+    ps = copy_prompts(count=3) + [[5, 6, 7]]
+    plain, lp = run(ps, block_size=block_size, enable_prefix_caching=caching)
+    spec, ls = run(ps, block_size=block_size, enable_prefix_caching=caching, speculative_config=draft_spec(MODEL))
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain] == [hf_greedy(p, N_NEW) for p in ps]
+    assert ls.stats.spec_accepted == ls.stats.spec_proposed > 0
+    assert ls.stats.steps < lp.stats.steps
+
+
+@pytest.mark.parametrize("block_size,k,seed", [(1, 1, 2), (3, 6, 3), (4, 3, 5), (16, 4, 9)])
+def test_a_wrong_draft_changes_no_greedy_token(block_size, k, seed):
+    """Another random model proposes: most guesses are rejected, the tokens stay the target's."""
+    ps = copy_prompts(count=2) + [[5, 6, 7]]
+    spec, ls = run(ps, block_size=block_size, speculative_config=draft_spec(tiny_llama(seed=seed), k))
+    assert [o.token_ids for o in spec] == [hf_greedy(p, N_NEW) for p in ps]
+    assert ls.stats.spec_proposed > ls.stats.spec_accepted
+    assert not ls.engine.drafter.seen  # every request forgotten once it ended
+
+
+def test_a_layer_dropped_draft_survives_preemption_forks_and_exact_reservation():
+    from labkit.distill import layer_dropped_lm
+
+    draft = layer_dropped_lm(MODEL, keep=[0])
+    ps = copy_prompts(count=6)
+    ref = [hf_greedy(p, N_NEW) for p in ps]
+    small, ls = run(ps, block_size=4, num_blocks=24, max_num_seqs=8, max_model_len=64,
+                    speculative_config=draft_spec(draft))
+    assert ls.stats.preemptions > 0 and ls.stats.spec_proposed > 0
+    exact, _ = run(ps, block_size=4, paged=False, kv_reservation="exact", speculative_config=draft_spec(draft))
+    assert [o.token_ids for o in small] == [o.token_ids for o in exact] == ref
+    sp = SamplingParams(temperature=0.8, max_tokens=N_NEW, ignore_eos=True, n=3, seed=5)
+    a, _ = run(ps[:1], sp, block_size=4, speculative_config=draft_spec(draft))
+    b, _ = run(ps[:1], sp, block_size=4, speculative_config=draft_spec(draft))
+    assert [x.token_ids for x in a[0].samples] == [x.token_ids for x in b[0].samples]
+    greedy_n, _ = run(ps[:1], SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True, n=2), block_size=4,
+                      speculative_config=draft_spec(MODEL))
+    assert all(x.token_ids == ref[0] for x in greedy_n[0].samples)
+
+
+def test_a_draft_with_another_vocabulary_is_refused():
+    with pytest.raises(LabkitError, match="vocab_size=1000 differs"):
+        LLM(MODEL, None, max_model_len=64, speculative_config=draft_spec(tiny_llama(vocab_size=1000)))
