@@ -28,7 +28,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
-from labkit.quant.fuse import concat_rows
+from labkit.quant.fuse import project, stack
 from labkit.serve.model import SUPPORTED_MODEL_TYPES
 
 
@@ -65,8 +65,8 @@ class StaticDecoder:
             cos, sin = model.model.rotary_emb(emb[:1][None].float(), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, head_dim]
         self.pos = 0
-        self.qkv = [_stacked(fuse, (a.q_proj, a.k_proj, a.v_proj)) for a in (ly.self_attn for ly in model.model.layers)]
-        self.gate_up = [_stacked(fuse, (ly.mlp.gate_proj, ly.mlp.up_proj)) for ly in model.model.layers]
+        self.qkv = [stack((a.q_proj, a.k_proj, a.v_proj), fuse) for a in (ly.self_attn for ly in model.model.layers)]
+        self.gate_up = [stack((ly.mlp.gate_proj, ly.mlp.up_proj), fuse) for ly in model.model.layers]
         self.fused_groups = sum(len(g) == 1 for g in self.qkv + self.gate_up)  # how many stacks became one matmul
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -90,7 +90,7 @@ class StaticDecoder:
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = self._norm(h, layer.input_layernorm)
-            q, k, v = _project(self.qkv[i], x)
+            q, k, v = project(self.qkv[i], x, _linear)
             q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
             k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -100,7 +100,7 @@ class StaticDecoder:
                                                attn_mask=mask, enable_gqa=True)
             h = h + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
             x = self._norm(h, layer.post_attention_layernorm)
-            gate, up = _project(self.gate_up[i], x)
+            gate, up = project(self.gate_up[i], x, _linear)
             h = h + _linear(layer.mlp.down_proj, F.silu(gate) * up)
         self.pos = p1
         return _linear(self.model.lm_head, self._norm(h if every else h[:, -1], m.norm))
@@ -124,19 +124,6 @@ class StaticDecoder:
             nxt = self.forward(nxt).argmax(-1, keepdim=True)
             out.append(nxt)
         return torch.cat(out, dim=1)
-
-
-def _stacked(fuse: bool, mods: tuple[nn.Module, ...]) -> list[tuple[nn.Module, tuple[int, ...]]]:
-    """``[(module, output sizes)]``: one stacked module where ``fuse`` and the modules allow, else each alone."""
-    one = concat_rows(mods) if fuse else None
-    if one is None:
-        return [(m, (m.out_features,)) for m in mods]
-    return [(one, tuple(m.out_features for m in mods))]
-
-
-def _project(group: list[tuple[nn.Module, tuple[int, ...]]], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every projection of ``x`` in the group, in order (split from a stacked matmul where there is one)."""
-    return [part for module, sizes in group for part in _linear(module, x).split(sizes, dim=-1)]
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ tests/quant/test_fuse.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -66,3 +66,20 @@ def concat_rows(mods: Sequence[nn.Module]) -> nn.Module | None:
             torch.cat([m.scale_and_zero for m in mods], dim=1), first.group_size, first.padded_in, bias,
             first.compute_dtype, first.symmetric)
     return None
+
+
+Group = list[tuple[nn.Module, tuple[int, ...]]]  # (module, the output sizes it computes), in order
+
+
+def stack(mods: Sequence[nn.Module], fuse: bool = True) -> Group:
+    """One stacked module where ``fuse`` and the modules allow (:func:`concat_rows`), else each module alone."""
+    one = concat_rows(mods) if fuse else None
+    if one is None:
+        return [(m, (m.out_features,)) for m in mods]
+    return [(one, tuple(m.out_features for m in mods))]
+
+
+def project(group: Group, x: torch.Tensor,
+            linear: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x)) -> list[torch.Tensor]:
+    """Every projection of ``x`` in the group, in order (split from a stacked matmul where there is one)."""
+    return [part for module, sizes in group for part in linear(module, x).split(sizes, dim=-1)]
