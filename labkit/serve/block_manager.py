@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from labkit import LabkitError
@@ -180,13 +181,18 @@ class BlockManager:
                 block.hash, block.token_ids = h, tuple(seq.block_tokens(i))
                 self.hash_to_block.setdefault(h, block.block_id)
 
+    def _shared_first_write(self, seq: Sequence) -> int | None:
+        """Index in the block table of the block taking this step's first write (the last known token's), when
+        another sequence shares it (it must be copied before the write); None otherwise."""
+        first = (len(seq) - 1) // self.block_size
+        shared = first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1
+        return first if shared else None
+
     def append_cost(self, seq: Sequence, lookahead: int = 0) -> int:
         """Free blocks :meth:`append_slot` needs: new blocks up to ``len(seq) + lookahead`` tokens, plus a private
-        copy when the block taking this step's first write (the last known token's) is shared."""
-        first = (len(seq) - 1) // self.block_size
+        copy when the block taking this step's first write is shared."""
         new = max(0, -(-(len(seq) + lookahead) // self.block_size) - len(seq.block_table))
-        shared = first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1
-        return new + int(shared)
+        return new + int(self._shared_first_write(seq) is not None)
 
     def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
         """Whether the sequence's next token (and ``lookahead`` speculated ones after it) have slots: a new block
@@ -197,8 +203,8 @@ class BlockManager:
         """Make room for the token just appended to ``seq`` and ``lookahead`` speculated tokens after it. Returns
         ``(src, dst)`` when a shared block was copied on write (the runner must copy its KV), else None."""
         copy = None
-        first = (len(seq) - 1) // self.block_size
-        if first < len(seq.block_table) and self.blocks[seq.block_table[first]].ref_count > 1:
+        first = self._shared_first_write(seq)
+        if first is not None:
             old, new = self.blocks[seq.block_table[first]], self._take_free()
             old.ref_count -= 1
             seq.block_table[first] = new.block_id
@@ -211,11 +217,7 @@ class BlockManager:
         """KV rollback after speculation: give back the blocks past the first ``num_tokens`` tokens (they held only
         rejected guesses, so they are private and unhashed)."""
         keep = -(-num_tokens // self.block_size)
-        for bid in seq.block_table[keep:]:
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_ids.append(bid)
+        self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -228,15 +230,19 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished or preempted). Blocks whose count reaches 0 return to the
         free list, most recently used last, keeping their hash for future prefix hits."""
-        for bid in reversed(seq.block_table):
+        self._release(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+
+    def _release(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference to each block; a block nobody holds goes to the end of the free list."""
+        for bid in block_ids:
             block = self.blocks[bid]
             if block.ref_count <= 0:
                 raise LabkitError(f"block {bid} freed more often than it was taken")
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_ids.append(bid)
-        seq.block_table = []
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def slot(self, seq: Sequence, position: int) -> int:
         """Flat KV-cache slot of token ``position`` of ``seq``: ``block_id * block_size + offset``."""
