@@ -76,7 +76,9 @@ def variants(config: Config, device: torch.device) -> list[Variant]:
             model, tok = zoo.load_causal_lm(config.llm, device=device, progress=False)
             report = quantize_(model, qconfig, **kw)
             if head is not None:
-                report.quantized += quantize_(model, head, skip=(), filter_fn=lambda _, name: name == "lm_head").quantized
+                for name in quantize_(model, head, skip=(), filter_fn=lambda _, name: name == "lm_head").quantized:
+                    report.quantized.append(name)
+                    report.skipped.pop(name, None)  # skipped by the first pass only
             extra = {"layers_quantized": len(report.quantized), "layers_skipped": sorted(report.skipped)}
             if not isinstance(qconfig, DtypeConfig):
                 extra["bits_per_param_quantized"] = bits_per_param_quantized(model)
