@@ -141,15 +141,23 @@ class LLMEngine:
     def step(self) -> list[tuple[RequestOutput, int]]:
         """Run one engine step; returns ``(output, new_token)`` for every token produced (with speculative
         decoding, a request can produce several in one step; its finish reason belongs to its last one)."""
-        sched = self.scheduler.schedule(self._propose() if self.spec else None)
+        phase = self.stats.phase_s
+        t0 = time.perf_counter()
+        drafts = self._propose() if self.spec else None
+        t1 = time.perf_counter()
+        sched = self.scheduler.schedule(drafts)
+        t2 = time.perf_counter()
         if self.drafter:
-            self.drafter.fill(sched)
+            self.drafter.fill(sched)  # the draft model's forward passes
+        if self.spec:
+            phase["propose"] += t1 - t0 + time.perf_counter() - t2
+        phase["schedule"] += t2 - t1
         if not sched.scheduled:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise LabkitError("the KV pool cannot hold the next waiting request; raise num_blocks")
             return []
         params = {s.seq_id: self.requests[s.seq_id][1] for s, _ in sched.scheduled}
-        new = self.runner.run(sched.scheduled, params, self.generators, sched.copies, sched.drafts)
+        new = self.runner.run(sched.scheduled, params, self.generators, sched.copies, sched.drafts, phase)
         now = time.perf_counter()
         for seq, n in sched.scheduled:
             guess = sched.drafts.get(seq.seq_id)
@@ -172,6 +180,7 @@ class LLMEngine:
                         self.bm.trim(seq, len(seq))  # KV rollback: blocks that held only rejected guesses
                     if self.drafter:
                         self.drafter.settle(seq)
+        phase["update"] += time.perf_counter() - now
         return events
 
     def _emit(self, seq: Sequence, token: int, now: float) -> tuple[RequestOutput, int]:

@@ -42,9 +42,13 @@ class Batch:
     logits_rows: torch.Tensor  # [N] flat rows whose next-token logits are wanted
 
 
-def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[b, n, L]`` → ``[b, 1, groups*n, L]``: the mask for query heads folded into the query length."""
-    return mask.repeat(1, groups, 1).unsqueeze(1)
+def group_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[b, n, L]`` → ``[b, 1, groups*n, L]``: the mask for query heads folded into the query length. With
+    ``dtype``, as the additive mask SDPA would otherwise make from the boolean one at every call (0 or -inf)."""
+    mask = mask.repeat(1, groups, 1).unsqueeze(1)
+    if dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, groups: int,
@@ -100,7 +104,7 @@ class PagedLlama(nn.Module):
 
         T = batch.input_ids.shape[0]
         groups = self.num_heads // self.num_kv_heads
-        decodes = [(rows, blocks, group_mask(mask, groups)) for rows, blocks, mask in batch.decodes]
+        decodes = [(rows, blocks, group_mask(mask, groups, h.dtype)) for rows, blocks, mask in batch.decodes]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)

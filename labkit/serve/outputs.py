@@ -33,6 +33,12 @@ class RequestOutput:
         return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
 
 
+# the parts of LLMEngine.step(), in order: guesses (speculative decoding), the scheduler's decision, the flat batch
+# and its masks, the model's forward pass, sampling or verification (one device-to-host copy), and the
+# bookkeeping after it (appending tokens, finishing requests, freeing blocks, counting waste)
+STEP_PHASES = ("propose", "schedule", "prepare", "forward", "sample", "update")
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -52,6 +58,9 @@ class EngineStats:
     open_traces: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # seq -> (held, filled) a step
     spec_proposed: int = 0  # speculative decoding: guessed tokens verified
     spec_accepted: int = 0  # ... and kept
+    # wall seconds each part of a step took, summed over steps (STEP_PHASES; on a GPU the forward's kernels run
+    # asynchronously, so their time shows up in "sample", whose device-to-host copy waits for them)
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
 
     @property
     def acceptance_rate(self) -> float:
@@ -75,6 +84,10 @@ class EngineStats:
         return {"used": 100.0 * self.used_slot_steps / total, "reserved": 100.0 * self.reserved_slot_steps / total,
                 "internal_fragmentation": 100.0 * self.internal_slot_steps / total,
                 "external_fragmentation": 100.0 * self.external_slot_steps / total}
+
+    def phase_ms_per_step(self) -> dict[str, float]:
+        """Milliseconds per step each phase took, averaged over the steps so far."""
+        return {k: 1e3 * v / max(self.steps, 1) for k, v in self.phase_s.items()}
 
     @property
     def kv_waste_pct(self) -> float:

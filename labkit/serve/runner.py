@@ -4,6 +4,8 @@ brought guesses (speculative decoding), verifies them and returns the kept ones 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from labkit.serve.block_manager import BlockManager
@@ -69,15 +71,25 @@ class ModelRunner:
 
     def run(self, scheduled: list[tuple[Sequence, int]], params: dict[int, SamplingParams],
             generators: dict[int, torch.Generator | None], copies: list[tuple[int, int]] = (),
-            drafts: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+            drafts: dict[int, list[int]] | None = None, phase_s: dict[str, float] | None = None
+            ) -> dict[int, list[int]]:
         """One step: copy-on-write copies, forward, sampling. Returns ``{seq_id: new tokens}``: one token, or with
-        drafts the kept guesses and the target's token after them."""
+        drafts the kept guesses and the target's token after them. ``phase_s`` gains the seconds of "prepare"
+        (copies and the batch), "forward" and "sample"."""
+        phase_s = {} if phase_s is None else phase_s
+        t0 = time.perf_counter()
         for src, dst in copies:
             self.kv.copy_block(src, dst)
         batch, sampled = self.prepare(scheduled, drafts)
+        t1 = time.perf_counter()
         logits = self.model(batch, self.kv)
+        t2 = time.perf_counter()
         sp, gens = [params[s.seq_id] for s in sampled], [generators.get(s.seq_id) for s in sampled]
         if not drafts:
-            return {s.seq_id: [t] for s, t in zip(sampled, sample_batch(logits, sp, gens))}
-        guesses = [drafts.get(s.seq_id, []) for s in sampled]
-        return {s.seq_id: t for s, t in zip(sampled, verify_batch(logits, guesses, sp, gens))}
+            new = {s.seq_id: [t] for s, t in zip(sampled, sample_batch(logits, sp, gens))}
+        else:
+            guesses = [drafts.get(s.seq_id, []) for s in sampled]
+            new = {s.seq_id: t for s, t in zip(sampled, verify_batch(logits, guesses, sp, gens))}
+        for key, dt in (("prepare", t1 - t0), ("forward", t2 - t1), ("sample", time.perf_counter() - t2)):
+            phase_s[key] = phase_s.get(key, 0.0) + dt
+        return new

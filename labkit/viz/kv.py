@@ -5,7 +5,8 @@
 * :func:`block_tables_figure` — each running request's block table (logical block → physical block) beside
   the pool, so indirection is something you can see;
 * :func:`admitted_figure` — how many requests run at once, step by step, for several engines on the same pool;
-* :func:`waste_figure` — where the pool's slots went under each policy, in the vLLM paper's three kinds of waste.
+* :func:`waste_figure` — where the pool's slots went under each policy, in the vLLM paper's three kinds of waste;
+* :func:`step_breakdown_figure` — where an engine step's time goes: its phases, and the forward's operators.
 """
 
 from __future__ import annotations
@@ -137,3 +138,23 @@ def batch_roofline_figure(rows: list[dict[str, Any]]) -> Figure:
     ax.set_yscale("log")
     return finish_line_plot(fig, ax, "requests decoding together (batch)", "decode tokens/s (all requests)",
                             "decode speed vs batch, under this machine's measured ceilings")
+
+
+def step_breakdown_figure(breakdown: dict[str, dict[str, float]]) -> Figure:
+    """Two stacked bars from :func:`labkit.serve.profile.step_breakdown`: the engine step's phases (ms per step over
+    the run) and the forward's operator groups (ms per step of the profiled window)."""
+    fig = new_figure((8.5, 2.6))
+    ax = fig.subplots()
+    colors = iter(matplotlib.colormaps["tab20"].colors)  # 20: more than the phases and groups together
+    for label, parts in (("step phases (whole run)", breakdown["phases"]),
+                         ("operators (profiled window)", breakdown["ops"])):
+        left = 0.0
+        for name, ms in parts.items():
+            if ms > 0:
+                ax.barh(label, ms, left=left, color=next(colors), label=name)
+                left += ms
+    ax.set_xlabel("milliseconds per engine step")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
