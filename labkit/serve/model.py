@@ -95,6 +95,11 @@ class PagedLlama(nn.Module):
     def device(self) -> torch.device:
         return self.hf.model.embed_tokens.weight.device
 
+    @staticmethod
+    def _causal(n: int, pos0: int, length: int, device: torch.device) -> torch.Tensor:
+        """``[1, n, length]``: query ``i`` of a chunk starting at position ``pos0`` sees context slots ``<= pos0 + i``."""
+        return (torch.arange(length, device=device)[None, :] <= (pos0 + torch.arange(n, device=device))[:, None])[None]
+
     @torch.no_grad()
     def forward(self, batch: Batch, kv: KVCache) -> torch.Tensor:
         """Logits ``[N, vocab]`` for ``batch.logits_rows``; writes the batch's K/V into ``kv``."""
@@ -104,6 +109,10 @@ class PagedLlama(nn.Module):
 
         T = batch.input_ids.shape[0]
         groups = self.num_heads // self.num_kv_heads
+        # masks built once per step, shared by every layer: a prefill chunk's query i sees context up to pos0 + i
+        # (slots past the context are masked out by the same causality)
+        prefills = [(start, n, blocks, group_mask(self._causal(n, pos0, blocks.numel() * kv.block_size, h.device),
+                                                  groups, h.dtype)) for start, n, blocks, pos0 in batch.prefills]
         decodes = [(rows, blocks, group_mask(mask, groups, h.dtype)) for rows, blocks, mask in batch.decodes]
         for i, layer in enumerate(m.layers):
             attn = layer.self_attn
@@ -116,13 +125,11 @@ class PagedLlama(nn.Module):
             kv.write(i, batch.slot_mapping, k[0].transpose(0, 1), v[0])
             out = torch.empty(T, self.num_heads * self.head_dim, dtype=h.dtype, device=h.device)
             q = q[0]  # [heads, T, d]
-            for start, n, blocks, pos0 in batch.prefills:
-                ck, cv = kv.gather(i, blocks)  # slots past the context are masked out by causality
-                L = ck.shape[0]
-                mask = torch.arange(L, device=h.device)[None, :] <= (pos0 + torch.arange(n, device=h.device))[:, None]
-                out[start:start + n] = _attend(q[:, start:start + n][None], ck[None], cv[None], mask[None],
-                                               groups, self.scale)[0]
-            for rows, blocks, mask in decodes:  # masks built once per step, shared by every layer
+            for start, n, blocks, mask in prefills:
+                ck, cv = kv.gather(i, blocks)
+                out[start:start + n] = _attend(q[:, start:start + n][None], ck[None], cv[None], mask, groups,
+                                               self.scale)[0]
+            for rows, blocks, mask in decodes:
                 ck, cv = kv.gather(i, blocks)
                 qd = q[:, rows].transpose(0, 1)  # [b, heads, n, d]
                 out[rows] = _attend(qd, ck, cv, mask, groups, self.scale)
