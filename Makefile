@@ -7,12 +7,13 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export LABKIT_CACHE ?= $(HOME)/.cache/labkit
 
-.PHONY: venv report test lab lint clean dist gpu-check gpu-rehearse gpu-wheels browser notebooks-html
+.PHONY: venv report test lab lint clean dist course gpu-check gpu-rehearse gpu-wheels browser notebooks-html
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	test -z "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip uninstall -q -y labkit 2>/dev/null || true  # the kit's distribution was called labkit before 0.1.0's rename
 	$(BIN)/pip install -q -e ".[dev,lab]"
 	touch $@
 
@@ -42,11 +43,21 @@ notebooks-html: venv
 		--ExecutePreprocessor.timeout=600 --output-dir reports/notebooks "$$nb" || exit 1; done
 	$(BIN)/labkit report
 
-# sdist + wheel for workshops and Colab: the wheel carries every asset the kit loads (tokenizer, sentences).
-dist: venv
+# sdist + wheel for workshops and Colab, built in a throwaway environment (no dev venv needed); the wheel carries
+# every asset and reference record the notebooks read (tests/test_colab_install.py checks it).
+dist:
 	rm -rf dist
-	$(BIN)/python -m build --no-isolation --outdir dist .
+	d=$$(mktemp -d) && $(PY) -m venv $$d && $$d/bin/pip install -q build && $$d/bin/python -m build -q --outdir dist . \
+		&& rm -rf $$d
 	@ls -l dist
+
+# The folder an instructor hands out: the wheel, every notebook, START_HERE.md. With REPO=OWNER/REPO (and REF, default
+# main) each notebook gets a real Open-in-Colab deep link; without REPO, no badge at all.
+COURSE ?= labkit-course
+REF    ?= main
+course: dist
+	PYTHONPATH=$(CURDIR) $(PY) -m labkit.course build $(COURSE) --wheel $$(ls dist/*.whl) \
+		$(if $(REPO),--repo $(REPO) --ref $(REF))
 
 lint: venv
 	$(BIN)/ruff check labkit tests
@@ -77,4 +88,4 @@ lab: venv
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache dist build
+	rm -rf $(VENV) reports .pytest_cache dist build labkit-course

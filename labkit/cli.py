@@ -53,6 +53,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"\nwrote {path} ({rec.config['wall_s']} s)")
 
 
+def _cmd_course(args: argparse.Namespace) -> None:
+    from labkit import course
+
+    course.run(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from labkit import report
 
@@ -158,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address-space limit of each run in MiB (default: 8192; the SmolLM2 lessons need more than 4096)")
     g.add_argument("--gradescope", action="store_true", help="also write gradescope/<learner>/results.json")
     g.set_defaults(fn=_cmd_grade)
+
+    from labkit import course
+
+    c = sub.add_parser("course", help="write the course bundle an instructor hands out (wheel, notebooks, START_HERE.md)")
+    course.add_arguments(c)
+    c.set_defaults(fn=_cmd_course)
 
     o = sub.add_parser("export-otter", help="write Otter-Grader test files (DIR/tests) for the kit's exercises")
     o.add_argument("dir", help="output directory; the tests go to DIR/tests")

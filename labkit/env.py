@@ -100,13 +100,13 @@ def device_field() -> Any:
 
 
 def quick_mode() -> bool:
-    """True when ``LABKIT_QUICK=1``: notebooks and experiments shrink their sizes. Unset on a Colab runtime without
-    a GPU, quick mode is the default: full mode is sized for a GPU and would keep a CPU runtime busy for hours.
-    ``LABKIT_QUICK=0`` asks for full mode anywhere."""
+    """Whether notebooks shrink their sizes (never their story). Quick is the default on every runtime, CPU or GPU:
+    only quick mode has been timed (each notebook's top cell gives the time), and full mode keeps a CPU busy for
+    hours. ``LABKIT_QUICK=0`` asks for full mode anywhere."""
     value = os.environ.get("LABKIT_QUICK")
     if value is None:
-        return on_colab() and not has_cuda()
-    return value not in ("", "0", "false", "False")
+        return True
+    return value.strip() not in ("0", "false", "False", "no")
 
 
 def cpu_name() -> str:
@@ -154,6 +154,12 @@ def bf16_supported(device: torch.device | str | None = None) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return True
+
+
+def half_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """The 16-bit float to compute in on ``device``: bf16 where it runs natively (any CPU, CUDA compute capability
+    8.0+), else fp16 (a T4 runs bf16 only by slow emulation)."""
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
 
 
 def bf16_note(device: torch.device | str | None = None) -> str:

@@ -22,9 +22,15 @@ from labkit import LabkitError, measure
 class Ceilings:
     device: str
     bandwidth_bytes_per_s: float  # a read-only sweep over a tensor far larger than the caches
-    matmul_flops_per_s: float  # fp32 (CPU) or the GPU's default matmul dtype, square GEMM
+    matmul_flops_per_s: float  # a square GEMM of side matmul_n in matmul_dtype
     matmul_dtype: str
     threads: int
+    matmul_n: int = 1024
+
+    @property
+    def gemm_label(self) -> str:
+        """What the GEMM ceiling measured, in words a notebook can print."""
+        return f"{self.matmul_dtype} GEMM throughput (a {self.matmul_n} x {self.matmul_n} matmul on {self.device})"
 
     def decode_tokens_per_s(self, weight_bytes: int, params: int, batch: int = 1) -> dict[str, float]:
         """The memory and compute ceilings on decode tokens/s for ``batch`` requests sharing each weight read."""
@@ -37,6 +43,7 @@ class Ceilings:
     def as_dict(self) -> dict[str, float | str | int]:
         return {"device": self.device, "bandwidth_gb_s": self.bandwidth_bytes_per_s / 1e9,
                 "matmul_gflop_s": self.matmul_flops_per_s / 1e9, "matmul_dtype": self.matmul_dtype,
+                "matmul_n": self.matmul_n,
                 "threads": self.threads}
 
 
@@ -87,11 +94,13 @@ def forward_flops(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
 
 
 @functools.cache
-def ceilings(device: str = "cpu") -> Ceilings:
-    """This machine's measured ceilings on ``device`` (measured once per process: about a second on a CPU)."""
+def ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Ceilings:
+    """This machine's measured ceilings on ``device`` (measured once per process: about a second on a CPU). The GEMM
+    runs in ``dtype``: compare a model's FLOP/s with the ceiling of the dtype it computes in (an fp32 model against a
+    bf16 GEMM would look three to fifteen times slower than it is)."""
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    n = 4096 if on_gpu else 1024
     return Ceilings(device=str(dev), bandwidth_bytes_per_s=memory_bandwidth(dev, mib=1024 if on_gpu else 512),
-                    matmul_flops_per_s=matmul_flops(dev, n=4096 if on_gpu else 1024, dtype=dtype),
+                    matmul_flops_per_s=matmul_flops(dev, n=n, dtype=dtype), matmul_n=n,
                     matmul_dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads())

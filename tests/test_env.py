@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from labkit import cli, env
 
 
@@ -31,19 +33,18 @@ def test_quick_mode_reads_env(monkeypatch):
     assert not env.quick_mode()
 
 
-def test_a_cpu_only_colab_runtime_is_quick_by_default(monkeypatch):
+@pytest.mark.parametrize("colab", [True, False])
+@pytest.mark.parametrize("cuda", [True, False])
+def test_quick_is_the_default_on_every_runtime(monkeypatch, colab, cuda):
     monkeypatch.delenv("LABKIT_QUICK", raising=False)
-    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
-    monkeypatch.setattr(env, "has_cuda", lambda: False)
+    if colab:
+        monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab-test")
+    else:
+        monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.setattr(env, "has_cuda", lambda: cuda)
     assert env.quick_mode()
-    monkeypatch.setattr(env, "has_cuda", lambda: True)
-    assert not env.quick_mode()  # a GPU runtime runs the full lesson
     monkeypatch.setenv("LABKIT_QUICK", "0")
-    monkeypatch.setattr(env, "has_cuda", lambda: False)
-    assert not env.quick_mode()  # asked for explicitly
-    monkeypatch.delenv("COLAB_RELEASE_TAG")
-    monkeypatch.delenv("LABKIT_QUICK")
-    assert not env.quick_mode()  # a laptop without the variable: full mode, as before
+    assert not env.quick_mode()  # full mode only when asked for
 
 
 def test_library_versions_are_found_under_every_distribution_name(monkeypatch):

@@ -135,7 +135,7 @@ def _otter(*args, cwd):
 
 
 def test_otter_round_trip(tmp_path):
-    pytest.importorskip("otter", reason="otter-grader is not installed (pip install 'labkit[otter]')")
+    pytest.importorskip("otter", reason="otter-grader is not installed (pip install 'labkit-inference[otter]')")
     assert main(["export-otter", str(tmp_path), "--lesson", "01"]) == 0
     _otter("generate", "-t", "tests", "-o", "autograder.zip", "--no-requirements", "--no-environment",
            "--no-config", cwd=tmp_path)

@@ -276,7 +276,7 @@ def batch_sweep(model, tok, batch_sizes: list[int], *, prompt_len: int = 32, new
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes={batch_sizes!r}: give one or more positive integers")
     dev = measure.model_device(model)
-    ceil = roofline.ceilings(str(dev))
+    ceil = roofline.ceilings(str(dev), next(model.parameters()).dtype)  # the GEMM at the dtype the model computes in
     wbytes, params = measure.weight_bytes(model), measure.param_count(model)
     work, engines = {}, {}
     for b in batch_sizes:

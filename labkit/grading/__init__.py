@@ -148,7 +148,7 @@ def grade(submissions: Sequence[str | Path], out: str | Path | None = None, *, l
         import nbclient  # noqa: F401
         import nbformat  # noqa: F401
     except ImportError as exc:
-        raise LabkitError(f"labkit grade needs {exc.name}: pip install 'labkit[grade]'") from exc
+        raise LabkitError(f"labkit grade needs {exc.name}: pip install 'labkit-inference[grade]'") from exc
     paths = [Path(p) for p in submissions]
     if not paths:
         raise LabkitError("submissions is empty: pass notebooks or directories of them")

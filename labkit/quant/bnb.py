@@ -40,7 +40,8 @@ def has_avx512bf16() -> bool:
 
 
 def nf4_config(compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True):
-    """The article's config: 4-bit NF4, double quantization, bf16 compute."""
+    """The article's config: 4-bit NF4, double quantization, bf16 compute (fp16 where bf16 is not native:
+    :func:`labkit.env.half_dtype`)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -75,9 +76,10 @@ def load_causal_lm_bnb(name: str = "smollm2-135m", mode: str = "nf4", *, device:
 def _load(path, mode: str, device: str) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    qconfig = nf4_config() if mode == "nf4" else int8_config()
+    half = env.half_dtype(device)  # bf16 where native; a T4 emulates bf16, so fp16 there
+    qconfig = nf4_config(half) if mode == "nf4" else int8_config()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, device_map=device,
-                                                 dtype=torch.bfloat16 if mode == "nf4" else torch.float16)
+                                                 dtype=half if mode == "nf4" else torch.float16)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -122,6 +122,7 @@ class Int4Linear(QuantLinear):
         self.group_size = group_size
         self.symmetric = zero is None
         self.padded_in = codes.shape[-1] if codes.dim() == 2 else in_features
+        self.wanted_kernel = self.kernel  # a move between devices chooses again (see _apply)
         reason = kernels.int4_reason(out_features, self.padded_in, group_size, codes.device)
         if kernel == "fused" and reason:
             kernels.say_once("Int4Linear", reason)
@@ -159,9 +160,50 @@ class Int4Linear(QuantLinear):
         layer = cls.__new__(cls)
         QuantLinear.__init__(layer, in_features, out_features, bias, "fused", compute_dtype)
         layer.group_size, layer.symmetric, layer.padded_in = group_size, symmetric, padded_in
+        layer.wanted_kernel = "fused"
         layer.register_buffer("qweight", packed)
         layer.register_buffer("scale_and_zero", scale_and_zero)
         return layer
+
+    def _apply(self, fn, recurse: bool = True):
+        """Choose the layout again when the layer moves: the fused layout is the CPU kernel's own, so a layer
+        leaving the CPU first goes back to the readable layout (the same codes and scales), and a layer arriving
+        on a CPU takes the fused layout again where it was asked for and fits."""
+        target = fn(torch.empty(0)).device
+        if self.kernel == "fused" and target.type != "cpu":
+            self._to_readable()
+        out = super()._apply(fn, recurse)
+        if self.wanted_kernel == "fused" and self.kernel != "fused" and target.type == "cpu" \
+                and kernels.int4_reason(self.out_features, self.padded_in, self.group_size, target) is None:
+            self._to_fused()
+        return out
+
+    def _to_readable(self) -> None:
+        """Fused layout -> readable layout, exactly: the kernel stores ``(q - 8) * s + z'`` with ``z' = (8 - z) * s``
+        rounded to fp16, so ``q`` and ``z`` come back by rounding."""
+        g = self.group_size or self.padded_in
+        w = kernels.int4_dense(self.qweight, g, self.scale_and_zero, self.padded_in).reshape(-1, g)
+        sz = self.scale_and_zero.float().cpu().transpose(0, 1).reshape(-1, 2)  # one (s, z') per group, row-major
+        scale, shift = sz[:, 0], sz[:, 1]
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        codes = torch.round((w - shift[:, None]) / safe[:, None] + 8).clamp(0, 15).to(torch.uint8)
+        device = self.qweight.device
+        del self._buffers["scale_and_zero"]
+        self.register_buffer("qweight", prim.pack_int4(codes.reshape(self.out_features, -1)).to(device))
+        self.register_buffer("scale", scale.to(torch.float16).to(device))
+        if not self.symmetric:
+            self.register_buffer("zero", torch.round(8 - shift / safe).clamp(0, 15).to(torch.uint8).to(device))
+        self.kernel, self._casts = "dequantize", {}
+
+    def _to_fused(self) -> None:
+        """Readable layout -> the CPU kernel's layout (the codes and scales unchanged)."""
+        g = self.group_size or self.padded_in
+        codes = prim.unpack_int4(self.qweight).reshape(self.out_features, self.padded_in)
+        zero = None if self.symmetric else self._buffers.pop("zero")
+        packed, scale_and_zero = kernels.int4_pack(codes, self._buffers.pop("scale"), zero, g)
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scale_and_zero", scale_and_zero)
+        self.kernel, self._casts = "fused", {}
 
     def fused(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.device.type != "cpu" or x.dtype not in kernels.DTYPES:

@@ -143,3 +143,39 @@ def test_int8_agrees_with_torchao_int8_weight_only():
     x = torch.randn(4, 576)
     with torch.no_grad():
         assert P.sqnr(theirs(x), ours(x)) > 35
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_an_int4_layer_chooses_its_layout_again_when_it_moves(symmetric):
+    """The fused layout is the CPU kernel's own: leaving the CPU, the layer goes back to the readable layout with
+    the very codes and scales it was built from; back on the CPU it takes the fused layout again."""
+    from labkit.quant.layers import Int4Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 32)
+    fused = Int4Linear.from_linear(linear, 128, symmetric=symmetric, kernel="fused")
+    readable = Int4Linear.from_linear(linear, 128, symmetric=symmetric, kernel="dequantize")
+    assert fused.kernel == "fused" and readable.kernel == "dequantize"
+    packed = fused.qweight.clone()
+    x = torch.randn(3, 256)
+    before = fused(x)
+    fused._to_readable()  # what a move off the CPU does first
+    assert fused.kernel == "dequantize" and "scale_and_zero" not in dict(fused.named_buffers())
+    for name, buf in readable.named_buffers():
+        assert torch.equal(dict(fused.named_buffers())[name], buf), name
+    fused.to("cpu")  # arriving on a CPU: the fused layout again, bit for bit
+    assert fused.kernel == "fused" and torch.equal(fused.qweight, packed)
+    torch.testing.assert_close(fused(x), before)
+    fused.to("meta")  # any non-CPU device takes the readable layout
+    assert fused.kernel == "dequantize" and fused.qweight.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_an_int4_layer_built_on_the_cpu_runs_on_cuda():
+    from labkit.quant.layers import Int4Linear
+
+    linear = nn.Linear(256, 32)
+    layer = Int4Linear.from_linear(linear, 128, kernel="fused").to("cuda")
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x.cuda()).cpu(), Int4Linear.from_linear(linear, 128, kernel="dequantize")(x),
+                               atol=1e-2, rtol=1e-2)
