@@ -335,7 +335,7 @@ def load_encoder(name: str = "minilm-l6", *, dtype: torch.dtype = torch.float32,
 # --------------------------------------------------------------------------- digits CNN, trained here
 
 class DigitsCNN(nn.Module):
-    """A small CNN for 8x8 digits: two conv layers and a classifier (about 23k parameters)."""
+    """A small CNN for 8x8 digits: two conv layers and a classifier (21,546 parameters)."""
 
     def __init__(self, width: int = 32, num_classes: int = 10) -> None:
         super().__init__()

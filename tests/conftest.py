@@ -15,9 +15,28 @@ EXECUTED: dict[str, object] = {}  # notebook file name -> the notebook nbmake ex
 FIGURE_CHECK = "test_executed_notebook_shows_each_figure_once"
 
 
+def accelerator_startup_dir() -> str:
+    """An IPYTHONDIR whose startup file runs every notebook kernel on :mod:`tests.fake_accelerator`'s stand-in
+    device, so nbmake's run also proves each notebook keeps its tensors on one device (``LABKIT_DEVICE_CHECK=0``
+    runs the notebooks on the plain CPU)."""
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="labkit-ipython-"))
+    startup = root / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    harness = Path(__file__).with_name("fake_accelerator.py")
+    (startup / "00-labkit-fake-accelerator.py").write_text(
+        "import importlib.util as _u\n"
+        f"_spec = _u.spec_from_file_location('labkit_fake_accelerator', {str(harness)!r})\n"
+        "_mod = _u.module_from_spec(_spec); _spec.loader.exec_module(_mod); _mod.install()\n")
+    return str(root)
+
+
 def _keep_what_nbmake_executes() -> None:
     """nbmake runs every notebook and throws its outputs away; keep them, so the figure check reads the same run
-    instead of running each notebook a second time."""
+    instead of running each notebook a second time. Each kernel runs on the stand-in accelerator (see
+    :func:`accelerator_startup_dir`)."""
     try:
         from nbmake import nb_run
     except ImportError:
@@ -26,8 +45,19 @@ def _keep_what_nbmake_executes() -> None:
         return
     original = nb_run.NotebookRun.execute
 
+    ipython_dir = accelerator_startup_dir() if os.environ.get("LABKIT_DEVICE_CHECK", "1") != "0" else None
+
     def execute(self):
-        result = original(self)
+        before = os.environ.get("IPYTHONDIR")
+        if ipython_dir:
+            os.environ["IPYTHONDIR"] = ipython_dir
+        try:
+            result = original(self)
+        finally:
+            if before is None:
+                os.environ.pop("IPYTHONDIR", None)
+            else:
+                os.environ["IPYTHONDIR"] = before
         EXECUTED[os.path.basename(str(self.filename))] = result.nb
         return result
 

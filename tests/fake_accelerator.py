@@ -11,7 +11,7 @@ a tag on every tensor that lives "on the accelerator":
   tensors of one or more dimensions raises :class:`DeviceMixError`, as CUDA would ("Expected all tensors to be on
   the same device"). 0-dim CPU tensors mix freely (CUDA allows that), ``copy_`` crosses devices (CUDA allows it),
   and an index may be a CPU tensor (CUDA allows it);
-- ``.numpy()`` of a tagged tensor raises, as it does for a CUDA tensor;
+- ``.numpy()`` of a tagged tensor raises, as it does for a CUDA tensor (``numpy(force=True)`` copies, as on CUDA);
 - a tagged tensor's ``.device`` answers ``cpu:0``, so ``torch.zeros(..., device=x.device)`` is tagged too.
 
 What it cannot catch: kernels that exist only on CUDA (or only on the CPU), dtypes a GPU lacks (bf16 on a T4),
@@ -101,6 +101,10 @@ def _tag(out, value: bool):
 
 
 class AcceleratorMode(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        _keep_tag_through_parameters()
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func == _DEVICE_GET:
@@ -109,7 +113,8 @@ class AcceleratorMode(TorchFunctionMode):
             func(*args)
             setattr(args[0], _TAG, on_accelerator(args[1]))
             return None
-        if func in (torch.Tensor.numpy, torch.Tensor.__array__) and on_accelerator(args[0]):
+        if func in (torch.Tensor.numpy, torch.Tensor.__array__) and on_accelerator(args[0]) \
+                and not kwargs.get("force"):  # numpy(force=True) copies to the host, on CUDA too
             raise DeviceMixError("can't convert an accelerator tensor to numpy: call .cpu() first "
                                  "(a CUDA tensor raises the same)")
         if func is torch.Tensor.to or func is torch.Tensor.cpu:
@@ -165,7 +170,6 @@ def _keep_tag_through_parameters() -> None:
 def install() -> AcceleratorMode:
     """Enter the mode for the rest of this thread's life (an IPython startup file calls it before any cell)."""
     os.environ["LABKIT_DEVICE"] = str(STANDIN)
-    _keep_tag_through_parameters()
     mode = AcceleratorMode()
     mode.__enter__()
     return mode

@@ -23,7 +23,7 @@ class EngineConfig:
     ``decode_group``: decode sequences attended together in one padded SDPA call, sorted by length; larger
     groups mean fewer calls but more padding (8 is the value the quick serving workload was tuned with on 2 CPU
     cores; on a GPU, where a call costs a kernel launch, larger groups are likely better).
-    ``kv_cache_dtype`` (vLLM's name for it): ``"auto"`` stores K/V in the model's dtype, ``"int8"`` as int8 with a
+    ``kv_cache_dtype`` (vLLM's argument; its ``"int8"`` value is the kit's own, vLLM offers FP8): ``"auto"`` stores K/V in the model's dtype, ``"int8"`` as int8 with a
     scale per token and head (:class:`~labkit.serve.kv_cache.Int8KVCache`): the same bytes hold about 2x (bf16) to
     4x (fp32) the tokens, at a small cost in agreement with the model's own tokens.
     ``speculative_config`` (vLLM's name and shape): ``{"method": "ngram", "num_speculative_tokens": 4,
