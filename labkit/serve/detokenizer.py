@@ -66,12 +66,11 @@ class TextStream:
         self.stopped = False
 
     def _emit(self, final: bool) -> str:
-        for s in self.stop:
-            i = self.pending.find(s)
-            if i >= 0:
-                self.stopped = True
-                out, self.pending = self.pending[:i], ""
-                return out
+        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
+        if hits:  # the earliest match in the text ends it, whatever the stops' order in the list (OpenAI's rule)
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
         cut = len(self.pending) if final else max(0, len(self.pending) - self.hold)
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out

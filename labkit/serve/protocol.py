@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from labkit.serve.sampling import SamplingParams
+from labkit.serve.sampling import MIN_TEMPERATURE, SEED_MAX, SamplingParams
+
+INT32_MAX = 2**31 - 1
 
 
 class StreamOptions(BaseModel):
@@ -23,16 +25,23 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = -1
+    top_k: StrictInt = Field(default=-1, le=INT32_MAX)
     n: StrictInt = Field(default=1, ge=1)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, le=SEED_MAX)  # torch generators take 64-bit seeds
     stop: StrictStr | list[StrictStr] | None = None
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: smaller values overflow the logits")
+        return v
 
     @field_validator("top_k")
     @classmethod
@@ -83,7 +92,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
 
     def default_max_tokens(self) -> int:
         return self.max_completion_tokens or 256

@@ -8,6 +8,9 @@ import torch
 
 from labkit import LabkitError
 
+MIN_TEMPERATURE = 1e-2  # logits / t must stay finite in fp32 (vLLM raises such temperatures to 0.01; the kit refuses)
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; n > 1 adds i to the seed
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +25,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise LabkitError(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise LabkitError(f"temperature={self.temperature!r} must be 0 (greedy) or at least {MIN_TEMPERATURE}: "
+                              "dividing logits by less overflows them to inf")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX):
+            raise LabkitError(f"seed={self.seed!r} must be an integer in 0..{SEED_MAX} (torch generators take "
+                              "64-bit seeds; sample i of n uses seed + i)")
         if not 0 < self.top_p <= 1:
             raise LabkitError(f"top_p={self.top_p!r} must be in (0, 1]")
         if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
@@ -45,7 +54,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p
+        keep[0] = True  # the top token always stays (a top_p below fp32's smallest number would keep none)
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
     return probs if probs.device.type == "cpu" else probs.cpu()  # CPU generators: the same draw on every device
 

@@ -15,8 +15,10 @@ import asyncio
 import concurrent.futures
 import itertools
 import json
+import logging
 import queue
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -36,6 +38,10 @@ from labkit.serve.sampling import SamplingParams
 Event = tuple[int | None, str | None, str | None]  # (new token, finish reason, error message)
 
 
+log = logging.getLogger("labkit.serve")
+ENGINE_DIED_EXIT = 3  # `labkit serve`'s exit status when its engine thread died (a supervisor restarts it)
+
+
 class EngineService:
     """The engine's own thread, and the only way in: an inbox it drains between steps.
 
@@ -49,8 +55,9 @@ class EngineService:
     once, without waiting for the step that is running.
     """
 
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05,
+                 on_death: Callable[[BaseException], None] | None = None) -> None:
+        self.engine, self.on_death = engine, on_death
         self.inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.sinks: dict[int, Callable[[Event], None]] = {}  # ticket -> sink; entries leave with dict.pop (atomic)
@@ -70,8 +77,11 @@ class EngineService:
         """Queue a request; returns its ticket (for :meth:`abort`). Raises at once if it can never run."""
         if self.stopped:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if not self.thread.is_alive():
+            raise APIError(503, "the engine has stopped; restart the server", type="server_error",
+                           code="engine_dead")
         if not self.healthy:
-            raise APIError(503, f"the engine is unhealthy ({self.last_error}); restart the server",
+            raise APIError(503, "the engine is unhealthy (its block accounting broke); restart the server",
                            type="server_error", code="engine_unhealthy")
         self.engine.check_request(prompt_ids, params)
         ticket = next(self.tickets)
@@ -110,6 +120,21 @@ class EngineService:
 
     # ------------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
+        """Serve until stopped. A failure inside a step or a request is answered to its request(s) and serving goes
+        on; anything that still escapes (a bug in this loop) ends the thread cleanly: every client in flight gets
+        an error event, new requests get a 503 at once, and ``on_death`` is told (``labkit serve`` exits non-zero
+        so a supervisor can restart it)."""
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - the thread is ending: nobody may be left waiting
+            self.healthy, self.last_error = False, f"engine thread died: {type(exc).__name__}"
+            for ticket in list(self.sinks):
+                if (sink := self.sinks.pop(ticket, None)) is not None:
+                    _deliver(sink, (None, "error", "the engine stopped while running this request; retry later"))
+            if self.on_death is not None:
+                self.on_death(exc)
+
+    def _serve(self) -> None:
         while not self.stopped:
             self._drain()
             busy = self.engine.has_unfinished()
@@ -135,9 +160,12 @@ class EngineService:
                     continue
                 try:
                     rid = self.engine.add_request(prompt_ids, params)
-                except LabkitError as exc:  # checked in submit; a limit can still bite here (e.g. n > 1)
+                except Exception as exc:  # noqa: BLE001 - checked in submit; whatever still fails is this request's
+                    self.requests_failed += 1
+                    reason = str(exc) if isinstance(exc, LabkitError) else f"the engine could not take this request " \
+                        f"({type(exc).__name__})"
                     if (sink := self.sinks.pop(ticket, None)) is not None:
-                        _deliver(sink, (None, "error", str(exc)))
+                        _deliver(sink, (None, "error", reason))
                     continue
                 self.live[rid], self.ids[ticket] = ticket, rid
             elif kind == "abort":
@@ -182,7 +210,8 @@ class EngineService:
     def _fail_step(self, exc: Exception) -> list[tuple[Callable[[Event], None], Event]]:
         """Abort the batch a failed step was running (or the waiting request nothing can hold)."""
         self.failed_steps += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = type(exc).__name__  # the text goes to the log, not to clients
+        log.error("engine step failed: %s: %s", type(exc).__name__, exc)
         failed = self.engine.abort_running("error")
         if not failed and self.engine.scheduler.waiting:
             out = self.engine.abort(self.engine.scheduler.waiting[0].seq_id, "error")
@@ -250,9 +279,10 @@ class OpenAIApp:
         @app.get("/health")
         async def health() -> JSONResponse:
             s = self.service
-            body = {"status": "ok" if s.healthy else "unhealthy", "last_error": s.last_error,
-                    "engine_thread_alive": s.thread.is_alive()}
-            return JSONResponse(body, status_code=200 if s.healthy and s.thread.is_alive() else 503)
+            alive = s.thread.is_alive()
+            body = {"status": "ok" if s.healthy and alive else "unhealthy", "engine_thread_alive": alive,
+                    "failed_steps": s.failed_steps}  # no exception text: that goes to the server's log
+            return JSONResponse(body, status_code=200 if s.healthy and alive else 503)
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
@@ -490,13 +520,25 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     EngineConfig.from_kwargs(**engine_args)  # a bad setting fails before the port is taken or the model loads
     sock = _bind(host, port)  # fail on a bad or busy port before loading the model
     llm = LLM(model, **engine_args)
-    service = EngineService(llm.engine)
+    died: list[BaseException] = []
+    server = None
+
+    def on_death(exc: BaseException) -> None:  # tell uvicorn to stop; the process then exits non-zero
+        died.append(exc)
+        print(f"labkit serve: the engine thread died ({type(exc).__name__}: {exc}); shutting down", file=sys.stderr)
+        if server is not None:
+            server.should_exit = True
+
+    service = EngineService(llm.engine, on_death=on_death)
     app = OpenAIApp(service, llm.tokenizer, model).build()
     cfg = llm.engine.config
     print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (KV: {cfg.num_blocks} blocks of "
           f"{cfg.block_size}, {'paged' if cfg.paged else 'contiguous'}); Ctrl-C to stop")
+    server = _uvicorn(app, "info")
     try:
-        _uvicorn(app, "info").run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         sock.close()
         service.stop()
+    if died:
+        raise SystemExit(ENGINE_DIED_EXIT)

@@ -48,6 +48,15 @@ def test_stop_strings_cut_the_text_and_are_held_back_until_decided(tokenizer):
     assert "".join(parts) == text and not ts.stopped
 
 
+@pytest.mark.parametrize("stop", [["four", "two t", "o"], ["o", "two t", "four"], ["ree f", "e fo", "thr"]])
+def test_the_earliest_stop_in_the_text_wins_whatever_the_list_order(tokenizer, stop):
+    text = "one two three four five"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    parts, ts = stream(tokenizer, ids, stop=stop)
+    first = min(text.find(s) for s in stop)
+    assert "".join(parts) == text[:first] and ts.stopped
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_tokenizer():
     """A small SentencePiece-BPE tokenizer (Metaspace pre-tokenizer and decoder, as Llama 2 and Mistral use), trained

@@ -40,3 +40,11 @@ def test_one_device_to_host_transfer_per_step(monkeypatch):
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9), SamplingParams(temperature=0.0)]
     sample_batch(torch.randn(3, 50), params, [None, torch.Generator().manual_seed(0), None])
     assert len(calls) == 1  # greedy ids and the sampled row's logits travel together
+
+
+def test_a_top_p_below_fp32s_smallest_number_keeps_the_top_token():
+    from labkit.serve.sampling import SamplingParams, probabilities
+
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    probs = probabilities(logits, SamplingParams(temperature=1.0, top_p=1e-300))
+    assert probs.nonzero().flatten().tolist() == [1]  # only the top token, and it can be drawn

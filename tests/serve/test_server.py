@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (a labkit dependency; absent on bare GPU images)")
 
@@ -333,7 +335,8 @@ def test_a_failing_engine_step_fails_its_requests_and_serving_goes_on(server):
                                                                    "ignore_eos": True})
         assert status == 500
         err = json.loads(body)["error"]
-        assert err["type"] == "server_error" and "injected failure" in err["message"]
+        assert err["type"] == "server_error" and "RuntimeError" in err["message"]
+        assert "injected failure" not in err["message"]  # the exception's text goes to the log, not to clients
         chunks = sse(server, "/v1/completions", {"prompt": [5] * 6, "max_tokens": 4, "ignore_eos": True,
                                                  "stream": True})
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the next request is served
@@ -345,7 +348,7 @@ def test_a_failing_step_mid_stream_sends_an_error_event(server):
     with failing_step(server, 4, "boom"):
         chunks = sse(server, "/v1/completions", {"prompt": [9] * 6, "max_tokens": 20, "ignore_eos": True,
                                                  "stream": True})
-    assert "error" in chunks[-1] and "boom" in chunks[-1]["error"]["message"]
+    assert "error" in chunks[-1] and "RuntimeError" in chunks[-1]["error"]["message"]
     assert no_leak(server) and healthy(server)
 
 
@@ -434,3 +437,84 @@ def test_speculating_server_streams_every_token_once(server, tokenizer):
         assert no_leak(srv)
     finally:
         stop_server(srv)
+
+
+# ------------------------------------------------------------------------------ hardening: no request stops it
+def test_a_request_the_engine_cannot_take_fails_alone(server):
+    """add_request raising anything (not only the kit's own errors) answers that request; the engine goes on."""
+    engine = server.service.engine
+    real = engine.add_request
+
+    def broken(*a, **k):
+        engine.add_request = real  # once
+        raise OverflowError("an internal limit")
+
+    engine.add_request = broken
+    try:
+        status, body = request(server, "POST", "/v1/completions", {"prompt": [5] * 4, "max_tokens": 2})
+    finally:
+        engine.add_request = real
+    assert status == 500 and "OverflowError" in json.loads(body)["error"]["message"]
+    assert server.service.thread.is_alive() and healthy(server)
+    status, _ = request(server, "POST", "/v1/completions", {"prompt": [5] * 4, "max_tokens": 2})
+    assert status == 200 and no_leak(server)
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**64), ("seed", -1), ("temperature", 1e-9),
+                                          ("top_k", 2**40), ("max_tokens", 2**40)])
+def test_values_the_engine_or_torch_cannot_take_are_a_400_naming_the_field(server, field, value):
+    status, body = request(server, "POST", "/v1/completions", {"prompt": [5] * 4, "max_tokens": 2, field: value})
+    err = json.loads(body)["error"]
+    assert status == 400 and err["param"] == field and str(value)[:6] in err["message"], err
+    assert healthy(server)
+
+
+def test_a_dead_engine_answers_503_at_once(tokenizer):
+    llm = LLM(tiny_llama(seed=3), tokenizer, block_size=4, max_model_len=64, max_num_seqs=4)
+    died = []
+    srv = start_server(llm, "tiny")
+    srv.service.on_death = died.append
+    try:
+        def broken_state():
+            raise MemoryError("a bug in the loop itself")
+
+        srv.service._read_state = broken_state  # escapes every per-request guard: the thread ends
+        srv.service.wake.set()
+        srv.service.thread.join(timeout=10)
+        assert not srv.service.thread.is_alive() and isinstance(died[0], MemoryError)
+        status, body = request(srv, "GET", "/health")
+        assert status == 503 and json.loads(body) == {"status": "unhealthy", "engine_thread_alive": False,
+                                                      "failed_steps": 0}
+        assert "a bug" not in body.decode()  # no exception text on /health
+        t0 = time.monotonic()
+        status, body = request(srv, "POST", "/v1/completions", {"prompt": [5] * 4, "max_tokens": 2})
+        assert status == 503 and json.loads(body)["error"]["code"] == "engine_dead"
+        assert time.monotonic() - t0 < 5  # at once, never a hang until the request timeout
+    finally:
+        stop_server(srv)
+
+
+_WILD_INT = st.one_of(st.integers(-3, 6), st.integers(2**31 - 2, 2**31 + 2), st.integers(2**62, 2**70),
+                      st.integers(-(2**70), -(2**31)))
+_WILD_FLOAT = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=64), st.just(1e-300),
+                        st.just(5e-324), st.floats(0, 2))
+_ANY = st.one_of(_WILD_INT, _WILD_FLOAT, st.text(max_size=8), st.booleans(), st.none(),
+                 st.lists(st.integers(-5, 70000), max_size=4))
+_FIELDS = {"max_tokens": st.one_of(st.integers(1, 4), _ANY), "temperature": st.one_of(_WILD_FLOAT, _ANY),
+           "top_p": st.one_of(_WILD_FLOAT, _ANY), "top_k": st.one_of(_WILD_INT, _ANY), "n": _ANY,
+           "seed": st.one_of(_WILD_INT, _ANY), "stop": st.one_of(st.lists(st.text(max_size=3), max_size=6), _ANY),
+           "ignore_eos": _ANY, "stream": st.booleans(), "model": st.one_of(st.just("tiny"), _ANY),
+           "prompt": st.one_of(st.text(max_size=30), st.lists(_WILD_INT, max_size=8), _ANY),
+           "max_completion_tokens": _ANY}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({}, optional=_FIELDS), chat=st.booleans())
+def test_any_generated_request_gets_200_or_4xx_and_the_engine_lives(server, body, chat):
+    if chat:
+        body = {**{k: v for k, v in body.items() if k != "prompt"}, "messages": [{"role": "user", "content": "hi"}]}
+        body.setdefault("max_tokens", 2)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    status, raw = request(server, "POST", path, body)
+    assert status == 200 or 400 <= status < 500, (status, body, raw[:300])
+    assert server.service.thread.is_alive() and server.service.healthy
