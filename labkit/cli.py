@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from labkit.serve.server import serve
 
     engine = {f: getattr(args, f) for f in EngineConfig.__dataclass_fields__}
-    serve(model=args.model, host=args.host, port=args.port, **engine)
+    serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key or None,
+          allow_unauthenticated=args.allow_unauthenticated, max_body_bytes=args.max_body_bytes, **engine)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -131,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("LABKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (vLLM's flag; default $LABKIT_API_KEY)")
+    s.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen on a non-loopback --host without --api-key (refused otherwise)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     from labkit.serve.config import cli_options
 
     for flag, kind, default, doc in cli_options():  # every engine setting, from EngineConfig's fields

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hmac
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ Event = tuple[int | None, str | None, str | None]  # (new token, finish reason, 
 
 
 log = logging.getLogger("labkit.serve")
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt max_model_len admits; the kit's choice, configurable
 ENGINE_DIED_EXIT = 3  # `labkit serve`'s exit status when its engine thread died (a supervisor restarts it)
 
 
@@ -255,9 +257,15 @@ class OpenAIApp:
     """The routes, over one :class:`EngineService`; ``build()`` returns the FastAPI app."""
 
     def __init__(self, service: EngineService, tokenizer: Any, model_name: str, request_timeout_s: float = 600.0,
-                 body_timeout_s: float = 10.0) -> None:
+                 body_timeout_s: float = 10.0, api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        if max_body_bytes < 1:
+            raise LabkitError(f"max_body_bytes={max_body_bytes!r} must be a positive number of bytes")
+        if api_key is not None and not api_key:
+            raise LabkitError("api_key='' would accept any client; give a key or None (no key)")
         self.service, self.tokenizer, self.model_name = service, tokenizer, model_name
         self.request_timeout_s, self.body_timeout_s = request_timeout_s, body_timeout_s
+        self.api_key, self.max_body_bytes = api_key, max_body_bytes
 
     def build(self) -> FastAPI:
         app = FastAPI(title="labkit OpenAI-compatible server", version="1")
@@ -284,10 +292,24 @@ class OpenAIApp:
                     "failed_steps": s.failed_steps}  # no exception text: that goes to the server's log
             return JSONResponse(body, status_code=200 if s.healthy and alive else 503)
 
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            """vLLM's --api-key: every /v1 route wants ``Authorization: Bearer <key>`` (/health, /metrics stay open)."""
+            if self.api_key is not None and request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization", "")
+                scheme, _, token = given.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+                    err = APIError(401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+                                   code="invalid_api_key")
+                    return JSONResponse(err.body(), status_code=401)
+            return await call_next(request)
+
+        from labkit.serve.metrics import prometheus_text
+
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
-            lines = [f"labkit_{k} {v}" for k, v in self.service.metrics().items()]
-            return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+            text, content_type = prometheus_text(self.service.metrics(), self.model_name)
+            return PlainTextResponse(text, media_type=content_type)
 
         @app.get("/v1/models")
         async def models() -> dict:
@@ -300,19 +322,37 @@ class OpenAIApp:
         @app.post("/v1/completions", openapi_extra=schema(CompletionRequest))
         async def completions(request: Request):
             body = self._parse(CompletionRequest, await self._json(request))
-            return await self._respond(body, self._prompt_ids(body), chat=False)
+            ids = await asyncio.to_thread(self._prompt_ids, body)  # tokenizing never blocks the event loop
+            return await self._respond(body, ids, chat=False)
 
         @app.post("/v1/chat/completions", openapi_extra=schema(ChatCompletionRequest))
         async def chat(request: Request):
             body = self._parse(ChatCompletionRequest, await self._json(request))
-            return await self._respond(body, self._chat_ids(body), chat=True)
+            ids = await asyncio.to_thread(self._chat_ids, body)  # nor does the chat template
+            return await self._respond(body, ids, chat=True)
 
         return app
 
     # -------------------------------------------------------------------------------------- parsing
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it is known to pass ``max_body_bytes`` (from Content-Length
+        before reading anything, else while it streams in): a large body is never held whole in memory."""
+        too_big = APIError(413, f"the request body is larger than this server's limit of {self.max_body_bytes:,} "
+                                "bytes", code="body_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _json(self, request: Request) -> Any:
         try:
-            raw = await asyncio.wait_for(request.body(), self.body_timeout_s)
+            raw = await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(400, f"the request body did not arrive within {self.body_timeout_s:g} s (does "
                                 "Content-Length match the body?)", code="incomplete_body") from None
@@ -487,11 +527,14 @@ def _uvicorn(app, log_level: str):
 
 
 def start_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 request_timeout_s: float = 600.0, body_timeout_s: float = 10.0) -> ServerHandle:
+                 request_timeout_s: float = 600.0, body_timeout_s: float = 10.0, api_key: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> ServerHandle:
     """Serve ``llm`` (a :class:`~labkit.serve.LLM`) in a background thread; port 0 picks a free port."""
+    check_exposure(host, api_key, allow_unauthenticated=False)
     sock = _bind(host, port)
     service = EngineService(llm.engine)
-    app = OpenAIApp(service, llm.tokenizer, model_name, request_timeout_s, body_timeout_s).build()
+    app = OpenAIApp(service, llm.tokenizer, model_name, request_timeout_s, body_timeout_s, api_key,
+                    max_body_bytes).build()
     server = _uvicorn(app, "info" if verbose else "warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="labkit-http")
     thread.start()
@@ -512,11 +555,23 @@ def stop_server(handle: ServerHandle) -> None:
     handle.sock.close()
 
 
-def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, **engine_args: Any) -> None:
-    """``labkit serve``: block until interrupted. ``engine_args`` are :class:`EngineConfig` fields."""
+def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to listen beyond this machine without an API key, unless told explicitly."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if not loopback and api_key is None and not allow_unauthenticated:
+        raise LabkitError(f"host={host!r} is reachable from other machines and no API key is set: give --api-key "
+                          "(clients send 'Authorization: Bearer <key>'), or --allow-unauthenticated if this network "
+                          "is yours alone")
+
+
+def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+          allow_unauthenticated: bool = False, max_body_bytes: int = MAX_BODY_BYTES, **engine_args: Any) -> None:
+    """``labkit serve``: block until interrupted. ``engine_args`` are :class:`EngineConfig` fields. Exits with
+    status :data:`ENGINE_DIED_EXIT` if the engine thread dies, so a supervisor restarts it."""
     from labkit.serve.config import EngineConfig
     from labkit.serve.llm import LLM
 
+    check_exposure(host, api_key, allow_unauthenticated)
     EngineConfig.from_kwargs(**engine_args)  # a bad setting fails before the port is taken or the model loads
     sock = _bind(host, port)  # fail on a bad or busy port before loading the model
     llm = LLM(model, **engine_args)
@@ -530,7 +585,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
             server.should_exit = True
 
     service = EngineService(llm.engine, on_death=on_death)
-    app = OpenAIApp(service, llm.tokenizer, model).build()
+    app = OpenAIApp(service, llm.tokenizer, model, api_key=api_key, max_body_bytes=max_body_bytes).build()
     cfg = llm.engine.config
     print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (KV: {cfg.num_blocks} blocks of "
           f"{cfg.block_size}, {'paged' if cfg.paged else 'contiguous'}); Ctrl-C to stop")

@@ -224,16 +224,27 @@ def test_disconnect_mid_stream_frees_blocks(server):
     assert no_leak(server) and healthy(server)
 
 
-def test_metrics_report_engine_state(server):
-    status, body = request(server, "GET", "/metrics")
+def scrape(srv) -> dict[str, float]:
+    """/metrics parsed with prometheus_client's own parser: {sample name: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = request(srv, "GET", "/metrics")
     assert status == 200
-    m = dict(line.split() for line in body.decode().strip().splitlines())
-    assert m["labkit_num_requests_running"] == "0" and m["labkit_kv_blocks_used"] == "0"
-    assert int(m["labkit_kv_blocks_total"]) == len(server.service.engine.bm.blocks)
-    before = int(m["labkit_generation_tokens_total"])
+    return {s.name: s.value for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+
+
+def test_metrics_report_engine_state_in_prometheus_format(server):
+    status, body = request(server, "GET", "/metrics")
+    text = body.decode()
+    assert "# TYPE labkit:num_requests_running gauge" in text and "# HELP labkit:generation_tokens_total " in text
+    assert "# TYPE labkit:generation_tokens_total counter" in text and 'model_name="tiny"' in text
+    m = scrape(server)
+    assert m["labkit:num_requests_running"] == 0 and m["labkit:kv_cache_blocks_used"] == 0
+    assert m["labkit:kv_cache_blocks_total"] == len(server.service.engine.bm.blocks)
+    assert m["labkit:kv_cache_usage_perc"] == 0
+    before = m["labkit:generation_tokens_total"]
     request(server, "POST", "/v1/completions", {"prompt": [3, 4], "max_tokens": 5, "ignore_eos": True})
-    m = dict(line.split() for line in request(server, "GET", "/metrics")[1].decode().strip().splitlines())
-    assert int(m["labkit_generation_tokens_total"]) == before + 5
+    assert scrape(server)["labkit:generation_tokens_total"] == before + 5
 
 
 @contextlib.contextmanager
@@ -430,10 +441,9 @@ def test_speculating_server_streams_every_token_once(server, tokenizer):
         assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]].count("length") == 1
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
         assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == json.loads(plain)["choices"][0]["text"]
-        _, text = request(srv, "GET", "/metrics")
-        metrics = dict(line.split() for line in text.decode().splitlines())
-        assert int(metrics["labkit_spec_accepted_tokens_total"]) > 0
-        assert int(metrics["labkit_spec_draft_tokens_total"]) >= int(metrics["labkit_spec_accepted_tokens_total"])
+        metrics = scrape(srv)
+        assert metrics["labkit:spec_decode_num_accepted_tokens_total"] > 0
+        assert metrics["labkit:spec_decode_num_draft_tokens_total"] >= metrics["labkit:spec_decode_num_accepted_tokens_total"]
         assert no_leak(srv)
     finally:
         stop_server(srv)
@@ -518,3 +528,55 @@ def test_any_generated_request_gets_200_or_4xx_and_the_engine_lives(server, body
     status, raw = request(server, "POST", path, body)
     assert status == 200 or 400 <= status < 500, (status, body, raw[:300])
     assert server.service.thread.is_alive() and server.service.healthy
+
+
+def test_an_api_key_guards_every_v1_route(tokenizer):
+    llm = LLM(tiny_llama(seed=4), tokenizer, block_size=4, max_model_len=64, max_num_seqs=4)
+    srv = start_server(llm, "tiny", api_key="s3cret-key")
+    try:
+        body = {"prompt": [5] * 3, "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"},
+                        {"Authorization": "Bearer s3cret-ke"}):
+            status, raw = request(srv, "POST", "/v1/completions", body, headers=headers)
+            assert status == 401 and json.loads(raw)["error"]["code"] == "invalid_api_key", headers
+        assert request(srv, "GET", "/v1/models")[0] == 401
+        assert request(srv, "POST", "/v1/completions", body, headers={"Authorization": "Bearer s3cret-key"})[0] == 200
+        assert request(srv, "GET", "/health")[0] == 200 and request(srv, "GET", "/metrics")[0] == 200  # open, as vLLM's
+    finally:
+        stop_server(srv)
+
+
+def test_a_server_beyond_loopback_needs_a_key_or_an_explicit_yes(tokenizer):
+    from labkit import LabkitError
+    from labkit.serve.server import check_exposure
+
+    llm = LLM(tiny_llama(seed=4), tokenizer, block_size=4, max_model_len=64, max_num_seqs=4)
+    with pytest.raises(LabkitError, match="host='0.0.0.0'.*--api-key"):
+        start_server(llm, "tiny", host="0.0.0.0")
+    check_exposure("0.0.0.0", "k", allow_unauthenticated=False)
+    check_exposure("0.0.0.0", None, allow_unauthenticated=True)
+    check_exposure("127.0.0.1", None, allow_unauthenticated=False)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tokenizer):
+    llm = LLM(tiny_llama(seed=4), tokenizer, block_size=4, max_model_len=64, max_num_seqs=4)
+    srv = start_server(llm, "tiny", max_body_bytes=2048, body_timeout_s=2.0)
+    try:
+        status, raw = request(srv, "POST", "/v1/completions", {"prompt": "x" * 4000, "max_tokens": 2})
+        assert status == 413 and "2,048 bytes" in json.loads(raw)["error"]["message"]
+        # Content-Length announces 10 MB and nothing follows: refused at once from the header, not after a timeout
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 10000000\r\n\r\n{")
+            t0 = time.monotonic()
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 413") and time.monotonic() - t0 < 1.5
+        # chunked, with no length: counted while it streams in
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(b"400\r\n" + b" " * 1024 + b"\r\n"
+                                                                          for _ in range(3)))
+            assert s.recv(4096).decode().startswith("HTTP/1.1 413")
+        assert request(srv, "POST", "/v1/completions", {"prompt": "hello", "max_tokens": 2})[0] == 200
+    finally:
+        stop_server(srv)
