@@ -2,6 +2,7 @@
 empty notebook; hidden cases on other inputs than the notebook's."""
 
 import copy
+import functools
 import json
 import re
 import subprocess
@@ -88,7 +89,15 @@ def test_judge_says_what_is_wrong():
         otter.judge("pack_int4", {"pack_int4": 3})
     with pytest.raises(AssertionError, match="not written yet"):
         otter.judge("pack_int4", {"pack_int4": lambda c: (_ for _ in ()).throw(NotImplementedError)})
-    otter.judge("pack_int4", {"pack_int4": lambda c: exercises.solution("pack_int4")(c)}, inputs=3)
+    for wrapper in (lambda c: exercises.solution("pack_int4")(c), functools.partial(exercises.solution("pack_int4"))):
+        with pytest.raises(AssertionError, match="kit's own function"):  # however it is wrapped
+            otter.judge("pack_int4", {"pack_int4": wrapper}, inputs=3)
+
+    def own_pack_int4(codes):  # the learner's own work passes, though the checker calls the kit's to compare
+        c = codes.reshape(-1).to(torch.uint8)
+        return (c[0::2] & 0xF) | ((c[1::2] & 0xF) << 4)
+
+    otter.judge("pack_int4", {"pack_int4": own_pack_int4}, inputs=3)
 
 
 def test_every_exercise_is_exported(tmp_path):

@@ -13,10 +13,13 @@ lesson's exercises are a new module here.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import os
 import pkgutil
+import sys
 from collections.abc import Callable
 from functools import cache
 
@@ -58,25 +61,63 @@ def _entry(name: str) -> tuple[str, Callable, Callable]:
     return _registry()[name]
 
 
-def verify(name: str, fn: Callable, inputs: int = 0) -> Verdict:
+def verify(name: str, fn: Callable, inputs: int = 0, *, own_work: bool = False) -> Verdict:
     """Run the checker without printing: ``Verdict(ok, message, fallback, points, max_points)``. A checker that
     walks its cases through ``each`` gives partial points (the share of cases right); the message is the first
     failure's. ``inputs``: 0 checks on the random inputs the notebook's check uses; another number draws others
-    of the same shapes (a grader's hidden cases)."""
-    _, _, checker = _entry(name)
+    of the same shapes (a grader's hidden cases). ``own_work=True`` (grading) fails a function that calls the kit's
+    own solution while it runs, however it is wrapped."""
+    _, kit, checker = _entry(name)
     if not (isinstance(inputs, int) and inputs >= 0):
         raise LabkitError(f"inputs={inputs!r} must be a whole number >= 0 (0: the notebook's own inputs)")
+    watch = _SolutionWatch(kit) if own_work else None
     try:
         with other_inputs(inputs):
-            message, cases, first = score(checker, fn)
+            message, cases, first = score(checker, watch.wrap(fn) if watch else fn)
     except Exception as exc:  # noqa: BLE001 - a learner's bug is reported, never a crash of the notebook
         return Verdict(name, False, _said(exc), fallback=True)
+    finally:
+        if watch:
+            watch.close()
+    if watch and watch.caught:
+        return Verdict(name, False, "it calls the kit's own function (labkit.exercises.solution) while it runs: "
+                                    "the work must be yours", fallback=True)
     if first is None:
         return Verdict(name, True, message, fallback=False)
     right = cases.total - len(cases.failed)
     what = _said(first)
     return Verdict(name, False, f"{what} ({right} of {cases.total} cases right)" if right else what,
                    fallback=True, points=round(right / cases.total, 3))
+
+
+class _SolutionWatch:
+    """Notices a call into the kit's solution made from inside the learner's function (the checker's own calls to
+    it, outside the learner's function, do not count): a profile hook, set only while grading."""
+
+    def __init__(self, kit: Callable) -> None:
+        self.code = getattr(inspect.unwrap(kit), "__code__", None)
+        self.depth, self.caught = 0, False
+        self._previous = sys.getprofile()
+        if self.code is not None:
+            sys.setprofile(self._hook)
+
+    def _hook(self, frame, event, arg) -> None:
+        if event == "call" and self.depth and frame.f_code is self.code:
+            self.caught = True
+
+    def wrap(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def learners(*args, **kwargs):
+            self.depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+        return learners
+
+    def close(self) -> None:
+        if self.code is not None:
+            sys.setprofile(self._previous)
 
 
 def _said(exc: BaseException) -> str:
@@ -94,8 +135,9 @@ GRADE_LOG = "LABKIT_GRADE_LOG"  # set by `labkit grade`: every check appends its
 def check(name: str, fn: Callable) -> Callable:
     """Check a learner's function, print ✓ or what differs, and return the function to go on with. Under
     ``labkit grade`` the verdict is also appended, as one JSON line, to the file ``$LABKIT_GRADE_LOG`` names."""
-    v = verify(name, fn)
-    if os.environ.get(GRADE_LOG):
+    grading = bool(os.environ.get(GRADE_LOG))
+    v = verify(name, fn, own_work=grading)
+    if grading:
         if fn is solution(name):  # e.g. `f = exercises.solution(...)`: the kit's work, not the learner's
             v = Verdict(name, False, "this is the kit's own function (exercises.solution), not yours", fallback=True)
         with open(os.environ[GRADE_LOG], "a", encoding="utf-8") as log:

@@ -56,7 +56,7 @@ def judge(name: str, env: Mapping[str, Any], inputs: int = 0) -> None:
                              "which then went on with the kit's version")
     if not callable(fn):
         raise AssertionError(f"{name} is a {type(fn).__name__}, not a function")
-    verdict = exercises.verify(name, fn, inputs=inputs)
+    verdict = exercises.verify(name, fn, inputs=inputs, own_work=True)
     if not verdict.ok:
         raise AssertionError(verdict.message)
 

@@ -243,8 +243,8 @@ def prune_attention_heads(model: nn.Module, ratio: float, *, importance_name: st
                           calibration_ids: torch.Tensor | None = None, batch_size: int = 2) -> PruneResult:
     """Remove ``ratio`` of the query heads of each key/value group in every layer (in place, GQA kept).
 
-    A head's score is ``‖W_q[head]‖ + ‖W_o[:, head]‖`` (``"l2"``) or the Taylor sum ``Σ|w · ∂L/∂w|`` over the
-    same weights (``"taylor"``, gradients from ``calibration_ids``). Key/value projections are untouched; the
+    A head's score is the L2 norm of all its weights together, ``sqrt(‖W_q[head]‖² + ‖W_o[:, head]‖²)``
+    (``"l2"``, the group norm Torch-Pruning uses), or the Taylor sum ``Σ|w · ∂L/∂w|`` over the same weights (``"taylor"``, gradients from ``calibration_ids``). Key/value projections are untouched; the
     config's ``num_attention_heads`` (and an explicit ``head_dim``) are updated so the model saves and reloads.
     """
     if importance_name not in ("l2", "taylor"):

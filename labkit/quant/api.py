@@ -169,11 +169,23 @@ def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAU
         if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
             raise LabkitError(f"cannot quantize {name!r} of type {type(module).__name__}: only nn.Linear "
                               f"layers are quantizable")
-        _set_module(model, name, build(module.float(), config).to(module.weight.device))
+        _set_module(model, name, build(_as_fp32(module), config).to(module.weight.device))
         report.quantized.append(name)
     if not report.quantized:
         raise LabkitError("no nn.Linear layer was selected for quantization; check skip / filter_fn")
     return report
+
+
+def _as_fp32(linear: nn.Linear) -> nn.Linear:
+    """An fp32 stand-in for ``linear`` that leaves the caller's layer untouched (``Module.float()`` would convert
+    it in place, and a layer held elsewhere, or tied, would change under its owner)."""
+    if linear.weight.dtype == torch.float32 and (linear.bias is None or linear.bias.dtype == torch.float32):
+        return linear
+    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    out.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    return out
 
 
 def _cast(model: nn.Module, dtype: torch.dtype, skip: tuple[str, ...], report: QuantReport) -> QuantReport:

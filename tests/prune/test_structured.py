@@ -136,3 +136,15 @@ def test_real_smollm2_mlp_prune_is_smaller_and_generates(smollm2, tmp_path):
     prune.save_pruned(lm, tmp_path / "smol")
     back = prune.load_pruned(tmp_path / "smol")
     assert measure.param_count(back) == res.params_after
+
+
+def test_a_heads_l2_score_is_the_norm_of_its_query_rows_and_output_columns_together():
+    from labkit.prune.structured import _head_scores
+
+    torch.manual_seed(0)
+    h, d, hidden = 4, 8, 32
+    wq, wo = torch.randn(h * d, hidden), torch.randn(hidden, h * d)
+    got = _head_scores(wq, wo, h, d, "l2")
+    for i in range(h):
+        rows, cols = wq[i * d:(i + 1) * d], wo[:, i * d:(i + 1) * d]
+        assert got[i] == pytest.approx(torch.cat([rows.flatten(), cols.flatten()]).norm().item(), rel=1e-5)

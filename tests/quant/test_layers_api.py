@@ -183,3 +183,15 @@ def test_a_new_quantization_config_registers_its_layer_builder():
         api._LAYER_BUILDERS.pop(ShiftedInt8Config)
     with pytest.raises(ValueError, match="use one of Int8Config, Int4Config, NF4Config, DtypeConfig"):
         api.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4)), ShiftedInt8Config())
+
+
+@pytest.mark.parametrize("config", [Int8Config(), Int4Config(group_size=32), NF4Config(group_size=32)])
+def test_quantize_leaves_the_callers_layers_untouched(config):
+    """quantize_ replaces layers in the model; a bf16 layer the caller still holds keeps its dtype and values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).to(torch.bfloat16)
+    held = model[0]
+    before = held.weight.detach().clone()
+    quantize_(model, config, skip=())
+    assert model[0] is not held and held.weight.dtype == torch.bfloat16 and torch.equal(held.weight, before)
+    assert model(torch.randn(2, 64, dtype=torch.bfloat16)).shape == (2, 32)
