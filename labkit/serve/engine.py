@@ -44,6 +44,7 @@ class LLMEngine:
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else \
             hf_model.config.eos_token_id
         self.stats = EngineStats()
+        self._preemptions_before = 0  # the scheduler's count when the stats were last reset
         self.record_history = record_history
         self.requests: dict[int, tuple[Sequence, SamplingParams, RequestOutput]] = {}
         self.generators: dict[int, torch.Generator | None] = {}
@@ -111,6 +112,23 @@ class LLMEngine:
     def abort_running(self, reason: str = "error") -> list[RequestOutput]:
         """Abort every request in the running batch (after a failed step, whose state cannot be trusted)."""
         return [out for s in list(self.scheduler.running) if (out := self.abort(s.seq_id, reason)) is not None]
+
+    def abort_waiting_head(self, reason: str = "error") -> RequestOutput | None:
+        """Abort the request at the head of the waiting queue (one nothing can hold, after a failed step)."""
+        waiting = self.scheduler.waiting
+        return self.abort(waiting[0].seq_id, reason) if waiting else None
+
+    def state(self) -> dict[str, int]:
+        """The engine's state for monitoring, in one read (what a server's /metrics publishes)."""
+        return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.bm.num_used, "kv_blocks_total": len(self.bm.blocks),
+                "spec_draft_tokens_total": self.stats.spec_proposed,  # speculative decoding: guessed
+                "spec_accepted_tokens_total": self.stats.spec_accepted}  # ... and kept
+
+    def reset_stats(self) -> None:
+        """Fresh counters (steps, waste, preemptions) before a repeated run; the scheduler is not touched."""
+        self.stats = EngineStats()
+        self._preemptions_before = self.scheduler.num_preemptions
 
     def check_consistent(self) -> None:
         """Raise if block reference counts disagree with the live block tables (a leak or a double free)."""
@@ -220,7 +238,7 @@ class LLMEngine:
     def _account(self, sched) -> None:
         st = self.stats
         st.steps += 1
-        st.preemptions = self.scheduler.num_preemptions
+        st.preemptions = self.scheduler.num_preemptions - self._preemptions_before
         st.prefix_hit_blocks = self.bm.prefix_hits
         st.peak_blocks = max(st.peak_blocks, self.bm.num_used)
         st.max_running = max(st.max_running, len(self.scheduler.running))
@@ -247,4 +265,5 @@ class LLMEngine:
                 "waiting": [s.seq_id for s in self.scheduler.waiting],
                 "scheduled": [(s.seq_id, n) for s, n in (sched.scheduled if sched else [])],
                 "block_tables": {s.seq_id: list(s.block_table) for s in self.scheduler.running},
-                "preemptions": self.scheduler.num_preemptions, "prefix_hit_blocks": self.bm.prefix_hits}
+                "preemptions": self.scheduler.num_preemptions - self._preemptions_before,
+                "prefix_hit_blocks": self.bm.prefix_hits}

@@ -44,8 +44,7 @@ class LLM:
 
     def reset_stats(self) -> None:
         """Fresh counters (steps, waste, preemptions) before a repeated run on the same engine."""
-        self.engine.stats = EngineStats()
-        self.engine.scheduler.num_preemptions = 0
+        self.engine.reset_stats()
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

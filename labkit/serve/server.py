@@ -215,8 +215,8 @@ class EngineService:
         self.last_error = type(exc).__name__  # the text goes to the log, not to clients
         log.error("engine step failed: %s: %s", type(exc).__name__, exc)
         failed = self.engine.abort_running("error")
-        if not failed and self.engine.scheduler.waiting:
-            out = self.engine.abort(self.engine.scheduler.waiting[0].seq_id, "error")
+        if not failed:
+            out = self.engine.abort_waiting_head("error")
             failed = [out] if out is not None else []
         try:
             self.engine.check_consistent()
@@ -227,11 +227,7 @@ class EngineService:
         return [(s, (None, "error", msg)) for out in failed if (s := self._finish(out.request_id))]
 
     def _read_state(self) -> dict[str, int]:
-        sch, bm = self.engine.scheduler, self.engine.bm
-        return {"num_requests_running": len(sch.running), "num_requests_waiting": len(sch.waiting),
-                "kv_blocks_used": bm.num_used, "kv_blocks_total": len(bm.blocks),
-                "spec_draft_tokens_total": self.engine.stats.spec_proposed,  # speculative decoding: guessed
-                "spec_accepted_tokens_total": self.engine.stats.spec_accepted}  # ... and kept
+        return self.engine.state()
 
 
 def _deliver(sink: Callable[[Event], None], event: Event) -> None:

@@ -300,3 +300,20 @@ def test_llm_takes_engine_settings_from_the_config_fields(tokenizer):
     allowed = ", ".join(f.name for f in fields(EngineConfig))
     with pytest.raises(ValueError, match=allowed):
         EngineConfig.from_kwargs(bogus=1)
+
+
+def test_reset_stats_counts_afresh_without_touching_the_scheduler(tiny_lm):
+    from labkit.serve import LLM, SamplingParams
+
+    llm = LLM(tiny_lm, None, block_size=4, num_blocks=12, max_model_len=48, max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm.generate([[5] * 12, [6] * 12, [7] * 12], params, use_tqdm=False)  # a small pool: preemptions happen
+    first = llm.stats.preemptions
+    assert first > 0 and llm.stats.preemptions == llm.engine.scheduler.num_preemptions
+    before = llm.engine.scheduler.num_preemptions
+    llm.reset_stats()
+    assert llm.stats.steps == 0 and llm.stats.preemptions == 0
+    assert llm.engine.scheduler.num_preemptions == before  # the scheduler's own count is not rewritten
+    llm.generate([[5] * 12, [6] * 12, [7] * 12], params, use_tqdm=False)
+    assert llm.stats.preemptions == llm.engine.scheduler.num_preemptions - before == first  # the same run again
+    assert llm.engine.state()["kv_blocks_used"] == 0 and llm.engine.state()["num_requests_waiting"] == 0
