@@ -430,23 +430,30 @@ def decode_step_times(model: nn.Module, *, batch: int = 1, prompt_len: int = 32,
     return run
 
 
-# aten op name -> what it is, for the decode breakdown (first match wins; the rest is "other tensor ops"). The
-# composites (aten::linear, aten::matmul) have next to no self time and would count each call twice.
-_OP_KINDS = (("weight matmuls", ("addmm", "aten::mm", "_weight_int8pack_mm", "_weight_int4pack_mm", "aten::bmm")),
-             ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
-             ("copies, casts, cache appends", ("copy_", "aten::cat", "_to_copy", "aten::to", "contiguous", "clone",
-                                               "index_select", "aten::stack")))
+# One grouping of profiler operator names for every breakdown in the kit (decode steps here, engine steps in
+# labkit.serve.profile): the first group whose key occurs in the name wins; the rest is OTHER. The composites
+# (aten::linear, aten::matmul, aten::embedding) have next to no self time and would count each call twice.
+MATMUL = "matmul"
+ATTENTION = "attention"
+GATHER = "gather (index_select: KV blocks, embedding rows)"
+WRITE = "cache writes (index_put, cat)"
+COPY = "copies and casts"
+OTHER = "other tensor ops (norms, activations, rotary, dequantize)"
+OUTSIDE_OPS = "outside torch ops (Python, module calls, scheduling, bookkeeping)"
+_OP_GROUPS = ((MATMUL, ("addmm", "aten::mm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm", "aten::bmm")),
+              (ATTENTION, ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+              (GATHER, ("index_select",)),
+              (WRITE, ("index_put", "aten::cat", "aten::stack")),
+              (COPY, ("copy_", "_to_copy", "aten::to", "contiguous", "clone")))
+OP_GROUPS = tuple(g for g, _ in _OP_GROUPS) + (OTHER,)
 
 
-OUTSIDE_OPS = "outside torch ops (Python, module calls, cache bookkeeping)"
-
-
-def op_kind(name: str) -> str:
-    """The kind of work an aten op name does (the rows of :func:`decode_breakdown`)."""
-    for kind, keys in _OP_KINDS:
+def op_group(name: str) -> str:
+    """The group of one profiler event's operator name (one of :data:`OP_GROUPS`)."""
+    for group, keys in _OP_GROUPS:
         if any(k in name for k in keys):
-            return kind
-    return "other tensor ops (norms, activations, rotary, dequantize)"
+            return group
+    return OTHER
 
 
 @torch.no_grad()
@@ -469,7 +476,7 @@ def decode_breakdown(model: nn.Module, *, prompt_len: int = 32, new_tokens: int 
     by_kind: dict[str, list[float]] = {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0.0) if on_gpu else event.self_cpu_time_total
-        kind = by_kind.setdefault(op_kind(event.key), [0.0, 0])
+        kind = by_kind.setdefault(op_group(event.key), [0.0, 0])
         kind[0] += us / 1e6
         kind[1] += event.count
     inside = sum(t for t, _ in by_kind.values())

@@ -12,28 +12,14 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from labkit import LabkitError
+from labkit.measure import GATHER, OP_GROUPS, op_group
+from labkit.measure import OUTSIDE_OPS as OUTSIDE
 from labkit.serve.llm import LLM
 from labkit.serve.outputs import STEP_PHASES
 from labkit.serve.sampling import SamplingParams
 
-GATHER = "KV gather (copy of each context's blocks)"
-OUTSIDE = "outside operators (Python, scheduling, the profiler)"
-GROUPS = ("matmul", "attention (SDPA)", GATHER, "KV write", "other", OUTSIDE)
-
-# operator name -> group; anything else is "other" (elementwise ops, norms, rotary embedding, Python glue)
-OP_GROUPS = {
-    "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "aten::_int_mm": "matmul",
-    "aten::_weight_int4pack_mm_for_cpu": "matmul", "aten::_weight_int8pack_mm": "matmul",
-    "aten::index_select": GATHER,
-    "aten::index_put_": "KV write", "aten::_index_put_impl_": "KV write",
-}
-
-
-def op_group(name: str) -> str:
-    """The group of one profiler event's operator name."""
-    if "scaled_dot_product" in name:
-        return "attention (SDPA)"
-    return OP_GROUPS.get(name, "other")
+__all__ = ["GATHER", "GROUPS", "OUTSIDE", "op_group", "step_breakdown"]
+GROUPS = (*OP_GROUPS, OUTSIDE)  # the operator groups of labkit.measure, one grouping for every breakdown
 
 
 def _step_times(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], hook=None) -> list[float]:
