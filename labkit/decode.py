@@ -9,7 +9,7 @@ so quantized layers (labkit's fused kernels, bitsandbytes) run unchanged — wit
 - the KV cache is preallocated once, ``[batch, kv_heads, max_len, head_dim]`` per layer, and written in place;
 - rotary cos/sin come from the model's own rotary module, computed once for every position;
 - RMSNorm is one ``F.rms_norm``; attention is one ``scaled_dot_product_attention`` with grouped-query heads;
-- q/k/v and gate/up are stacked into one matmul each (:func:`labkit.quant.fuse.concat_rows`; ``fuse=False`` keeps
+- q/k/v and gate/up are stacked into one matmul each (:func:`labkit.quant.stacking.concat_rows`; ``fuse=False`` keeps
   seven calls a layer): four kernel calls a layer instead of seven. The decoder holds its own stacked copy (5/7
   of each layer's weight bytes, for as long as it lives); the model is not changed;
 - ``dtype`` sets the activations' dtype: bf16 for layers whose fused kernels compute in bf16 (labkit's int8/int4 on
@@ -28,7 +28,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
-from labkit.quant.fuse import project, stack
+from labkit.quant.stacking import project, stack
 from labkit.serve.model import SUPPORTED_MODEL_TYPES
 
 

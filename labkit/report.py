@@ -35,9 +35,9 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
-def human(key: str, row: dict) -> str:
+def format_cell(key: str, row: dict) -> str:
     """One cell in the units people read (MB, ms ± IQR, ×, %)."""
-    from labkit.select import human as human_number
+    from labkit.select import human
 
     v = row.get(key)
     if v is None or v != v:
@@ -52,7 +52,7 @@ def human(key: str, row: dict) -> str:
     if key in ("accuracy",):
         return f"{100 * v:.1f} %"
     if key in ("weight_bytes", "params"):
-        return human_number(key, v)
+        return human(key, v)
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
     return html.escape(str(v))
@@ -75,12 +75,12 @@ def headline(rec: Record) -> str:
         q = next((k for k in ("accuracy", "perplexity", "cosine_to_reference") if k in best), None)
         parts.append(f"Fastest at baseline quality: <b>{html.escape(str(best.get('model', '')))} "
                      f"{html.escape(best['name'])}</b>, {best['speedup_vs_baseline']:.2f}× its baseline"
-                     + (f" ({q} {human(q, best)})" if q else ""))
+                     + (f" ({q} {format_cell(q, best)})" if q else ""))
     sized = [v for v in rec.variants if isinstance(v.get("weight_bytes"), (int, float))]
     if sized and len({v.get("weight_bytes") for v in sized}) > 1:
         small = min(sized, key=lambda v: v["weight_bytes"])
         parts.append(f"smallest: {html.escape(str(small.get('model', '')))} {html.escape(small['name'])} "
-                     f"({human('weight_bytes', small)})")
+                     f"({format_cell('weight_bytes', small)})")
     targets = rec.config.get("targets") or {}
     if targets:
         met = sum(1 for t in targets.values() if t.get("ok"))
@@ -101,7 +101,7 @@ def _table(rows: list[dict], cols: list[str], fmt) -> str:
 
 def record_html(rec: Record, report_dir: Path | None = None) -> str:
     cols = [c for c in CURATED if any(c in v for v in rec.variants)]
-    curated = _table(rec.variants, cols, human)
+    curated = _table(rec.variants, cols, format_cell)
     full_cols = [c for c in rec.to_frame().columns if c not in ("provenance", "recipe") and not c.endswith("_runs")]
     full = _table(rec.variants, full_cols, lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else "")
     figs = "".join(f'<img alt="{html.escape(rec.experiment)} figure" src="data:image/png;base64,{_fig_png(f)}"/>'

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from labkit import measure, zoo
-from labkit.quant.fuse import stack
+from labkit.quant.stacking import stack
 from labkit.serve import LLM, SamplingParams
 from labkit.serve.bench import make_workload
 

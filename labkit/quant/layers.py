@@ -155,7 +155,7 @@ class Int4Linear(QuantLinear):
                            scale_and_zero: torch.Tensor, group_size: int, padded_in: int,
                            bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = torch.bfloat16,
                            symmetric: bool = False) -> Int4Linear:
-        """A fused-layout layer from the kernel's own tensors (as :func:`labkit.quant.fuse.concat_rows` stacks
+        """A fused-layout layer from the kernel's own tensors (as :func:`labkit.quant.stacking.concat_rows` stacks
         them), without going back through codes."""
         layer = cls.__new__(cls)
         QuantLinear.__init__(layer, in_features, out_features, bias, "fused", compute_dtype)

@@ -3,7 +3,7 @@
 Hugging Face's ``LlamaForCausalLM`` supplies the weights and the building blocks (embedding, RMSNorm, rotary
 embedding, projections, MLP); only attention is rewritten: each layer writes the new tokens' K/V to their
 slots, then every sequence attends over the slots its block table names. q/k/v and gate/up are stacked into one
-matmul each (:func:`labkit.quant.fuse.stack`; 1.01-1.08x on serving's quick workload, tokens identical). Plain PyTorch,
+matmul each (:func:`labkit.quant.stacking.stack`; 1.01-1.08x on serving's quick workload, tokens identical). Plain PyTorch,
 CPU or CUDA.
 
 The batch mixes prefill chunks (many query tokens of one sequence) and decode tokens (one query token per
@@ -20,7 +20,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
-from labkit.quant.fuse import project, stack
+from labkit.quant.stacking import project, stack
 from labkit.serve.kv_cache import KVCache
 
 # Architectures whose decoder layers have Llama's shape (q/k/v/o projections, RMSNorm, rotary, gated MLP).

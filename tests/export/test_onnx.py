@@ -173,11 +173,11 @@ def test_from_scratch_bias_gelu_fusion_finds_what_onnx_runtime_fuses(encoder_onn
     _, path, _, _, d = encoder_onnx
     nodes, consts, scalars, outs = fusion.graph_of(path)
     gelu = fusion.collapse_gelu(nodes, scalars, outs)
-    assert fusion.op_counts(gelu)["Gelu"] == fusion.op_counts(nodes)["Erf"] == 6
+    assert fusion.node_counts(gelu)["Gelu"] == fusion.node_counts(nodes)["Erf"] == 6
     assert len(nodes) - len(gelu) == 4 * 6  # Div, Erf, Add, Mul gone per layer; the last Mul became the Gelu
     fused = fusion.fuse_bias_gelu(gelu, consts, outs)
     ort = X.transformer_fuse(path, d / "fused-bg.onnx", num_heads=12, hidden_size=384)
-    assert fusion.op_counts(fused)["BiasGelu"] == ort["BiasGelu"] == 6 and "Gelu" not in fusion.op_counts(fused)
+    assert fusion.node_counts(fused)["BiasGelu"] == ort["BiasGelu"] == 6 and "Gelu" not in fusion.node_counts(fused)
     produced = {n["output"] for n in nodes}
     seen = set()
     for n in fused:  # still topologically ordered, and nothing reads a value that was fused away
@@ -192,5 +192,5 @@ def test_bias_gelu_fusion_leaves_illegal_patterns_alone():
     nodes = [{"op": "Add", "inputs": ["x", "b"], "output": "y"}, {"op": "Gelu", "inputs": ["y"], "output": "z"},
              {"op": "Add", "inputs": ["y", "z"], "output": "r"}]
     assert fusion.fuse_bias_gelu(nodes, {"b": (8,)}, ["r"]) == nodes  # y is read twice
-    assert fusion.op_counts(fusion.fuse_bias_gelu(nodes[:2], {"b": (8,)}, ["z"]))["BiasGelu"] == 1
+    assert fusion.node_counts(fusion.fuse_bias_gelu(nodes[:2], {"b": (8,)}, ["z"]))["BiasGelu"] == 1
     assert fusion.fuse_bias_gelu(nodes[:2], {"b": (8, 8)}, ["z"]) == nodes[:2]  # not a bias

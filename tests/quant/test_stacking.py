@@ -8,8 +8,8 @@ from torch import nn
 
 from labkit.decode import StaticDecoder
 from labkit.quant import api
-from labkit.quant.fuse import INT4_ROW_BLOCK, concat_rows
 from labkit.quant.layers import Int4Linear, Int8Linear
+from labkit.quant.stacking import INT4_ROW_BLOCK, concat_rows
 from tests.conftest import tiny_llama
 
 
