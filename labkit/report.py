@@ -32,7 +32,17 @@ def _fig_png(fig) -> str:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1e6 else f"{v:,.0f}"
-    return html.escape(str(v))
+    return str(v)
+
+
+def template(name: str):
+    """A Jinja2 template of ``labkit/templates`` with autoescaping on: learner names, checker messages and record
+    fields reach these pages, and every value is escaped unless the code marks it safe."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("labkit", "templates"), autoescape=select_autoescape(default=True),
+                      trim_blocks=False)
+    return env.get_template(name)
 
 
 def format_cell(key: str, row: dict) -> str:
@@ -55,7 +65,7 @@ def format_cell(key: str, row: dict) -> str:
         return human(key, v)
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return html.escape(str(v))
+    return str(v)  # plain text: the template escapes every cell
 
 
 def headline(rec: Record) -> str:
@@ -93,30 +103,27 @@ def headline(rec: Record) -> str:
     return "; ".join(parts) + "." if parts else ""
 
 
-def _table(rows: list[dict], cols: list[str], fmt) -> str:
-    head = "".join(f"<th>{html.escape(LABELS.get(c, c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(c, r)}</td>" for c in cols) + "</tr>" for r in rows)
-    return f"<div class=wrap><table><tr>{head}</tr>{body}</table></div>"
+def _table(rows: list[dict], cols: list[str], fmt) -> dict[str, list]:
+    return {"head": [LABELS.get(c, c) for c in cols], "rows": [[fmt(c, r) for c in cols] for r in rows]}
 
 
-def record_html(rec: Record, report_dir: Path | None = None) -> str:
+def section(rec: Record, report_dir: Path | None = None) -> dict:
+    """What the report shows for one record (the template escapes every string; only the headline is markup)."""
+    from markupsafe import Markup
+
     cols = [c for c in CURATED if any(c in v for v in rec.variants)]
-    curated = _table(rec.variants, cols, format_cell)
     full_cols = [c for c in rec.to_frame().columns if c not in ("provenance", "recipe") and not c.endswith("_runs")]
-    full = _table(rec.variants, full_cols, lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else "")
-    figs = "".join(f'<img alt="{html.escape(rec.experiment)} figure" src="data:image/png;base64,{_fig_png(f)}"/>'
-                   for f in experiments.figures(rec))
     hw = rec.env.get("gpu") or {"name": f"{rec.env.get('cpu')} ({rec.env.get('torch_threads')} threads)"}
     nb = experiments.notebook(rec.experiment)
     rendered = report_dir is not None and nb is not None and (report_dir / "notebooks" / f"{nb}.html").exists()
-    link = f' · executed notebook: <a href="notebooks/{nb}.html">{nb}</a>' if rendered else \
-        (f" · notebook: notebooks/{nb}.ipynb" if nb else "")
-    env = html.escape(f"{hw['name']} · torch {rec.env.get('libraries', {}).get('torch')} · python "
-                      f"{rec.env.get('python')} · {rec.created_at} · labkit {rec.labkit_version}")
-    return (f'<section id="{html.escape(rec.experiment)}"><h2>{html.escape(rec.experiment)}</h2>'
-            f"<p class=headline>{headline(rec)}</p><p class=meta>{env}{link}</p>{curated}{figs}"
-            f"<details><summary>full record ({len(rec.variants)} variants, every field)</summary>{full}</details>"
-            "</section>")
+    return {"experiment": rec.experiment, "headline": Markup(headline(rec)),  # built from escaped parts
+            "env": f"{hw['name']} · torch {rec.env.get('libraries', {}).get('torch')} · python "
+                   f"{rec.env.get('python')} · {rec.created_at} · labkit {rec.labkit_version}",
+            "notebook": nb, "notebook_html": rendered, "n_variants": len(rec.variants),
+            "curated": _table(rec.variants, cols, format_cell),
+            "full": _table(rec.variants, full_cols,
+                           lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else ""),
+            "figures": [_fig_png(f) for f in experiments.figures(rec)]}
 
 
 def build(results_dir: str | Path = "results", out: str | Path = "reports/index.html") -> Path:
@@ -128,11 +135,5 @@ def build(results_dir: str | Path = "results", out: str | Path = "reports/index.
         raise LabkitError(f"no result records in {str(results_dir)!r}; run `labkit run EXPERIMENT --quick` first")
     order = experiments.available()  # the notebooks' order; records of unknown experiments last
     records.sort(key=lambda r: (order.index(r.experiment) if r.experiment in order else len(order), r.experiment))
-    nav = "".join(f'<a href="#{html.escape(r.experiment)}">{html.escape(r.experiment)}</a>' for r in records)
-    body = "".join(record_html(r, out.parent) for r in records)
-    doc = (f"<!doctype html><html><head><meta charset=utf-8><meta name=viewport content='width=device-width'>"
-           f"<title>labkit report</title><style>{_CSS}</style></head><body><h1>labkit: inference optimization, "
-           f"measured</h1><p class=meta>Every number below was measured by <code>labkit run EXPERIMENT</code> on the "
-           f"machine named under each section; speed-ups are ratios of medians in one process.</p><nav>{nav}</nav>"
-           f"{body}</body></html>")
+    doc = template("report.html.j2").render(css=_CSS, sections=[section(r, out.parent) for r in records])
     return atomic_write_text(out, doc)

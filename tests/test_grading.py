@@ -157,3 +157,20 @@ def test_partial_points_without_a_kernel():
     assert exercises.verify("pack_int4", exercises.solution("pack_int4")).points == 1
     stub = exercises.verify("pack_int4", lambda codes: (_ for _ in ()).throw(NotImplementedError))
     assert stub.points == 0 and "not written yet" in stub.message
+
+
+def test_feedback_pages_escape_names_and_messages(tmp_path):
+    from labkit.grading import Submission, write
+
+    row = Submission("<script>alert(1)</script>", "x.ipynb", exercises={
+        "pack_int4": {"points": 0.5, "max_points": 1.0, "message": "got <b>wrong</b> & more", "cell": 3}},
+        errors=[{"cell": 4, "error": "<img src=x onerror=alert(2)>"}])
+    row.learner = "eve"  # the file name stays safe; the page title and heading carry the raw name below
+    write([row], tmp_path)
+    page = (tmp_path / "feedback" / "eve.html").read_text()
+    row.learner = "<script>alert(1)</script>"
+    from labkit.grading import _feedback
+
+    page += _feedback(row)
+    assert "<script>" not in page and "<img" not in page and "<b>wrong</b>" not in page
+    assert "got &lt;b&gt;wrong&lt;/b&gt; &amp; more" in page and "0.5 / 1" in page and "cell 4:" in page

@@ -100,3 +100,12 @@ def test_records_store_scalars_paths_dtypes_and_devices():
                                        "d": torch.bfloat16, "dev": torch.device("cpu"), "s": {"b", "a"}})
     assert results.Record.from_dict(json.loads(json.dumps(r.to_dict(), default=results._jsonable))).config == {
         "a": 1.5, "b": 3, "p": "x/y", "d": "torch.bfloat16", "dev": "cpu", "s": ["a", "b"]}
+
+
+def test_report_escapes_every_field_a_record_carries(tmp_path):
+    rec = results.Record("demo<script>")
+    rec.add("<img src=x onerror=alert(1)>", model="m&m", weight_bytes=10, note="</td><script>alert(2)</script>")
+    rec.save(tmp_path / "results")
+    html = report.build(tmp_path / "results", tmp_path / "reports" / "index.html").read_text()
+    assert "<script>" not in html and "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "m&amp;m" in html and "demo&lt;script&gt;" in html

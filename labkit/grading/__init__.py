@@ -10,7 +10,6 @@ row per learner, one column per exercise, the total), ``grades.json``, ``feedbac
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import resource
@@ -211,16 +210,9 @@ def check_gradescope(results: dict) -> None:
 
 
 def _feedback(row: Submission) -> str:
-    items = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{e['points']:g} / {e['max_points']:g}</td>"
-        f"<td>{'' if e.get('cell') is None else e['cell']}</td><td>{html.escape(e['message'])}</td></tr>"
-        for n, e in row.exercises.items())
-    errors = "".join(f"<li>cell {e['cell']}: {html.escape(e['error'])}</li>" for e in row.errors)
-    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(row.learner)}</title>"
-            f"<h1>{html.escape(row.learner)}: {row.total:g} / {sum(e['max_points'] for e in row.exercises.values()):g}</h1>"
-            f"<p>Notebook: {html.escape(row.status)}</p><table border=1 cellpadding=4><tr><th>exercise</th>"
-            f"<th>points</th><th>cell</th><th>message</th></tr>{items}</table>"
-            + (f"<h2>Errors</h2><ul>{errors}</ul>" if errors else ""))
+    from labkit.report import template
+
+    return template("feedback.html.j2").render(row=row, max_points=sum(e["max_points"] for e in row.exercises.values()))
 
 
 def write(rows: list[Submission], out: Path, gradescope: bool = False) -> None:
