@@ -28,8 +28,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
+from labkit.llama import check_supported
 from labkit.quant.stacking import project, stack
-from labkit.serve.model import SUPPORTED_MODEL_TYPES
 
 
 class StaticDecoder:
@@ -38,14 +38,7 @@ class StaticDecoder:
     def __init__(self, model: nn.Module, batch: int = 1, max_len: int = 512, dtype: torch.dtype | None = None,
                  fuse: bool = True) -> None:
         cfg = model.config
-        model_type = getattr(cfg, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise LabkitError(f"model_type={model_type!r} is not supported by StaticDecoder; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-shaped decoders)")
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
-                and cfg.sliding_window < max_len:
-            raise LabkitError(f"max_len={max_len} is past the model's sliding window ({cfg.sliding_window}); "
-                              "StaticDecoder attends over the whole context")
+        check_supported(cfg, "StaticDecoder", max_len, "max_len")
         if batch < 1 or max_len < 2:
             raise LabkitError(f"batch={batch} and max_len={max_len} must be at least 1 and 2")
         self.model, self.batch, self.max_len = model, batch, max_len

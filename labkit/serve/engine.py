@@ -30,7 +30,7 @@ class LLMEngine:
                  record_history: bool = False) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.model = PagedLlama(hf_model)
+        self.model = PagedLlama(hf_model, max_model_len=self.config.max_model_len)
         cfg = self.config
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         cache = Int8KVCache if cfg.kv_cache_dtype == "int8" else KVCache

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from labkit import LabkitError
+from labkit.llama import check_supported
 from labkit.quant.stacking import project, stack
 from labkit.serve.kv_cache import KVCache
 
 # Architectures whose decoder layers have Llama's shape (q/k/v/o projections, RMSNorm, rotary, gated MLP).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
@@ -68,13 +67,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 class PagedLlama(nn.Module):
-    def __init__(self, hf_model: nn.Module, fuse: bool = True) -> None:
+    def __init__(self, hf_model: nn.Module, fuse: bool = True, max_model_len: int | None = None) -> None:
         super().__init__()
         cfg = hf_model.config
-        model_type = getattr(cfg, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise LabkitError(f"model_type={model_type!r} is not supported by the paged engine; supported: "
-                              f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-shaped decoders)")
+        check_supported(cfg, "the paged engine", max_model_len, "max_model_len")
         self.hf = hf_model
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads

@@ -317,3 +317,29 @@ def test_reset_stats_counts_afresh_without_touching_the_scheduler(tiny_lm):
     llm.generate([[5] * 12, [6] * 12, [7] * 12], params, use_tqdm=False)
     assert llm.stats.preemptions == llm.engine.scheduler.num_preemptions - before == first  # the same run again
     assert llm.engine.state()["kv_blocks_used"] == 0 and llm.engine.state()["num_requests_waiting"] == 0
+
+
+def test_both_decoders_refuse_a_context_past_a_sliding_window_alike():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from labkit import LabkitError
+    from labkit.decode import StaticDecoder
+    from labkit.serve import LLM
+
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    model = MistralForCausalLM(cfg).eval()
+    with pytest.raises(LabkitError, match=r"max_model_len=64 is past the model's sliding window \(16\)"):
+        LLM(model, None, block_size=4, max_model_len=64)
+    with pytest.raises(LabkitError, match=r"max_len=64 is past the model's sliding window \(16\)"):
+        StaticDecoder(model, max_len=64)
+    LLM(model, None, block_size=4, max_model_len=16)  # within the window both serve it exactly
+    StaticDecoder(model, max_len=16)
+
+
+def test_decode_does_not_import_the_serving_package():
+    import subprocess
+    import sys
+
+    code = "import sys, labkit.decode; print(any(m.startswith('labkit.serve') for m in sys.modules))"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
