@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from labkit import measure, zoo
-from labkit.quant.stacking import stack
 from labkit.serve import LLM, SamplingParams
 from labkit.serve.bench import make_workload
 
@@ -21,11 +20,8 @@ def main() -> None:
     model, tok = zoo.load_causal_lm(progress=False)
     prompts, max_tokens = make_workload(tok, 24, (16, 160), (8, 64), 0)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens]
-    engines = {k: LLM(model, tok, block_size=16, max_model_len=384, max_num_seqs=24) for k in ("stacked", "separate")}
-    separate = engines["separate"].engine.model
-    separate.qkv = [stack((ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj), False)
-                    for ly in model.model.layers]
-    separate.gate_up = [stack((ly.mlp.gate_proj, ly.mlp.up_proj), False) for ly in model.model.layers]
+    engines = {k: LLM(model, tok, block_size=16, max_model_len=384, max_num_seqs=24,
+                      stack_projections=(k == "stacked")) for k in ("stacked", "separate")}
     outs: dict[str, list[list[int]]] = {}
 
     def serve(key: str):

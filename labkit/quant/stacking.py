@@ -68,18 +68,32 @@ def concat_rows(mods: Sequence[nn.Module]) -> nn.Module | None:
     return None
 
 
-Group = list[tuple[nn.Module, tuple[int, ...]]]  # (module, the output sizes it computes), in order
+class Stacked(nn.Module):
+    """The projections of one input as registered submodules (so ``.to()`` and ``state_dict`` see them): one
+    stacked layer where ``fuse`` and the modules allow (:func:`concat_rows`), else each module alone. Calling it
+    returns every projection, in order (split from the stacked matmul where there is one)."""
+
+    def __init__(self, mods: Sequence[nn.Module], fuse: bool = True) -> None:
+        super().__init__()
+        one = concat_rows(mods) if fuse else None
+        self.parts = nn.ModuleList([one] if one is not None else list(mods))
+        self.sizes = [tuple(m.out_features for m in mods)] if one is not None else [(m.out_features,) for m in mods]
+
+    def __len__(self) -> int:
+        """How many matmuls the projections take (1 when stacked)."""
+        return len(self.parts)
+
+    def forward(self, x: torch.Tensor,
+                linear: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x)) -> list[torch.Tensor]:
+        return [part for module, sizes in zip(self.parts, self.sizes) for part in linear(module, x).split(sizes, dim=-1)]
 
 
-def stack(mods: Sequence[nn.Module], fuse: bool = True) -> Group:
-    """One stacked module where ``fuse`` and the modules allow (:func:`concat_rows`), else each module alone."""
-    one = concat_rows(mods) if fuse else None
-    if one is None:
-        return [(m, (m.out_features,)) for m in mods]
-    return [(one, tuple(m.out_features for m in mods))]
+def stack(mods: Sequence[nn.Module], fuse: bool = True) -> Stacked:
+    """:class:`Stacked` over ``mods``."""
+    return Stacked(mods, fuse)
 
 
-def project(group: Group, x: torch.Tensor,
+def project(group: Stacked, x: torch.Tensor,
             linear: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: m(x)) -> list[torch.Tensor]:
-    """Every projection of ``x`` in the group, in order (split from a stacked matmul where there is one)."""
-    return [part for module, sizes in group for part in linear(module, x).split(sizes, dim=-1)]
+    """Every projection of ``x`` in the group, in order."""
+    return group(x, linear)

@@ -45,6 +45,7 @@ class EngineConfig:
     decode_group: int = 8
     kv_cache_dtype: str = "auto"
     speculative_config: dict | str | None = None  # a dict, or its JSON text
+    stack_projections: bool = True  # q/k/v and gate/up as one matmul each (labkit.quant.stacking); tokens identical
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:

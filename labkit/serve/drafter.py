@@ -47,8 +47,8 @@ class _DraftView:
 
 class DraftProposer:
     def __init__(self, hf_draft: torch.nn.Module, target: PagedLlama, cache: type[KVCache], bm: BlockManager,
-                 decode_group: int) -> None:
-        self.model = PagedLlama(hf_draft)
+                 decode_group: int, max_model_len: int | None = None) -> None:
+        self.model = PagedLlama(hf_draft, max_model_len=max_model_len)
         if self.model.vocab_size != target.vocab_size:
             raise LabkitError(f"the draft model's vocab_size={self.model.vocab_size} differs from the target's "
                              f"{target.vocab_size}: a draft must share the target's tokenizer")

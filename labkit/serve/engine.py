@@ -30,7 +30,7 @@ class LLMEngine:
                  record_history: bool = False) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.model = PagedLlama(hf_model, max_model_len=self.config.max_model_len)
+        self.model = PagedLlama(hf_model, fuse=self.config.stack_projections, max_model_len=self.config.max_model_len)
         cfg = self.config
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         cache = Int8KVCache if cfg.kv_cache_dtype == "int8" else KVCache
@@ -39,7 +39,8 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg, self.bm)
         self.runner = ModelRunner(self.model, self.kv, self.bm, cfg.decode_group)
         self.spec = cfg.speculative()
-        self.drafter = DraftProposer(self.spec.model, self.model, cache, self.bm, cfg.decode_group) \
+        self.drafter = DraftProposer(self.spec.model, self.model, cache, self.bm, cfg.decode_group,
+                                      cfg.max_model_len) \
             if self.spec and self.spec.method == "draft_model" else None
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else \
             hf_model.config.eos_token_id

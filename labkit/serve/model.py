@@ -80,8 +80,9 @@ class PagedLlama(nn.Module):
         self.vocab_size = cfg.vocab_size
         # q/k/v and gate/up stacked into one matmul each (a copy of those weights, held as long as the engine lives)
         layers = hf_model.model.layers
-        self.qkv = [stack((ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj), fuse) for ly in layers]
-        self.gate_up = [stack((ly.mlp.gate_proj, ly.mlp.up_proj), fuse) for ly in layers]
+        self.qkv = nn.ModuleList(stack((ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj), fuse)
+                                 for ly in layers)
+        self.gate_up = nn.ModuleList(stack((ly.mlp.gate_proj, ly.mlp.up_proj), fuse) for ly in layers)
 
     @property
     def dtype(self) -> torch.dtype:

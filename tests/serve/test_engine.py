@@ -343,3 +343,21 @@ def test_decode_does_not_import_the_serving_package():
 
     code = "import sys, labkit.decode; print(any(m.startswith('labkit.serve') for m in sys.modules))"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
+
+
+def test_stacked_projections_are_registered_and_switchable(tiny_lm):
+    from labkit.serve import LLM, SamplingParams
+
+    stacked = LLM(tiny_lm, None, block_size=4, max_model_len=64)
+    separate = LLM(tiny_lm, None, block_size=4, max_model_len=64, stack_projections=False)
+    keys = set(stacked.engine.model.state_dict())
+    assert any(k.startswith("qkv.0.parts.0.") for k in keys) and any(k.startswith("gate_up.0.parts.0.") for k in keys)
+    assert [len(g) for g in stacked.engine.model.qkv] == [1] * len(tiny_lm.model.layers)  # one matmul a layer
+    assert [len(g) for g in separate.engine.model.qkv] == [3] * len(tiny_lm.model.layers)
+    moved = stacked.engine.model.to(torch.float64)  # .to() reaches the stacked copies too
+    assert all(p.dtype == torch.float64 for p in moved.qkv.parameters())
+    moved.to(torch.float32)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9] * 7]
+    assert [o.token_ids for o in stacked.generate(prompts, params, use_tqdm=False)] == \
+        [o.token_ids for o in separate.generate(prompts, params, use_tqdm=False)]
