@@ -128,6 +128,22 @@ def with_open_line(markdown: str, link: str | None) -> str:
     return "\n".join(lines)
 
 
+def spoken(seconds: float) -> str:
+    """'about 40 seconds', 'about 1.5 minutes': rounded the way the lesson says it."""
+    if seconds < 55:
+        return f"{max(10, 5 * round(seconds / 5))} seconds"
+    minutes = round(seconds / 30) / 2
+    return f"{minutes:g} minute{'s' if minutes != 1 else ''}"
+
+
+def parse_spoken(text: str) -> float:
+    """Seconds from a Time line's 'about N seconds' / 'about N minutes'."""
+    m = re.search(r"about ([\d.]+) (second|minute)s?", text)
+    if not m:
+        raise ValueError(f"no 'about N seconds/minutes' in {text!r}")
+    return float(m.group(1)) * (60 if m.group(2) == "minute" else 1)
+
+
 def lesson_facts(markdown: str) -> dict[str, str]:
     """Title, time and needs as a notebook's first cell states them (TEACHING.md's top cell)."""
     title = next((ln.lstrip("# ").strip() for ln in markdown.splitlines() if ln.startswith("# ")), "")

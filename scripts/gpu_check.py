@@ -38,19 +38,31 @@ sys.path.insert(0, str(ROOT))  # the kit in this tree, wherever the script is st
 
 from labkit import experiments  # noqa: E402
 
-# Parts of the check, each about 5 minutes on one H100; each experiment names its part and its expected seconds
-# (``GPU_CHECK`` in its module), so a new experiment joins the check by itself. How the seconds were estimated: the
-# CPU quick runs' wall times (records under labkit/reference/cpu-epyc-2core: baseline 16 s, quantization 240,
+# Parts of the check, each about 5 minutes on one H100: SLOTS names each experiment's part and expected seconds (only
+# this script knows about lent machines); a new experiment joins the last part until it gets a slot. How the seconds
+# were estimated: the CPU quick runs' wall times (records under labkit/reference/cpu-epyc-2core: baseline 16 s, quantization 240,
 # serving 619, pruning 217, distillation 158, capstone 101, onnx 39, tensorrt 22 on 2 cores) divided by what a GPU
 # buys each: decode-bound steps (serving, quantization's decode timing) are launch-bound at batch 1 on a 135M model,
 # so about 4x; training and prefill-bound steps (pruning's KD recovery, distillation, capstone) about 5x; plus about
 # 15 s a step to start Python, torch and CUDA, and for quantization the two variants a GPU adds (fp16,
 # bitsandbytes). The tests: about 6 CUDA tests and their collection. Each step's timeout is twice its estimate.
+SLOTS: dict[str, tuple[str, int]] = {  # experiment -> (its part, seconds expected on one H100)
+    "baseline": ("tests-quant", 25),
+    "capstone": ("serve", 45),
+    "distillation": ("compress", 50),
+    "onnx": ("compress", 40),
+    "pruning": ("compress", 60),
+    "quantization": ("tests-quant", 120),
+    "serving": ("serve", 170),
+    "speculative": ("serve", 40),
+    "tensorrt": ("compress", 60),
+}
+NEW_EXPERIMENT_SLOT = ("compress", 60)  # an experiment this table does not name yet: the last part, a guess
 PART_ORDER = ("tests-quant", "serve", "compress")  # the -m gpu tests run first, in the first part
 ESTIMATE_S: dict[str, int] = {"gpu-tests": 90}
 PARTS: dict[str, list[str]] = {PART_ORDER[0]: ["gpu-tests"]}
 for _name in experiments.available():
-    _part, ESTIMATE_S[_name] = experiments.get(_name).GPU_CHECK
+    _part, ESTIMATE_S[_name] = SLOTS.get(_name, NEW_EXPERIMENT_SLOT)
     PARTS.setdefault(_part, []).append(_name)
 PARTS = {p: PARTS[p] for p in sorted(PARTS, key=lambda p: (PART_ORDER + (p,)).index(p))}
 BUDGET_S = 540  # one device command may run 600 s: steps that would not finish inside this are not started

@@ -43,10 +43,7 @@ def _readme_seconds() -> dict[str, float]:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_the_time_a_lesson_states_is_the_one_readme_measured(path):
     """Both come from one nbmake run (tools/notebook_times.py); a hand edit of either breaks this."""
-    import sys
-
-    sys.path.insert(0, str(path.parent.parent / "tools"))
-    from notebook_times import parse_spoken, spoken
+    from labkit.course import parse_spoken, spoken
 
     measured = _readme_seconds()
     assert path.stem in measured, f"README's notebook table has no time for {path.stem}"
@@ -58,10 +55,7 @@ def test_the_time_a_lesson_states_is_the_one_readme_measured(path):
 
 
 def test_spoken_times_round_the_way_a_lesson_says_them():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from notebook_times import parse_spoken, spoken
+    from labkit.course import parse_spoken, spoken
 
     assert spoken(27) == "25 seconds" and spoken(95) == "1.5 minutes" and spoken(60) == "1 minute"
     assert spoken(163) == "2.5 minutes" and parse_spoken("about 2.5 minutes") == 150

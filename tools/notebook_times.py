@@ -14,25 +14,11 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from labkit.course import spoken
+
 ROOT = Path(__file__).resolve().parent.parent
 TIME_LINE = re.compile(r"\*\*Time\*\*: about [^\n]*? in CPU quick mode")
 ROW = re.compile(r"^(\| `(\d\d_[a-z_]+)` \|.*\| )([^|]*)( \|)$", re.M)
-
-
-def spoken(seconds: float) -> str:
-    """'about 40 seconds', 'about 1.5 minutes': rounded the way the lesson says it."""
-    if seconds < 55:
-        return f"{max(10, 5 * round(seconds / 5))} seconds"
-    minutes = round(seconds / 30) / 2
-    return f"{minutes:g} minute{'s' if minutes != 1 else ''}"
-
-
-def parse_spoken(text: str) -> float:
-    """Seconds from a Time line's 'about N seconds' / 'about N minutes'."""
-    m = re.search(r"about ([\d.]+) (second|minute)s?", text)
-    if not m:
-        raise ValueError(f"no 'about N seconds/minutes' in {text!r}")
-    return float(m.group(1)) * (60 if m.group(2) == "minute" else 1)
 
 
 def nbmake_seconds(junit: Path) -> dict[str, float]:

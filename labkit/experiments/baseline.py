@@ -12,7 +12,6 @@ from labkit.experiments.protocol import Target, check
 from labkit.results import Record
 
 NOTEBOOK = "00_setup_and_baselines"
-GPU_CHECK = ("tests-quant", 25)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass

@@ -29,7 +29,6 @@ from labkit.quant import Int8Config, NF4Config, quantize_
 from labkit.results import Record
 
 NOTEBOOK = "07_capstone"
-GPU_CHECK = ("serve", 45)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass

@@ -25,7 +25,6 @@ from labkit.experiments.protocol import Target, Variant, check
 from labkit.results import Record
 
 NOTEBOOK = "03_distillation"
-GPU_CHECK = ("compress", 50)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass

@@ -25,7 +25,6 @@ from labkit.experiments.protocol import Target, check
 from labkit.results import Record
 
 NOTEBOOK = "04_onnx_runtime"
-GPU_CHECK = ("compress", 40)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass

@@ -9,8 +9,6 @@ An experiment module ``labkit/experiments/<name>.py`` defines:
 - ``NOTEBOOK``: the stem of the notebook that teaches it (``notebooks/<NOTEBOOK>.ipynb``);
 - ``TARGETS``: a list of :class:`Target` — what the experiment promises, as data;
 - ``figures(record) -> list[Figure]``: the figures the HTML report shows for its record;
-- ``GPU_CHECK = (part, seconds)``: which part of the GPU check (``scripts/gpu_check.py``) runs it, and how long it
-  is expected to take there on one H100 at quick sizes with random weights (each part must fit one 5-minute slot).
 
 :mod:`labkit.experiments` finds the modules by themselves (no list of names anywhere), and ``labkit report``,
 ``make report`` and the CLI read them through it.
@@ -25,7 +23,7 @@ from typing import Any
 from labkit import LabkitError
 from labkit.results import Record
 
-REQUIRED = ("Config", "run", "NOTEBOOK", "TARGETS", "figures", "GPU_CHECK")
+REQUIRED = ("Config", "run", "NOTEBOOK", "TARGETS", "figures")
 
 
 @dataclass(frozen=True)

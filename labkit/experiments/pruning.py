@@ -23,7 +23,6 @@ from labkit.experiments.protocol import Target, check
 from labkit.results import Record
 
 NOTEBOOK = "02_pruning"
-GPU_CHECK = ("compress", 60)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass

@@ -22,7 +22,6 @@ from labkit.quant.projection import LLAMA_3_8B, LLAMA_3_70B, project
 from labkit.results import Record
 
 NOTEBOOK = "01_quantization"
-GPU_CHECK = ("tests-quant", 120)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 LLM_VARIANTS = ("fp32", "bf16", "fp16", "int8", "int8-dequantize", "int8-with-head", "int4-g128", "int4-g128-dequantize",
                 "int4-g128-int8-head", "int4-g64",

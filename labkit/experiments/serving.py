@@ -23,7 +23,6 @@ from labkit.serve import LLM, baselines
 from labkit.serve.bench import make_workload, run_engine, summarize
 
 NOTEBOOK = "06_paged_attention_serving"
-GPU_CHECK = ("serve", 170)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 def _engine(paged: bool, kv_reservation: str):

@@ -24,7 +24,6 @@ from labkit.results import Record
 from labkit.speculative import generate
 
 NOTEBOOK = "06_paged_attention_serving"
-GPU_CHECK = ("serve", 40)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass

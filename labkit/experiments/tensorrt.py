@@ -25,7 +25,6 @@ from labkit.export import tensorrt as T
 from labkit.results import Record
 
 NOTEBOOK = "05_tensorrt"
-GPU_CHECK = ("compress", 60)  # its part of scripts/gpu_check.py, seconds expected on one H100
 
 
 @dataclass
