@@ -27,9 +27,11 @@ def accelerator_startup_dir() -> str:
     startup.mkdir(parents=True)
     harness = Path(__file__).with_name("fake_accelerator.py")
     (startup / "00-labkit-fake-accelerator.py").write_text(
-        "import importlib.util as _u\n"
+        "import importlib.util as _u, sys as _sys\n"
         f"_spec = _u.spec_from_file_location('labkit_fake_accelerator', {str(harness)!r})\n"
-        "_mod = _u.module_from_spec(_spec); _spec.loader.exec_module(_mod); _mod.install()\n")
+        "_mod = _u.module_from_spec(_spec)\n"
+        "_sys.modules[_spec.name] = _mod  # torch.compile imports the mode's module by name\n"
+        "_spec.loader.exec_module(_mod); _mod.install()\n")
     return str(root)
 
 
