@@ -1,6 +1,6 @@
 """Measuring honestly: real bytes, peak memory, and timing with warm-up, repeats, median and spread.
 
-Rules this module enforces (DESIGN.md): time with warm-up and repeats, report median and IQR, and
+Rules this module enforces (DESIGN.md in the repository): time with warm-up and repeats, report median and IQR, and
 synchronise the device (``torch.utils.benchmark`` does) — the first call on a CPU can be 10x slower.
 """
 

@@ -1,7 +1,7 @@
 """Result records: one JSON file per experiment run, written atomically.
 
 A record is ``{"experiment", "variants": [{"name", "model", <metrics>}], "config", "env", "created_at",
-"labkit_version"}``. Metric names are shared across experiments (see DESIGN.md): ``params``,
+"labkit_version"}``. Metric names are shared across experiments (see DESIGN.md in the repository): ``params``,
 ``weight_bytes``, ``perplexity``, ``accuracy``, ``cosine_to_reference``, ``latency_ms_median``,
 ``latency_ms_iqr``, ``tokens_per_s``, ``output_tokens_per_s``, ``kv_waste_pct``, ``ttft_ms_p50``, ...
 """
