@@ -83,10 +83,10 @@ if KIT not in _installed():
         raise RuntimeError(f"{spec} did not install {KIT}" + (f" {'.'.join(map(str, want))}" if want else "")
                            + f": `labkit` now comes from {_who_provides_labkit()}. That is not this kit: run "
                            "`pip uninstall -y labkit`, and point LABKIT_SOURCE at the kit's wheel or git URL.")
-    changed = [f"{d} {before[d]} → {after[d]}" for d in sorted(before) if d in after and after[d] != before[d]]
+    changed = [d for d in sorted(before) if d in after and after[d] != before[d]]
     if changed:
-        print("pip changed this runtime's", "; ".join(changed))
-        if any(d.replace("-", "_") in sys.modules for d in before if d in after and after[d] != before[d]):
+        print("pip changed this runtime's", "; ".join(f"{d} {before[d]} → {after[d]}" for d in changed))
+        if any(d.replace("-", "_") in sys.modules for d in changed):
             print("some of those were already imported: Runtime → Restart session, then run this cell again")
     import torch
     if torch.cuda.is_available() and "onnxruntime" in after:  # the GPU build must be alone: beside `onnxruntime`

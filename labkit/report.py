@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 from pathlib import Path
@@ -35,13 +36,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
+@functools.cache
 def template(name: str):
-    """A Jinja2 template of ``labkit/templates`` with autoescaping on: learner names, checker messages and record
-    fields reach these pages, and every value is escaped unless the code marks it safe."""
+    """A Jinja2 template of ``labkit/templates`` with autoescaping on (loaded once per process): learner names,
+    checker messages and record fields reach these pages, and every value is escaped unless the code marks it
+    safe."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    env = Environment(loader=PackageLoader("labkit", "templates"), autoescape=select_autoescape(default=True),
-                      trim_blocks=False)
+    env = Environment(loader=PackageLoader("labkit", "templates"), autoescape=select_autoescape(default=True))
     return env.get_template(name)
 
 

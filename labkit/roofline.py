@@ -94,13 +94,18 @@ def forward_flops(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
 
 
 @functools.cache
+def _bandwidth(device: str) -> float:
+    """The device's read bandwidth, measured once per process whatever dtypes its GEMM ceiling is asked in."""
+    return memory_bandwidth(device, mib=1024 if torch.device(device).type == "cuda" else 512)
+
+
+@functools.cache
 def ceilings(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Ceilings:
     """This machine's measured ceilings on ``device`` (measured once per process: about a second on a CPU). The GEMM
     runs in ``dtype``: compare a model's FLOP/s with the ceiling of the dtype it computes in (an fp32 model against a
     bf16 GEMM would look three to fifteen times slower than it is)."""
     dev = torch.device(device)
-    on_gpu = dev.type == "cuda"
-    n = 4096 if on_gpu else 1024
-    return Ceilings(device=str(dev), bandwidth_bytes_per_s=memory_bandwidth(dev, mib=1024 if on_gpu else 512),
+    n = 4096 if dev.type == "cuda" else 1024
+    return Ceilings(device=str(dev), bandwidth_bytes_per_s=_bandwidth(str(dev)),
                     matmul_flops_per_s=matmul_flops(dev, n=n, dtype=dtype), matmul_n=n,
                     matmul_dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads())
