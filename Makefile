@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export LABKIT_CACHE ?= $(HOME)/.cache/labkit
 
-.PHONY: venv report test lab lint clean dist course gpu-check gpu-rehearse gpu-wheels browser notebooks-html
+.PHONY: venv report test lab lint clean dist course gpu-check gpu-rehearse gpu-wheels browser notebooks-html readme
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: venv browser
 
 # The notebooks executed in quick mode and rendered to HTML next to the report, which links each section to its
 # notebook (about 8 minutes on 2 cores; separate from `make report` to keep that one under its time budget).
+readme: venv  # README's headline table, from the reference records (a test keeps them equal)
+	$(BIN)/python -c "from labkit.report import update_readme; update_readme('README.md')"
+	$(BIN)/python -c "from labkit.course import write_course_page; write_course_page()"
+
 notebooks-html: venv
 	mkdir -p reports/notebooks
 	for nb in notebooks/*.ipynb; do LABKIT_QUICK=1 $(BIN)/jupyter nbconvert --to html --execute \

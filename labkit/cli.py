@@ -86,11 +86,19 @@ def _cmd_grade(args: argparse.Namespace) -> None:
 
     rows = grading.grade(args.submissions, args.out, lesson=args.lesson, cell_timeout=args.cell_timeout,
                          notebook_timeout=args.notebook_timeout, memory_mb=args.memory_mb,
-                         gradescope=args.gradescope)
+                         gradescope=args.gradescope, jobs=args.jobs)
     for r in rows:
         print(f"{r.learner}: {r.total:g} / {sum(e['max_points'] for e in r.exercises.values()):g}  ({r.status})")
     print(f"wrote {Path(args.out) / 'grades.csv'}, grades.json, feedback/"
           + (", gradescope/" if args.gradescope else ""))
+
+
+def _cmd_export_gradescope(args: argparse.Namespace) -> None:
+    from labkit.grading import gradescope
+
+    out = gradescope.build(args.lesson, args.out, args.wheel)
+    print(f"wrote {out}: upload it as the assignment's autograder (Gradescope: Configure Autograder → zip file); "
+          "learners submit the lesson's notebook")
 
 
 def _cmd_export_otter(args: argparse.Namespace) -> None:
@@ -167,16 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lesson", default=None, help="the lesson graded, e.g. 01 (default: the lessons learners checked)")
     g.add_argument("--cell-timeout", type=float, default=120.0, help="seconds a cell may run (default: 120)")
     g.add_argument("--notebook-timeout", type=float, default=900.0, help="seconds a notebook may run (default: 900)")
-    g.add_argument("--memory-mb", type=int, default=8192,
-                   help="address-space limit of each run in MiB (default: 8192; the SmolLM2 lessons need more than 4096)")
+    g.add_argument(
+        "--memory-mb",
+        type=int,
+        default=8192,
+        help="address-space limit of each run in MiB (default: 8192; the SmolLM2 lessons need more than 4096)",
+    )
     g.add_argument("--gradescope", action="store_true", help="also write gradescope/<learner>/results.json")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="notebooks graded at once (default: this machine's cores; each may use --memory-mb)")
     g.set_defaults(fn=_cmd_grade)
 
     from labkit import course
 
-    c = sub.add_parser("course", help="write the course bundle an instructor hands out (wheel, notebooks, START_HERE.md)")
+    c = sub.add_parser(
+        "course", help="write the course bundle an instructor hands out (wheel, notebooks, START_HERE.md)"
+    )
     course.add_arguments(c)
     c.set_defaults(fn=_cmd_course)
+
+    gs = sub.add_parser("export-gradescope", help="write a Gradescope autograder zip for one lesson's exercises")
+    gs.add_argument("--lesson", required=True, help="the lesson graded, e.g. 01")
+    gs.add_argument("--out", default="autograder.zip", help="the zip to write (default: autograder.zip)")
+    gs.add_argument("--wheel", default=None, help="the kit's wheel to ship (default: the newest in dist/; make dist)")
+    gs.set_defaults(fn=_cmd_export_gradescope)
 
     o = sub.add_parser("export-otter", help="write Otter-Grader test files (DIR/tests) for the kit's exercises")
     o.add_argument("dir", help="output directory; the tests go to DIR/tests")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from labkit import LabkitError, __version__
 from labkit.atomic import atomic
+from labkit.atomic import write_text as atomic_write_text
 
 DISTRIBUTION = "labkit-inference"
 WHEEL_PREFIX = DISTRIBUTION.replace("-", "_")  # wheel file names normalise '-' to '_'
@@ -182,7 +183,115 @@ def start_here(notebooks: list[Path], wheel_name: str) -> str:
         "`LABKIT_QUICK=0` before the setup cell for the full sizes.", "",
         "## The lessons", "",
         "| notebook | lesson | time | needs |", "|---|---|---|---|", *rows, "",
+        "## Course map and agendas", "", course_map(notebooks[0].parent), "",
     ])
+
+
+# what a lesson builds on (the lesson ids: a notebook's name up to its first "_")
+PREREQUISITES = {"00": (), "01a": ("00",), "01b": ("01a",), "01c": ("01b",), "01d": ("01c",), "02": ("00",),
+                 "03": ("00",), "04": ("00",), "05": ("04",), "06a": ("00",), "06b": ("06a",),
+                 "07": ("01d", "02", "03", "04", "06b")}
+SESSION_LIMIT_MIN = 60  # no lesson longer than one session (tests/test_lessons.py)
+ONE_DAY = ("00", "01a", "01b", "01c", "01d", "06a", "06b")  # quantization and serving: the article's two headline claims
+DAY = ("09:00", "17:00")
+BREAK_MIN, LUNCH_MIN = 15, 60
+
+
+def lesson_id(notebook: str | Path) -> str:
+    """``"01a"`` for ``01a_quantization_by_hand.ipynb``."""
+    return Path(notebook).stem.split("_")[0]
+
+
+def lesson_minutes(nb: dict, run_seconds: float) -> float:
+    """How long a lesson takes in a session, by one explicit rule: prose words / 100 (technical reading) +
+    non-comment code lines / 10 + 10 per exercise check + the quick-mode run time."""
+    words = code = checks = 0
+    for cell in nb["cells"]:
+        src = _source(cell)
+        if cell["cell_type"] == "markdown":
+            words += len(src.split())
+        elif cell["cell_type"] == "code":
+            code += sum(1 for ln in src.splitlines() if ln.strip() and not ln.strip().startswith("#"))
+            checks += src.count("exercises.check(")
+    return words / 100 + code / 10 + 10 * checks + run_seconds / 60
+
+
+def lessons(notebooks_dir: Path | str) -> list[dict]:
+    """Every lesson: id, notebook, title, minutes (the rule above, run time from the notebook's own Time line),
+    exercises and prerequisites."""
+    from labkit import exercises
+
+    out = []
+    for path in sorted(Path(notebooks_dir).glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        facts = lesson_facts(_source(nb["cells"][0]))
+        lid = lesson_id(path)
+        out.append({"id": lid, "notebook": path.name, "title": facts["title"].split(" · ", 1)[-1],
+                    "minutes": round(lesson_minutes(nb, parse_spoken(facts["time"]))),
+                    "exercises": exercises.available(lid), "prerequisites": PREREQUISITES.get(lid, ())})
+    return out
+
+
+def _clock(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def agenda(rows: list[dict], ids: tuple[str, ...] | None = None, days: int = 1) -> list[list[tuple[str, str]]]:
+    """Lessons in order, one session each, from 09:00 with a break after each and lunch at the first break past
+    noon; a day ends by 17:00 and the next lesson starts the next day. Returns each day's (time, what) rows."""
+    start, end = (int(h) * 60 + int(m) for h, m in (s.split(":") for s in DAY))
+    todo = [r for r in rows if ids is None or r["id"] in ids]
+    schedule: list[list[tuple[str, str]]] = []
+    while todo and len(schedule) < days:
+        now, lunch, day = start, False, []
+        while todo and now + todo[0]["minutes"] <= end:
+            r = todo.pop(0)
+            day.append((f"{_clock(now)}–{_clock(now + r['minutes'])}", f"{r['id']} · {r['title']}"))
+            now += r["minutes"]
+            pause = LUNCH_MIN if not lunch and now >= 12 * 60 else BREAK_MIN
+            lunch = lunch or pause == LUNCH_MIN
+            if todo and now + pause + todo[0]["minutes"] <= end:
+                day.append((f"{_clock(now)}–{_clock(now + pause)}", "lunch" if pause == LUNCH_MIN else "break"))
+            now += pause
+        schedule.append(day)
+    if todo:
+        raise LabkitError(f"{', '.join(r['id'] for r in todo)} do not fit {days} day(s) of {DAY[0]}–{DAY[1]}")
+    return schedule
+
+
+def course_map(notebooks_dir: Path | str) -> str:
+    """The course map (every lesson, its minutes, prerequisites and exercises) and a one- and a two-day agenda."""
+    rows = lessons(notebooks_dir)
+    out = ["| lesson | notebook | minutes | builds on | you write |", "|---|---|---:|---|---|"]
+    for r in rows:
+        out.append(f"| {r['id']} · {r['title']} | `{r['notebook']}` | {r['minutes']} | "
+                   f"{', '.join(r['prerequisites']) or '—'} | {', '.join(f'`{e}`' for e in r['exercises'])} |")
+    out += ["", f"Minutes = prose words / 100 + code lines / 10 + 10 per exercise + the quick-mode run time "
+                f"(`labkit.course.lesson_minutes`); every lesson fits a {SESSION_LIMIT_MIN}-minute session.", ""]
+    for title, ids, days in ((f"One day: {', '.join(ONE_DAY)} (quantization and serving)", ONE_DAY, 1),
+                             ("Two days: every lesson", None, 2)):
+        out += [f"### {title}", ""]
+        for d, day in enumerate(agenda(rows, ids, days), start=1):
+            out += ([f"Day {d}:", ""] if days > 1 else []) + ["| time | |", "|---|---|"]
+            out += [f"| {when} | {what} |" for when, what in day] + [""]
+    return "\n".join(out)
+
+
+COURSE_PAGE_HEAD = """# The course map
+
+Every lesson with the time it takes in a session, what it builds on and what the learner writes, and two workshop
+agendas built from those times. Generated from the notebooks by `make readme` (a test keeps this page equal to them).
+
+"""
+
+
+def write_course_page(path: Path | str = "docs/course.md", notebooks_dir: Path | str = "notebooks") -> bool:
+    """Write the course map page; True when it changed."""
+    path, text = Path(path), COURSE_PAGE_HEAD + course_map(notebooks_dir)
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return False
+    atomic_write_text(path, text)
+    return True
 
 
 def build(out: Path | str, wheel: Path | str, notebooks_dir: Path | str, *, repo: str | None = None,

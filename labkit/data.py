@@ -91,7 +91,9 @@ def calibration_batches(tokenizer: Any, n: int = 32, seq_len: int = 256,
     return ids[: n * seq_len].reshape(n, seq_len).to(device or "cpu", copy=True)  # never a view of the cache
 
 
-def digits_splits(seed: int = 0, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def digits_splits(
+    seed: int = 0, device: torch.device | str | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Digits ``{"train"|"val"|"test": (x[N,1,8,8] in [0,1], y[N])}``, 60/20/20, fixed permutation, on ``device``."""
     splits = _digits_splits(seed)
     if device is None or torch.device(device) == torch.device("cpu"):

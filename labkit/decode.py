@@ -1,15 +1,17 @@
-"""A lean greedy decoder for Llama-shaped models: a static KV cache and one straight loop over the layers.
+"""A lean greedy decoder for Llama-shaped models: a static KV cache and the kit's one Llama layer loop
+(:func:`labkit.llama.decoder_layers`, which the paged engine runs too).
 
 Hugging Face's ``generate`` pays, every token, for generality a batch-1 decode step does not need: a dynamic cache
 object, mask construction, hooks and ~160 aten calls per layer (most of them views) around its seven matmuls
-(notebook 01's breakdown measures it). On a small model on a CPU that overhead is as large as the matmuls, so it hides what
+(notebook 01's breakdown measures it). On a small model on a CPU that overhead is as large as the matmuls, so
+it hides what
 quantization saves. :class:`StaticDecoder` runs the same weights — every projection is still the model's own module,
 so quantized layers (labkit's fused kernels, bitsandbytes) run unchanged — with only what a decode step needs:
 
 - the KV cache is preallocated once, ``[batch, kv_heads, max_len, head_dim]`` per layer, and written in place;
 - rotary cos/sin come from the model's own rotary module, computed once for every position;
 - RMSNorm is one ``F.rms_norm``; attention is one ``scaled_dot_product_attention`` with grouped-query heads;
-- q/k/v and gate/up are stacked into one matmul each (:func:`labkit.quant.stacking.concat_rows`; ``fuse=False`` keeps
+- q/k/v and gate/up are stacked into one matmul each (:func:`labkit.stacking.concat_rows`; ``fuse=False`` keeps
   seven calls a layer): four kernel calls a layer instead of seven. The decoder holds its own stacked copy (5/7
   of each layer's weight bytes, for as long as it lives); the model is not changed;
 - ``dtype`` sets the activations' dtype: bf16 for layers whose fused kernels compute in bf16 (labkit's int8/int4 on
@@ -25,11 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import LabkitError
-from labkit.llama import check_supported
-from labkit.quant.stacking import project, stack
+from labkit.llama import Dims, check_supported, decoder_layers, stacked_projections
 
 
 class StaticDecoder:
@@ -42,9 +42,8 @@ class StaticDecoder:
         if batch < 1 or max_len < 2:
             raise LabkitError(f"batch={batch} and max_len={max_len} must be at least 1 and 2")
         self.model, self.batch, self.max_len = model, batch, max_len
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dims = Dims.of(cfg)
+        self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.eps = cfg.rms_norm_eps
         emb = model.model.embed_tokens.weight
         self.dtype, self.device = dtype or emb.dtype, emb.device
@@ -58,8 +57,7 @@ class StaticDecoder:
             cos, sin = model.model.rotary_emb(emb[:1][None].float(), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, head_dim]
         self.pos = 0
-        self.qkv = [stack((a.q_proj, a.k_proj, a.v_proj), fuse) for a in (ly.self_attn for ly in model.model.layers)]
-        self.gate_up = [stack((ly.mlp.gate_proj, ly.mlp.up_proj), fuse) for ly in model.model.layers]
+        self.qkv, self.gate_up = stacked_projections(model, fuse)
         self.fused_groups = sum(len(g) == 1 for g in self.qkv + self.gate_up)  # how many stacks became one matmul
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -77,24 +75,16 @@ class StaticDecoder:
         if p1 > self.max_len:
             raise LabkitError(f"position {p1} is past max_len={self.max_len}; build the decoder with a larger max_len")
         m = self.model.model
-        cos, sin = self.cos[None, p0:p1], self.sin[None, p0:p1]
         causal, mask = n > 1 and p0 == 0, _causal_tail(n, p0, p1, self.device)  # the same for every layer
-        h = m.embed_tokens(ids).to(self.dtype)
-        for i, layer in enumerate(m.layers):
-            attn = layer.self_attn
-            x = self._norm(h, layer.input_layernorm)
-            q, k, v = project(self.qkv[i], x, _linear)
-            q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
-            k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, self.k[i][:, :, p0:p1] = apply_rotary_pos_emb(q, k, cos, sin)
-            self.v[i][:, :, p0:p1] = v
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.k[i][:, :, p0:p1], self.v[i][:, :, p0:p1] = k, v
             o = F.scaled_dot_product_attention(q, self.k[i][:, :, :p1], self.v[i][:, :, :p1], is_causal=causal,
                                                attn_mask=mask, enable_gqa=True)
-            h = h + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
-            x = self._norm(h, layer.post_attention_layernorm)
-            gate, up = project(self.gate_up[i], x, _linear)
-            h = h + _linear(layer.mlp.down_proj, F.silu(gate) * up)
+            return o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+
+        h = decoder_layers(self.model, m.embed_tokens(ids).to(self.dtype), self.cos[None, p0:p1],
+                           self.sin[None, p0:p1], self.qkv, self.gate_up, attend, norm=self._norm, linear=_linear)
         self.pos = p1
         return _linear(self.model.lm_head, self._norm(h if every else h[:, -1], m.norm))
 

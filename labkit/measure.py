@@ -230,12 +230,21 @@ def benchmark(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 10, min_
                   threads=threads, times_s=list(times))
 
 
+def percentile(values: list[float], q: int) -> float | None:
+    """The ``q``-th percentile (a whole number 1..99) with linear interpolation between the closest ranks
+    (``statistics.quantiles``' "inclusive" method, numpy's default); None for no values."""
+    if not (isinstance(q, int) and 1 <= q <= 99):
+        raise LabkitError(f"q={q!r}: a percentile is a whole number from 1 to 99")
+    if len(values) < 2:
+        return float(values[0]) if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
 def iqr(values: list[float]) -> float:
     """Interquartile range (0 for fewer than 2 values)."""
     if len(values) < 2:
         return 0.0
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[2] - q[0]
+    return percentile(values, 75) - percentile(values, 25)
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -6,6 +6,7 @@ import base64
 import functools
 import html
 import io
+import re
 from pathlib import Path
 
 from labkit import LabkitError, experiments, select
@@ -70,9 +71,9 @@ def format_cell(key: str, row: dict) -> str:
     return str(v)  # plain text: the template escapes every cell
 
 
-def headline(rec: Record) -> str:
+def headline(rec: Record, targets: bool = True) -> str:
     """The measured claim in one sentence: the best speed-up or the smallest variant and what it cost in quality,
-    then how many of the record's targets hold."""
+    then (``targets``) how many of the record's targets hold."""
     rows = [v for v in rec.variants if isinstance(v.get("speedup_vs_baseline"), (int, float))]
     parts = []
 
@@ -93,16 +94,21 @@ def headline(rec: Record) -> str:
         small = min(sized, key=lambda v: v["weight_bytes"])
         parts.append(f"smallest: {html.escape(str(small.get('model', '')))} {html.escape(small['name'])} "
                      f"({format_cell('weight_bytes', small)})")
-    targets = rec.config.get("targets") or {}
-    if targets:
-        met = sum(1 for t in targets.values() if t.get("ok"))
-        measured = sum(1 for t in targets.values() if t.get("ok") is not None)
+    if targets and rec.config.get("targets"):
+        met, measured, unmeasured = _targets_met(rec)
         cls = "ok" if met == measured else "miss"
-        unmeasured = f", {len(targets) - measured} not measured here" if measured < len(targets) else ""
-        parts.append(f"<span class={cls}>{met} of {measured} targets met{unmeasured}</span>")
+        parts.append(f"<span class={cls}>{met} of {measured} targets met"
+                     + (f", {unmeasured} not measured here" if unmeasured else "") + "</span>")
     if rec.config.get("status") == "skipped":
         parts.append(f"skipped on this machine: {html.escape(str(rec.config.get('reason')))}")
     return "; ".join(parts) + "." if parts else ""
+
+
+def _targets_met(rec: Record) -> tuple[int, int, int]:
+    """(targets met, targets measured, targets not measured) of a record."""
+    targets = (rec.config.get("targets") or {}).values()
+    measured = sum(1 for t in targets if t.get("ok") is not None)
+    return sum(1 for t in targets if t.get("ok")), measured, len(targets) - measured
 
 
 def _table(rows: list[dict], cols: list[str], fmt) -> dict[str, list]:
@@ -139,3 +145,39 @@ def build(results_dir: str | Path = "results", out: str | Path = "reports/index.
     records.sort(key=lambda r: (order.index(r.experiment) if r.experiment in order else len(order), r.experiment))
     doc = template("report.html.j2").render(css=_CSS, sections=[section(r, out.parent) for r in records])
     return atomic_write_text(out, doc)
+
+
+README_BEGIN = "<!-- results: generated from labkit/reference by `make readme`; a test keeps them equal -->"
+README_END = "<!-- results: end -->"
+
+
+def readme_table() -> str:
+    """The headline of every experiment's newest reference record, as the Markdown table README shows."""
+    from labkit import experiments, results
+
+    out = ["| lesson | experiment | measured on | headline | targets met |", "|---|---|---|---|---|"]
+    for name in experiments.available():
+        ref = results.load_reference(name)
+        if ref is None:
+            continue
+        rec, hardware = ref
+        text = html.unescape(re.sub(r"<[^>]+>", "", headline(rec, targets=False))).rstrip(".")
+        met, measured, unmeasured = _targets_met(rec)
+        out.append(f"| {experiments.notebook(name)[:2]} | `{name}` | {hardware} ({rec.created_at[:10]}) | "
+                   f"{text or '—'} | {met} of {measured}" + (f" ({unmeasured} not measured)" if unmeasured else "")
+                   + " |")
+    return "\n".join(out) + "\n"
+
+
+def update_readme(path: str | Path = "README.md") -> bool:
+    """Rewrite the block between README's markers with :func:`readme_table`; True when it changed."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    head, sep, rest = text.partition(README_BEGIN)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise LabkitError(f"{path}: the results markers are missing ({README_BEGIN!r} ... {README_END!r})")
+    new = f"{head}{README_BEGIN}\n{readme_table()}{README_END}{tail}"
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text

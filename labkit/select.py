@@ -76,8 +76,11 @@ def load_rows(results_dir: str | Path | None = "results", *, include_reference: 
         for v in rec.variants:
             rows.append({**v, "experiment": rec.experiment, "hardware": hardware, "source": str(path)})
     if not rows:
-        raise LabkitError(f"no records found in {results_dir!r}" + (" or in the reference records (labkit/reference)" if include_reference
-                                                                     else "") + "; run `labkit run EXPERIMENT --quick`")
+        raise LabkitError(
+            f"no records found in {results_dir!r}"
+            + (" or in the reference records (labkit/reference)" if include_reference else "")
+            + "; run `labkit run EXPERIMENT --quick`"
+        )
     return rows
 
 

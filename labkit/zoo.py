@@ -205,7 +205,10 @@ def _smollm2_fp32_dir(progress: bool = True) -> Path:
 def _hub_errors(card: ModelCard) -> Iterator[None]:
     """Turn 'no network' into one clear message naming the offline default."""
     hint = (f"use source='auto' for the offline default {card.name!r} ({card.source})")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "0") not in (
+        "",
+        "0",
+    ):
         raise LabkitError(f"source='hub' asked for {card.hub_id} but HF_HUB_OFFLINE is set; {hint}")
     try:
         yield
@@ -226,7 +229,9 @@ def random_llm_layers() -> int:
     if value is None:
         return SMOLLM2_CONFIG["num_hidden_layers"]
     if not value.isdigit() or not 1 <= int(value) <= SMOLLM2_CONFIG["num_hidden_layers"]:
-        raise LabkitError(f"LABKIT_RANDOM_LAYERS={value!r} must be an integer in 1..{SMOLLM2_CONFIG['num_hidden_layers']}")
+        raise LabkitError(
+            f"LABKIT_RANDOM_LAYERS={value!r} must be an integer in 1..{SMOLLM2_CONFIG['num_hidden_layers']}"
+        )
     return int(value)
 
 

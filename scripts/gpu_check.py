@@ -2,7 +2,8 @@
 
 That machine takes a 64 MiB tree, runs one command for at most 10 minutes, gives back at most 8 files from
 ``$OUT`` no more than two folders deep, and has 15 device-minutes a session, start-up included. So the check is
-split into parts of about 5 minutes each (one command runs as many as fit its 540-s budget); each part runs its steps (the ``-m gpu`` tests, then one experiment a
+split into parts of about 5 minutes each (one command runs as many as fit its 540-s budget); each part runs its
+steps (the ``-m gpu`` tests, then one experiment a
 step) in a subprocess of its own with a timeout, catches a failure or a timeout and goes on, prints one summary
 line a step, and writes everything it made as ONE tarball, ``OUT/gpu-check-<part>.tar.gz`` (records, logs, the
 tests' JUnit XML, ``summary.json``), with ``OUT/gpu-check-<part>.txt`` beside it.
@@ -40,7 +41,8 @@ from labkit import experiments  # noqa: E402
 
 # Parts of the check, each about 5 minutes on one H100: SLOTS names each experiment's part and expected seconds (only
 # this script knows about lent machines); a new experiment joins the last part until it gets a slot. How the seconds
-# were estimated: the CPU quick runs' wall times (records under labkit/reference/cpu-epyc-2core: baseline 16 s, quantization 240,
+# were estimated: the CPU quick runs' wall times (records under labkit/reference/cpu-epyc-2core: baseline 16 s,
+# quantization 240,
 # serving 619, pruning 217, distillation 158, capstone 101, onnx 39, tensorrt 22 on 2 cores) divided by what a GPU
 # buys each: decode-bound steps (serving, quantization's decode timing) are launch-bound at batch 1 on a 135M model,
 # so about 4x; training and prefill-bound steps (pruning's KD recovery, distillation, capstone) about 5x; plus about
@@ -103,7 +105,8 @@ def hardware_label(rehearse: bool) -> str:
         return f"CPU rehearsal on {env.cpu_name()} ({os.cpu_count()} cores), not a GPU"
     import torch
 
-    return f"{torch.cuda.get_device_name(0)} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})"
+    capability = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    return f"{torch.cuda.get_device_name(0)} (compute capability {capability})"
 
 
 def needs(step: str) -> str | None:
@@ -184,8 +187,11 @@ def run_part(part: str, out: Path, rehearse: bool, deadline: float) -> list[dict
             if why:
                 row.update(status="skipped", reason=why)
             elif not rehearse and left < ESTIMATE_S[step]:
-                row.update(status="skipped", reason=f"not started: {left:.0f} s left of this command's budget, the "
-                                                    f"step needs about {ESTIMATE_S[step]} s; run its part in a new call")
+                row.update(
+                    status="skipped",
+                    reason=f"not started: {left:.0f} s left of this command's budget, the "
+                    f"step needs about {ESTIMATE_S[step]} s; run its part in a new call",
+                )
             else:
                 row.update(_spawn(step, work, rehearse, part, timeout))
 
@@ -206,8 +212,11 @@ def run_part(part: str, out: Path, rehearse: bool, deadline: float) -> list[dict
 def _spawn(step: str, work: Path, rehearse: bool, part: str, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--part", part, "--out", str(work)]
     cmd += ["--rehearse"] if rehearse else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "PYTHONUNBUFFERED": "1",
+    }
     if rehearse:  # the CPU rehearsal: SmolLM2's shape but 2 of its 30 layers (recorded); the GPU runs all 30
         env.setdefault("LABKIT_RANDOM_LAYERS", str(REHEARSAL_LAYERS))
     else:

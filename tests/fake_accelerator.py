@@ -33,8 +33,14 @@ _TAG = "_labkit_on_accelerator"
 _DEVICE_GET = torch.Tensor.device.__get__
 _DATA_SET = torch.Tensor.data.__set__
 # ops that only compare metadata, and ops CUDA lets cross devices (an index may be a CPU tensor; copy_ copies)
-_ALLOWED = {torch._has_compatible_shallow_copy_type, torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.copy_, torch.Tensor.index_put_,
-             torch.Tensor.index_put}
+_ALLOWED = {
+    torch._has_compatible_shallow_copy_type,
+    torch.Tensor.__getitem__,
+    torch.Tensor.__setitem__,
+    torch.Tensor.copy_,
+    torch.Tensor.index_put_,
+    torch.Tensor.index_put,
+}
 
 
 class DeviceMixError(RuntimeError):

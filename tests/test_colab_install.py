@@ -58,8 +58,16 @@ def colab_py(tmp_path_factory) -> Path:
 
 
 def installed(py: Path) -> dict[str, str]:
-    out = subprocess.check_output([str(py), "-c", "import importlib.metadata as m, json; print(json.dumps("
-                                   "{d.metadata['Name'].lower(): d.version for d in m.distributions()}))"], text=True, cwd="/")
+    out = subprocess.check_output(
+        [
+            str(py),
+            "-c",
+            "import importlib.metadata as m, json; print(json.dumps("
+            "{d.metadata['Name'].lower(): d.version for d in m.distributions()}))",
+        ],
+        text=True,
+        cwd="/",
+    )
     return json.loads(out)
 
 
@@ -77,7 +85,9 @@ def fake_2015_labkit(where: Path) -> Path:
     info = "labkit-0.0.3.dev11.dist-info"
     with zipfile.ZipFile(whl, "w") as z:
         z.writestr("labkit/__init__.py", '"""commutils"""\n')
-        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: labkit\nVersion: 0.0.3.dev11\nSummary: commutils\n")
+        z.writestr(
+            f"{info}/METADATA", "Metadata-Version: 2.1\nName: labkit\nVersion: 0.0.3.dev11\nSummary: commutils\n"
+        )
         z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{info}/RECORD", f"labkit/__init__.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
     return whl
@@ -211,7 +221,9 @@ def test_colab_runtime_installs_the_wheel_runs_notebook_00_and_every_widget(tmp_
     from jupyter_client.manager import KernelManager
 
     nb = nbformat.read(ROOT / "notebooks" / "00_setup_and_baselines.ipynb", as_version=4)
-    km = KernelManager(kernel_name="colab", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]))
+    km = KernelManager(
+        kernel_name="colab", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "LABKIT_DEVICE")}
     env["LABKIT_QUICK"] = "1"
     NotebookClient(nb, km=km, timeout=600, resources={"metadata": {"path": str(content)}}).execute(env=env)

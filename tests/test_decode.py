@@ -60,7 +60,9 @@ def test_quantized_layers_run_unchanged(config):
     assert torch.equal(StaticDecoder(model, max_len=48).generate(ids, 16), hf_greedy(model, ids, 16))
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
-    assert torch.allclose(StaticDecoder(model, max_len=48).forward(ids), ref, atol=1e-4)  # tokens alone can agree by luck
+    assert torch.allclose(
+        StaticDecoder(model, max_len=48).forward(ids), ref, atol=1e-4
+    )  # tokens alone can agree by luck
     got = StaticDecoder(model, max_len=48, dtype=torch.bfloat16).forward(ids).float()
     assert F.cosine_similarity(got, ref).item() > 0.99
 

@@ -36,13 +36,21 @@ def recorded(monkeypatch):
     import labkit.distill
     import labkit.quant.bnb as bnb
     import labkit.serve
-    from labkit.experiments import capstone, distillation, pruning, serving
+    from labkit.capstone import experiment as capstone
+    from labkit.distill import experiment as distillation
+    from labkit.prune import experiment as pruning
+    from labkit.serve import experiment_serving as serving
 
     calls: list[tuple[str, object, torch.device | None]] = []
     lm_tok = AutoTokenizer.from_pretrained(zoo._tokenizer_dir())
     lm_tok.pad_token = lm_tok.eos_token
     enc_tok = AutoTokenizer.from_pretrained(zoo._tokenizer_dir("minilm"))
-    real_vision, real_train, real_llm, real_bnb_load = zoo.load_vision, labkit.distill.train, labkit.serve.LLM, bnb._load
+    real_vision, real_train, real_llm, real_bnb_load = (
+        zoo.load_vision,
+        labkit.distill.train,
+        labkit.serve.LLM,
+        bnb._load,
+    )
 
     def causal_lm(name="smollm2-135m", *, dtype=torch.float32, device=None, **kw):
         calls.append(("load_causal_lm", device, None))

@@ -62,37 +62,75 @@ def parity_but(r, o, m, cosine="row", use_mask=True, rtol=1e-3):
     cos = torch.nn.functional.cosine_similarity
     c = {"row": lambda: cos(a0.flatten(1), b0.flatten(1), dim=-1).mean(), "global": lambda: cos(a0.flatten(),
          b0.flatten(), dim=0), "token": lambda: cos(a0, b0, dim=-1).mean()}[cosine]()
-    return {"max_abs_diff": float(diff.max()), "worst": list(torch.unravel_index(diff.argmax(), diff.shape)),
-            "cosine": float(c), "within_tolerance": bool(((a - b).abs() <= 1e-4 + rtol * a.abs())[keep.expand_as(a)].all())}
+    return {
+        "max_abs_diff": float(diff.max()),
+        "worst": list(torch.unravel_index(diff.argmax(), diff.shape)),
+        "cosine": float(c),
+        "within_tolerance": bool(((a - b).abs() <= 1e-4 + rtol * a.abs())[keep.expand_as(a)].all()),
+    }
+
+
+def ngram_earliest(context, k, n_max=4):
+    """Prompt lookup that takes the *earliest* earlier occurrence of the suffix, not the latest."""
+    for n in range(min(n_max, len(context) - 1), 0, -1):
+        for start in range(0, len(context) - n):
+            if context[start:start + n] == context[-n:]:
+                return context[start + n:start + n + k]
+    return []
 
 
 WRONG = {  # a mistake a learner makes, and words the message must contain
+    "smooth_scales": (lambda a, w, al=0.5: a.clamp(min=1e-5) ** al / w.abs().amax(0).clamp(min=1e-5), "the scales"),
+    "linear_params": (lambda h, i, layers, heads, kv: layers * (4 * h * h + 3 * h * i), "k and v"),
+    "ngram_propose": (ngram_earliest, "latest earlier occurrence"),
     "time_fn": (time_mean_no_warmup, "not the mean"),
     "quantize_asymmetric": (quantize_symmetric_by_mistake, "half a step"),
     "dequantize_asymmetric": (lambda q, s, z: q.float() * s, "(q - zero) * scale"),
     "pack_int4": (lambda c: ((c[0::2] << 4) | c[1::2]).to(torch.uint8), "nibbles are swapped"),
     "unpack_int4": (lambda p: torch.stack([p >> 4, p & 0xF], 1).reshape(-1), "unpacked codes"),
     "double_quantize": (lambda a, b=256: (a.to(torch.float16), torch.ones(1), torch.zeros(1)), "8 bits"),
-    "append_slot": (lambda table, n, free, refs, bs: (table[n // bs] + n % bs, None) if table else (0, None),
-                    "block_size + t % block_size"),
-    "paged_attention": (lambda q, k, v, table, bs, n: exercises.solution("paged_attention")(q, k, v, table, bs, n) * 1.01,
-                        "attention output"),
-    "global_magnitude_masks": (lambda ws, s: [w.abs() >= w.abs().flatten().kthvalue(max(1, round(s * w.numel())))[0]
-                                             if s else torch.ones_like(w, dtype=torch.bool) for w in ws],
-                               "layer-wise"),
+    "append_slot": (
+        lambda table, n, free, refs, bs: (table[n // bs] + n % bs, None) if table else (0, None),
+        "block_size + t % block_size",
+    ),
+    "paged_attention": (
+        lambda q, k, v, table, bs, n: exercises.solution("paged_attention")(q, k, v, table, bs, n) * 1.01,
+        "attention output",
+    ),
+    "global_magnitude_masks": (
+        lambda ws, s: [
+            w.abs() >= w.abs().flatten().kthvalue(max(1, round(s * w.numel())))[0]
+            if s
+            else torch.ones_like(w, dtype=torch.bool)
+            for w in ws
+        ],
+        "layer-wise",
+    ),
     "parity": (lambda r, o, m: parity_but(r, o, m, cosine="global"), "cosine per row"),
-    "fuse_bias_gelu": (lambda nodes, consts, outs: fuse_every_add_gelu(nodes, consts, outs, check_readers=False),
-                       "the sum is read by another node too"),
+    "fuse_bias_gelu": (
+        lambda nodes, consts, outs: fuse_every_add_gelu(nodes, consts, outs, check_readers=False),
+        "the sum is read by another node too",
+    ),
     "choose": (lambda rows, within, base: min(rows, key=lambda r: r["weight_bytes"])["name"], "loses too much"),
-    "hinton_loss": (lambda s, t, y, T, a: a * torch.nn.functional.kl_div(
-        torch.log_softmax(s / T, -1), torch.log_softmax(t.detach() / T, -1), log_target=True, reduction="batchmean")
-        + (1 - a) * torch.nn.functional.cross_entropy(s, y), "T² factor"),
+    "hinton_loss": (
+        lambda s, t, y, T, a: (
+            a
+            * torch.nn.functional.kl_div(
+                torch.log_softmax(s / T, -1),
+                torch.log_softmax(t.detach() / T, -1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            + (1 - a) * torch.nn.functional.cross_entropy(s, y)
+        ),
+        "T² factor",
+    ),
 }
 
 
 def test_every_exercise_has_a_wrong_answer_under_test():
     assert set(WRONG) == set(exercises.available())
-    assert exercises.available("06") == ["append_slot", "paged_attention"]
+    assert exercises.available("06a") == ["append_slot", "paged_attention"]
 
 
 @pytest.mark.parametrize("name", exercises.available())
@@ -161,7 +199,10 @@ def global_masks_with_int(ws, s):
 
 def attention_over_pages(q, k_cache, v_cache, table, bs, n, kv_of):
     slots = torch.tensor([table[t // bs] * bs + t % bs for t in range(n)])
-    k, v = k_cache[slots][:, kv_of(q.shape[0], k_cache.shape[1])], v_cache[slots][:, kv_of(q.shape[0], k_cache.shape[1])]
+    k, v = (
+        k_cache[slots][:, kv_of(q.shape[0], k_cache.shape[1])],
+        v_cache[slots][:, kv_of(q.shape[0], k_cache.shape[1])],
+    )
     w = torch.softmax((q[:, None] * k.transpose(0, 1)).sum(-1) / q.shape[1] ** 0.5, -1)
     return (w[..., None] * v.transpose(0, 1)).sum(1)
 
@@ -203,7 +244,9 @@ def choose_ignoring_ties(rows, within, base):
 
 def choose_always_dense(rows, within, base):
     d = _base(rows, "dense")
-    return min((r for r in rows if r["accuracy"] >= d - within), key=lambda r: (r["weight_bytes"], -r["accuracy"]))["name"]
+    return min((r for r in rows if r["accuracy"] >= d - within), key=lambda r: (r["weight_bytes"], -r["accuracy"]))[
+        "name"
+    ]
 
 
 @pytest.mark.parametrize("name, wrong, words", [

@@ -24,7 +24,7 @@ assert before == after, (before, after)
 
 
 def test_train_restores_the_callers_random_state():
-    from labkit.distill.trainer import train
+    from labkit.train import train
 
     model = torch.nn.Linear(4, 2)
     x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))

@@ -56,11 +56,19 @@ def test_every_model_field_is_swapped_for_its_random_twin():
         assert not left, f"{name}: {left} still name a model whose weights cannot travel"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--part", "everything", "--rehearse"], "--part 'everything' is not a part of the GPU check; allowed: "
-                                             "tests-quant, serve, compress, all"),
-    (["--part", "serve", "--rehearse", "--out", "/proc/labkit-no"], "output directory '/proc/labkit-no' is not writable"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--part", "everything", "--rehearse"],
+            "--part 'everything' is not a part of the GPU check; allowed: tests-quant, serve, compress, all",
+        ),
+        (
+            ["--part", "serve", "--rehearse", "--out", "/proc/labkit-no"],
+            "output directory '/proc/labkit-no' is not writable",
+        ),
+    ],
+)
 def test_bad_arguments_get_a_clear_error(args, message):
     r = check(*args, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -37,7 +37,7 @@ def test_bf16_report_matches_the_compute_capability():
 def test_speculative_decoding_on_cuda():
     """Greedy speculation on CUDA gives plain greedy's tokens; sampling (drawn on the CPU) runs and is seeded."""
     from labkit.decode import StaticDecoder
-    from labkit.speculative import generate
+    from labkit.serve.speculative import generate
     from tests.conftest import tiny_llama
 
     model = tiny_llama(seed=2).cuda()

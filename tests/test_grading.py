@@ -39,8 +39,16 @@ COHORT = {
     "hal": [IMPORTS, "print(open({other!r}).read()[:20])", "import urllib.request\n"
             "urllib.request.urlopen('http://example.com', timeout=2)", "import subprocess\nsubprocess.run(['ls'])",
             "exercises.check('no_such_exercise', len)", "pack_int4 = exercises.check('pack_int4', "
-            "exercises.solution('pack_int4'))", "import labkit.exercises.quantization as solutions\n"
+            "exercises.solution('pack_int4'))", "import labkit.quant.exercise as solutions\n"
             "print(open(solutions.__file__).read()[:20])"],
+    # writes malformed lines into the grade log (it lies in her directory): points above the maximum, a string for
+    # points, a missing message, a maximum of her own; then checks pack_int4 for real
+    "ivy": [IMPORTS, "import json, os\nwith open(os.environ['LABKIT_GRADE_LOG'], 'a') as f:\n"
+            "    for e in ({'name': 'pack_int4', 'ok': True, 'points': 5, 'max_points': 1, 'message': 'a'},\n"
+            "              {'name': 'unpack_int4', 'ok': True, 'points': 'lots', 'max_points': 1, 'message': 'b'},\n"
+            "              {'name': 'unpack_int4', 'ok': True, 'points': 1, 'max_points': 1},\n"
+            "              {'name': 'unpack_int4', 'ok': True, 'points': 9, 'max_points': 9, 'message': 'c'}):\n"
+            "        f.write(json.dumps(e) + '\\n')", PACK],
 }
 
 
@@ -65,7 +73,7 @@ def graded(tmp_path_factory):
     other = root / "elsewhere"
     other.mkdir()
     _write(other / "alice.ipynb", [IMPORTS])  # a second "alice": a duplicate learner name
-    rc = main(["grade", str(subs), str(other / "alice.ipynb"), "--out", str(out), "--lesson", "01",
+    rc = main(["grade", str(subs), str(other / "alice.ipynb"), "--out", str(out), "--lesson", "01b",
                "--cell-timeout", "8", "--memory-mb", "3072", "--gradescope"])
     rows = {r["learner"] + ("#dup" if "duplicate" in r["status"] else ""): r
             for r in json.loads((out / "grades.json").read_text())}
@@ -77,7 +85,7 @@ def test_every_learner_has_a_row_and_the_grades_are_right(graded):
     assert rc == 0
     assert set(rows) == set(COHORT) | {"ivan", "alice#dup"}
     ex = {n: {k: v["points"] for k, v in r["exercises"].items()} for n, r in rows.items()}
-    assert list(ex["alice"]) == exercises.available("01")
+    assert list(ex["alice"]) == exercises.available("01b")
     assert ex["alice"]["pack_int4"] == 1 and ex["alice"]["unpack_int4"] == 1
     assert ex["bob"]["pack_int4"] == pytest.approx(2 / 3, abs=1e-3) and ex["bob"]["unpack_int4"] == 0
     assert "(2 of 3 cases right)" in rows["bob"]["exercises"]["pack_int4"]["message"]
@@ -116,9 +124,36 @@ def test_reaching_outside_is_refused_and_said(graded):
     assert "no network while grading" in hal[1]
     assert "starting a process" in hal[2]
     assert "no_such_exercise" in hal[3] and "does not exist" in hal[3]
-    assert "reading" in hal[4] and "exercises/quantization.py" in hal[4]  # the kit's solutions
+    assert "reading" in hal[4] and "quant/exercise.py" in hal[4]  # the kit's solutions
     assert rows["hal"]["exercises"]["pack_int4"] == {**rows["hal"]["exercises"]["pack_int4"], "points": 0}
     assert "kit's own function" in rows["hal"]["exercises"]["pack_int4"]["message"]
+
+
+def test_a_malformed_grade_log_costs_its_learner_only(graded):
+    """Every entry is validated: the four malformed ones are dropped and said in ivy's row; her real check counts;
+    the cohort's files are all written (checked by the tests above)."""
+    _, rows, out, _ = graded
+    ivy = rows["ivy"]
+    dropped = [e["error"] for e in ivy["errors"] if "malformed grade-log entry" in e["error"]]
+    assert len(dropped) == 4, ivy["errors"]
+    assert "above max_points" in dropped[0] and "points" in dropped[1] and "message" in dropped[2]
+    assert "every exercise is worth 1.0" in dropped[3]
+    assert ivy["exercises"]["pack_int4"]["points"] == 1 and ivy["exercises"]["unpack_int4"]["points"] == 0
+    assert json.loads((out / "gradescope" / "ivy" / "results.json").read_text())["score"] == 1
+
+
+def test_grading_in_parallel_gives_the_same_grades(tmp_path):
+    """--jobs 2 and --jobs 1 on the same submissions: the same rows (each notebook is graded alone)."""
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    for name in ("alice", "bob", "carol"):
+        _write(subs / f"{name}.ipynb", COHORT[name])
+    one = grade([subs], tmp_path / "one", lesson="01b", cell_timeout=60, memory_mb=3072, jobs=1, progress=False)
+    two = grade([subs], tmp_path / "two", lesson="01b", cell_timeout=60, memory_mb=3072, jobs=2, progress=False)
+    assert [r.__dict__ for r in one] == [r.__dict__ for r in two]
+    assert (tmp_path / "one" / "grades.csv").read_text() == (tmp_path / "two" / "grades.csv").read_text()
+    with pytest.raises(LabkitError, match="jobs=0"):
+        grade([subs], jobs=0)
 
 
 def test_gradescope_results_have_gradescopes_shape(graded):
@@ -126,7 +161,7 @@ def test_gradescope_results_have_gradescopes_shape(graded):
     results = json.loads((out / "gradescope" / "bob" / "results.json").read_text())
     check_gradescope(results)
     assert results["score"] == pytest.approx(2 / 3, abs=1e-3)
-    assert [t["name"] for t in results["tests"]] == exercises.available("01")
+    assert [t["name"] for t in results["tests"]] == exercises.available("01b")
     with pytest.raises(LabkitError, match="score outside"):
         check_gradescope({"tests": [{"name": "x", "score": 2, "max_score": 1}]})
     with pytest.raises(LabkitError, match="visibility"):

@@ -145,7 +145,7 @@ def _otter(*args, cwd):
 
 def test_otter_round_trip(tmp_path):
     pytest.importorskip("otter", reason="otter-grader is not installed (pip install 'labkit-inference[otter]')")
-    assert main(["export-otter", str(tmp_path), "--lesson", "01"]) == 0
+    assert main(["export-otter", str(tmp_path), "--lesson", "01b"]) == 0
     _otter("generate", "-t", "tests", "-o", "autograder.zip", "--no-requirements", "--no-environment",
            "--no-config", cwd=tmp_path)
     stub = "def pack_int4(codes):\n    raise NotImplementedError  # your code here"
@@ -158,9 +158,9 @@ def test_otter_round_trip(tmp_path):
         results = json.loads((tmp_path / learner / "results.json").read_text())
         scores[learner] = {t["name"]: (t["score"], t["output"]) for t in results["tests"] if "score" in t}
     filled, empty = scores["filled"], scores["empty"]
-    assert set(filled) == set(exercises.available("01"))
+    assert set(filled) == set(exercises.available("01b"))
     assert filled["pack_int4"][0] == 1.0 and "All test cases passed" in filled["pack_int4"][1]
     assert filled["unpack_int4"][0] == 0 and "kit's own function" in filled["unpack_int4"][1]
-    assert filled["quantize_asymmetric"][0] == 0 and "quantize_asymmetric is not defined" in filled["quantize_asymmetric"][1]
+    assert filled["double_quantize"][0] == 0 and "double_quantize is not defined" in filled["double_quantize"][1]
     assert all(score == 0 for score, _ in empty.values())
     assert "kit's own function" in empty["pack_int4"][1]

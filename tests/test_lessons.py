@@ -37,7 +37,8 @@ def test_every_model_loaded_by_hand_names_its_device(path):
 
 def _readme_seconds() -> dict[str, float]:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| `(\d\d_[a-z_]+)` \|.*\| (\d+) s \|$", readme, re.M)}
+    row = re.compile(r"^\| `(\d\d[a-z]?_[a-z0-9_]+)` \|.*\| (\d+) s \|$", re.M)
+    return {m.group(1): float(m.group(2)) for m in row.finditer(readme)}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -78,3 +79,35 @@ def test_every_exercise_stub_has_the_signature_its_checker_calls(path):
         for name, fn in checks:
             verdict = exercises.verify(name, scope[fn])
             assert "not written yet" in verdict.message, f"{path.name}: stub {fn} for {name!r}: {verdict.message}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_lesson_fits_a_session(path):
+    """By one explicit rule (prose words / 100 + code lines / 10 + 10 per exercise check + the quick-mode run time
+    README measured), no lesson is longer than a 60-minute session."""
+    import json
+
+    from labkit.course import SESSION_LIMIT_MIN, lesson_minutes
+
+    minutes = lesson_minutes(json.loads(path.read_text()), _readme_seconds()[path.stem])
+    assert minutes <= SESSION_LIMIT_MIN, f"{path.name} takes {minutes:.0f} minutes by the rule: split it"
+
+
+def test_the_rule_counts_what_it_says():
+    from labkit.course import lesson_minutes
+
+    nb = {"cells": [{"cell_type": "markdown", "source": "word " * 250},
+                    {"cell_type": "code", "source": "# a comment\nx = 1\n\ny = exercises.check('a', f)\n"}]}
+    assert lesson_minutes(nb, 90) == pytest.approx(2.5 + 0.2 + 10 + 1.5)
+
+
+def test_the_course_map_is_the_notebooks():
+    """docs/course.md (and the bundle's START_HERE.md) carry the course map the notebooks give; `make readme`."""
+    from labkit.course import COURSE_PAGE_HEAD, agenda, course_map, lessons
+
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "docs" / "course.md").read_text() == COURSE_PAGE_HEAD + course_map(root / "notebooks")
+    rows = lessons(root / "notebooks")
+    assert [r["id"] for r in rows] == [p.stem.split("_")[0] for p in NOTEBOOKS]
+    two = agenda(rows, None, 2)
+    assert len(two) == 2 and sum(1 for day in two for _, what in day if what[0].isdigit()) == len(rows)

@@ -121,3 +121,19 @@ def test_one_operator_grouping_for_every_breakdown():
     assert measure.op_group("aten::index_put_") == measure.op_group("aten::cat") == measure.WRITE
     assert measure.op_group("aten::silu") == measure.OTHER
     assert profile.op_group is measure.op_group and profile.GROUPS[:-1] == measure.OP_GROUPS
+
+
+def test_percentile_by_hand_and_against_numpy():
+    """The one percentile helper (serving's p50/p99 and the IQR use it): hand values, numpy's linear default."""
+    import numpy as np
+
+    assert measure.percentile([5, 1, 3, 2, 4], 50) == 3
+    assert measure.percentile([10.0, 20.0], 99) == pytest.approx(19.9)
+    assert measure.percentile([7.0], 99) == 7.0 and measure.percentile([], 50) is None
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10, 101):
+        values = rng.exponential(size=n).tolist()
+        for q in (1, 25, 50, 75, 99):
+            assert measure.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    with pytest.raises(ValueError, match="q=100"):
+        measure.percentile([1.0, 2.0], 100)

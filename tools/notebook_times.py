@@ -18,14 +18,14 @@ from labkit.course import spoken
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_LINE = re.compile(r"\*\*Time\*\*: about [^\n]*? in CPU quick mode")
-ROW = re.compile(r"^(\| `(\d\d_[a-z_]+)` \|.*\| )([^|]*)( \|)$", re.M)
+ROW = re.compile(r"^(\| `(\d\d[a-z]?_[a-z0-9_]+)` \|.*\| )([^|]*)( \|)$", re.M)
 
 
 def nbmake_seconds(junit: Path) -> dict[str, float]:
     """Notebook stem -> seconds, from nbmake's test cases in a JUnit XML file."""
     out = {}
     for case in ET.parse(junit).iter("testcase"):
-        m = re.search(r"(\d\d_[a-z_]+)\.ipynb", case.get("classname", "") + " " + case.get("name", ""))
+        m = re.search(r"(\d\d[a-z]?_[a-z0-9_]+)\.ipynb", case.get("classname", "") + " " + case.get("name", ""))
         if m and case.find("failure") is None and case.find("error") is None:
             out[m.group(1)] = float(case.get("time", 0))
     return out

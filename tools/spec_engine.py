@@ -3,7 +3,8 @@
     python tools/spec_engine.py     (a few minutes on 2 cores; README's engine speculation line came from this)
 
 Three engines: plain, n-gram lookup (k = 4) and the speculative experiment's draft model (SmolLM2 with 10 of its 30
-layers, untrained; k = 4). Two workloads: ``copy`` (8 requests, each asked to repeat a different passage it was shown: prompt lookup pays)
+layers, untrained; k = 4). Two workloads: ``copy`` (8 requests, each asked to repeat a different passage it was
+shown: prompt lookup pays)
 and serving's quick workload (24 requests, prompts cut from text, nothing to copy). Both engines are warmed up,
 then timed in 3 rotated rounds (:func:`labkit.measure.compare_latency`); greedy, so the tokens must be identical.
 """
@@ -14,9 +15,9 @@ import torch
 
 from labkit import measure, zoo
 from labkit.distill import layer_dropped_lm
-from labkit.experiments.speculative import Config, copy_requests
 from labkit.serve import LLM, SamplingParams
 from labkit.serve.bench import make_workload
+from labkit.serve.experiment_speculative import Config, copy_requests
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
 

@@ -1,9 +1,10 @@
 """Knowledge distillation: ``losses`` (Hinton, hidden-state, token-level KD), ``students`` (built from a teacher),
-``trainer`` (one loop for teacher, scratch student and KD student alike)."""
+and the training loop (:mod:`labkit.train`, shared: one loop for teacher, scratch student, KD student and a pruned
+model's recovery)."""
 
 from labkit.distill.losses import HiddenStateLoss, hinton_loss, token_kd_loss
 from labkit.distill.students import layer_dropped_lm, load_student, narrow_cnn, save_student
-from labkit.distill.trainer import History, train
+from labkit.train import History, train
 
 __all__ = ["History", "HiddenStateLoss", "hinton_loss", "layer_dropped_lm", "load_student", "narrow_cnn",
            "save_student", "token_kd_loss", "train"]

@@ -2,7 +2,7 @@
 
 ``Trainer`` already does what a course would otherwise rewrite (optimizer and schedule, gradient accumulation,
 mixed precision, logging, checkpoints, devices); a KD loss is one method. The loss is the kit's own
-(:func:`labkit.distill.losses.token_kd_loss` mixed with next-token loss, as ``labkit.experiments.distillation``
+(:func:`labkit.distill.losses.token_kd_loss` mixed with next-token loss, as ``labkit.distill.experiment``
 trains its LM student), so the two routes can be checked against each other.
 """
 

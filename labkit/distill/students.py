@@ -32,7 +32,9 @@ def kept_layers(num_layers: int, keep_every: int = 2, keep: list[int] | None = N
         raise LabkitError("keep=[] keeps no layer: a student needs at least one")
     bad = [i for i in keep if not 0 <= i < num_layers]
     if bad:
-        raise LabkitError(f"keep={keep}: layer {bad[0]} does not exist (the teacher has {num_layers}: 0..{num_layers - 1})")
+        raise LabkitError(
+            f"keep={keep}: layer {bad[0]} does not exist (the teacher has {num_layers}: 0..{num_layers - 1})"
+        )
     return sorted(set(keep))
 
 

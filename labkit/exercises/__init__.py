@@ -6,43 +6,64 @@ first difference in words, and returns the function the notebook should go on wi
 passes, else the kit's (so a workshop never blocks on an empty or wrong exercise). A stub that still raises
 ``NotImplementedError`` is reported as such. ``available()`` lists the exercises; solutions live in the kit.
 
-One module per lesson (``timing`` for notebook 00, ``quantization`` for 01, ... ``capstone`` for 07), each with its
-``NOTEBOOK`` and ``EXERCISES = {name: (the kit's function, checker)}``; they are found by themselves, so a new
-lesson's exercises are a new module here.
+Each technique folder holds its lesson's ``exercise`` module (``labkit/quant/exercise.py`` for notebook 01, …;
+``export`` holds two, ``exercise_onnx`` and ``exercise_compilers``), each with its ``NOTEBOOK`` and
+``EXERCISES = {name: (the kit's function, checker)}``; this registry finds them (:mod:`labkit.techniques`), so a new
+lesson's exercises are a new module in its folder.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import json
 import os
-import pkgutil
 import sys
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
-from labkit import LabkitError
+from labkit import LabkitError, techniques
 from labkit.exercises._check import Mismatch, Verdict, other_inputs, score
 
-__all__ = ["Mismatch", "Verdict", "available", "check", "notebook_of", "solution", "verify"]
+__all__ = ["Mismatch", "Verdict", "available", "check", "notebook_of", "of_lesson", "solution", "solution_files",
+           "verify"]
 
 
 @cache
 def _registry() -> dict[str, tuple[str, Callable, Callable]]:
     """name -> (notebook, the kit's function, checker), over every lesson module, in notebook order."""
     found = []
-    for m in pkgutil.iter_modules(__path__):
-        if not m.name.startswith("_"):
-            mod = importlib.import_module(f"{__name__}.{m.name}")
-            found += [(mod.NOTEBOOK, name, kit, checker) for name, (kit, checker) in mod.EXERCISES.items()]
+    for dotted in techniques.modules("exercise"):
+        mod = importlib.import_module(dotted)
+        found += [(mod.NOTEBOOK, name, kit, checker) for name, (kit, checker) in mod.EXERCISES.items()]
     return {name: (nb, kit, checker) for nb, name, kit, checker in sorted(found, key=lambda e: e[0])}
 
 
 def available(notebook: str | None = None) -> list[str]:
     """Exercise names (of one notebook, e.g. ``"01"``, or all)."""
     return [n for n, (nb, _, _) in _registry().items() if notebook is None or nb == notebook]
+
+
+def of_lesson(lesson: str | None) -> list[str]:
+    """The exercises of ``lesson`` (``"01b"``, ...; None: all), or a LabkitError naming the lessons that have some."""
+    names = available(lesson)
+    if not names:
+        known = sorted({notebook_of(n) for n in available()})
+        raise LabkitError(f"lesson={lesson!r} has no exercises; lessons with exercises: {', '.join(known)}")
+    return names
+
+
+def solution_files() -> list[Path]:
+    """Every file the kit's solutions can be read from: each exercise module's source and its cached bytecode
+    (``labkit grade`` refuses reading them while a learner's notebook runs)."""
+    files = []
+    for dotted in techniques.modules("exercise"):
+        source = Path(importlib.import_module(dotted).__file__).resolve()
+        files += [source, Path(importlib.util.cache_from_source(str(source)))]
+    return files
 
 
 def notebook_of(name: str) -> str:

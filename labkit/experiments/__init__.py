@@ -1,27 +1,34 @@
-"""Experiments, each a module keeping :mod:`labkit.experiments.protocol`'s contract; every notebook has at least one
+"""The experiment registry: every technique folder's ``experiment`` module(s) (``labkit/quant/experiment.py``,
+``labkit/export/experiment_onnx.py`` …, see :mod:`labkit.techniques`), each keeping
+:mod:`labkit.experiments.protocol`'s contract and naming itself with ``NAME``. Every notebook has at least one
 (notebook 06 has two: serving and speculative decoding), and every experiment names the notebook that teaches it.
-
-The experiments are found by themselves: every module in this package except ``protocol`` is one, and they are
-listed in the order of the notebooks that teach them. Adding an experiment is adding its module.
+They are listed in the order of their notebooks; adding an experiment is adding its module.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from functools import cache
 from types import ModuleType
 
-from labkit import LabkitError
-
-_NOT_EXPERIMENTS = {"protocol"}
+from labkit import LabkitError, techniques
 
 
 @cache
+def _modules() -> dict[str, str]:
+    """experiment name -> its module's dotted name, in notebook order."""
+    found = [(importlib.import_module(m), m) for m in techniques.modules("experiment")]
+    return {mod.NAME: dotted for mod, dotted in sorted(found, key=lambda e: (e[0].NOTEBOOK, e[0].NAME))}
+
+
 def _names() -> tuple[str, ...]:
-    found = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")
-             and m.name not in _NOT_EXPERIMENTS]
-    return tuple(sorted(found, key=lambda n: (importlib.import_module(f"{__name__}.{n}").NOTEBOOK, n)))
+    return tuple(_modules())
+
+
+def clear() -> None:
+    """Forget what was found (a test that adds a technique folder calls it)."""
+    techniques.clear()
+    _modules.cache_clear()
 
 
 def available() -> list[str]:
@@ -32,7 +39,7 @@ def available() -> list[str]:
 def get(name: str) -> ModuleType:
     if name not in _names():
         raise LabkitError(f"unknown experiment {name!r}; known experiments: {', '.join(_names())}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return importlib.import_module(_modules()[name])
 
 
 def notebook(name: str) -> str | None:

@@ -1,7 +1,9 @@
 """The contract every experiment module keeps, so adding one touches only its own module, notebook and tests.
 
-An experiment module ``labkit/experiments/<name>.py`` defines:
+An experiment module, ``labkit/<technique>/experiment.py`` (or ``experiment_<name>.py`` where one folder holds two
+lessons' experiments), defines:
 
+- ``NAME``: what ``labkit run NAME`` calls it and its record is named;
 - ``Config``: a dataclass with ``quick()`` and ``smallest()`` class methods;
 - ``run(config, progress=True) -> Record``: builds its :class:`Variant` s, times them with one
   :func:`labkit.measure.compare_latency` (or :func:`labkit.measure.interleaved` + :func:`labkit.measure.speedups`)
@@ -23,7 +25,7 @@ from typing import Any
 from labkit import LabkitError
 from labkit.results import Record
 
-REQUIRED = ("Config", "run", "NOTEBOOK", "TARGETS", "figures")
+REQUIRED = ("NAME", "Config", "run", "NOTEBOOK", "TARGETS", "figures")
 
 
 @dataclass(frozen=True)

@@ -107,5 +107,6 @@ def fuse_bias_gelu(nodes: list[Node], constants: dict[str, tuple[int, ...]],
 
 
 def node_counts(nodes: list[Node]) -> Counter:
-    """Nodes per operator of a node list (the pass's own graph form; :func:`labkit.export.onnx.op_counts` reads a model)."""
+    """Nodes per operator of a node list (the pass's own graph form; :func:`labkit.export.onnx.op_counts` reads
+    a model)."""
     return Counter(n["op"] for n in nodes)

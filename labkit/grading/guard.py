@@ -7,7 +7,8 @@ their cells, as a Python audit hook (PEP 578), which cannot be removed once adde
 - processes: no subprocess, ``os.system``, ``exec`` or fork.
 
 This stops accidents and casual reaching (``open("../alice.ipynb")``, ``shutil.rmtree("/")``, ``requests.get``);
-it is not a security boundary: code that calls C directly (``ctypes``) passes under any audit hook. README says so.
+it is not a security boundary: code that calls C directly (``ctypes``) passes under any audit hook
+(docs/instructors.md says so).
 """
 
 from __future__ import annotations

@@ -65,10 +65,7 @@ def export(out: str | Path, *, lesson: str | None = None, seed: int = 1, points:
     """Write ``out/tests/<exercise>.py`` for every exercise (of ``lesson``, e.g. ``"01"``, or all); returns the
     files. ``seed`` (>= 1) picks the hidden cases' inputs: an instructor who keeps it to themselves keeps them
     hidden. ``points`` per exercise, half on each case."""
-    names = exercises.available(lesson)
-    if not names:
-        known = sorted({exercises.notebook_of(n) for n in exercises.available()})
-        raise LabkitError(f"lesson={lesson!r} has no exercises; lessons with exercises: {', '.join(known)}")
+    names = exercises.of_lesson(lesson)
     if not (isinstance(seed, int) and seed >= 1):
         raise LabkitError(f"seed={seed!r} must be a whole number >= 1 (0 is the notebook's own inputs)")
     if not points > 0:

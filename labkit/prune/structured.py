@@ -123,9 +123,11 @@ def prune_channels(model: nn.Module, example_inputs: Any, ratio: float, *, impor
                                           output_transform=output_transform, unwrapped_parameters=[])
         macs0 = macs(model, example_inputs) if count_macs else None
     except Exception as exc:  # tracing failures surface as many exception types
-        raise LabkitError(f"torch-pruning could not trace {type(model).__name__} with the given example_inputs "
-                          f"({type(exc).__name__}: {exc}); pass inputs its forward accepts (for a transformers LM: "
-                          "{'input_ids': ids}, config.use_cache=False, output_transform=lambda out: out.logits)") from exc
+        raise LabkitError(
+            f"torch-pruning could not trace {type(model).__name__} with the given example_inputs "
+            f"({type(exc).__name__}: {exc}); pass inputs its forward accepts (for a transformers LM: "
+            "{'input_ids': ids}, config.use_cache=False, output_transform=lambda out: out.logits)"
+        ) from exc
     if importance_name == "taylor":
         if calibration is None:
             raise LabkitError("importance='taylor' needs calibration=fn(model) that fills gradients on real data")
@@ -244,7 +246,8 @@ def prune_attention_heads(model: nn.Module, ratio: float, *, importance_name: st
     """Remove ``ratio`` of the query heads of each key/value group in every layer (in place, GQA kept).
 
     A head's score is the L2 norm of all its weights together, ``sqrt(‖W_q[head]‖² + ‖W_o[:, head]‖²)``
-    (``"l2"``, the group norm Torch-Pruning uses), or the Taylor sum ``Σ|w · ∂L/∂w|`` over the same weights (``"taylor"``, gradients from ``calibration_ids``). Key/value projections are untouched; the
+    (``"l2"``, the group norm Torch-Pruning uses), or the Taylor sum ``Σ|w · ∂L/∂w|`` over the same weights
+    (``"taylor"``, gradients from ``calibration_ids``). Key/value projections are untouched; the
     config's ``num_attention_heads`` (and an explicit ``head_dim``) are updated so the model saves and reloads.
     """
     if importance_name not in ("l2", "taylor"):

@@ -139,7 +139,8 @@ def quantize_(model: nn.Module, config: Config, *, skip: tuple[str, ...] = DEFAU
               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> QuantReport:
     """Quantize ``model`` in place and return a :class:`QuantReport`.
 
-    ``skip``: patterns of module names kept as they are (:func:`labkit.skip.is_skipped`, the rule pruning uses). ``filter_fn(module, name)`` selects modules
+    ``skip``: patterns of module names kept as they are (:func:`labkit.skip.is_skipped`, the rule pruning
+    uses). ``filter_fn(module, name)`` selects modules
     explicitly; selecting a module that is not an ``nn.Linear`` is an error, not a silent no-op.
     """
     report = QuantReport()

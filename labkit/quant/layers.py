@@ -93,6 +93,14 @@ class Int8Linear(QuantLinear):
         q, scale = prim.quantize_symmetric(linear.weight.detach(), 8, dim=1)
         return cls(linear.in_features, linear.out_features, q, scale, linear.bias, kernel, compute_dtype)
 
+    @classmethod
+    def concat_rows(cls, mods: list[Int8Linear], bias: torch.Tensor | None) -> Int8Linear | None:
+        """The layers stacked by output rows (:func:`labkit.stacking.concat_rows`): exact, one scale per row."""
+        if len({(m.kernel, m.compute_dtype) for m in mods}) > 1:
+            return None
+        return cls(mods[0].in_features, sum(m.out_features for m in mods), torch.cat([m.qweight for m in mods]),
+                   torch.cat([m.scale for m in mods]), bias, mods[0].kernel, mods[0].compute_dtype)
+
     def dequantize(self) -> torch.Tensor:
         return prim.dequantize_symmetric(self.qweight, self.scale)
 
@@ -113,6 +121,7 @@ class Int4Linear(QuantLinear):
     (the same bytes) and ``scale_and_zero`` (fp16 ``[groups, out, 2]``: 4 bytes a group instead of 3).
     """
 
+    ROW_BLOCK = 64  # torch's CPU int4 layout packs output rows in blocks of this many
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, group_size: int | None, bias: torch.Tensor | None = None,
@@ -155,7 +164,7 @@ class Int4Linear(QuantLinear):
                            scale_and_zero: torch.Tensor, group_size: int, padded_in: int,
                            bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = torch.bfloat16,
                            symmetric: bool = False) -> Int4Linear:
-        """A fused-layout layer from the kernel's own tensors (as :func:`labkit.quant.stacking.concat_rows` stacks
+        """A fused-layout layer from the kernel's own tensors (as :func:`labkit.stacking.concat_rows` stacks
         them), without going back through codes."""
         layer = cls.__new__(cls)
         QuantLinear.__init__(layer, in_features, out_features, bias, "fused", compute_dtype)
@@ -164,6 +173,21 @@ class Int4Linear(QuantLinear):
         layer.register_buffer("qweight", packed)
         layer.register_buffer("scale_and_zero", scale_and_zero)
         return layer
+
+    @classmethod
+    def concat_rows(cls, mods: list[Int4Linear], bias: torch.Tensor | None) -> Int4Linear | None:
+        """The layers stacked by output rows (:func:`labkit.stacking.concat_rows`), in the fused layout only: each
+        group lies within a row, and torch's packed layout packs rows in blocks of ``ROW_BLOCK``, so stacked packed
+        weights equal the packing of stacked codes when every part but the last has a multiple of that many rows
+        (SmolLM2's 576/192/192 and 1536/1536 do)."""
+        first = mods[0]
+        layouts = {(m.kernel, m.compute_dtype, m.group_size, m.padded_in, m.symmetric) for m in mods}
+        if len(layouts) > 1 or first.kernel != "fused" or any(m.out_features % cls.ROW_BLOCK for m in mods[:-1]):
+            return None
+        return cls.from_kernel_layout(first.in_features, sum(m.out_features for m in mods),
+                                      torch.cat([m.qweight for m in mods]),
+                                      torch.cat([m.scale_and_zero for m in mods], dim=1), first.group_size,
+                                      first.padded_in, bias, first.compute_dtype, first.symmetric)
 
     def _apply(self, fn, recurse: bool = True):
         """Choose the layout again when the layer moves: the fused layout is the CPU kernel's own, so a layer
@@ -234,7 +258,6 @@ class NF4Linear(QuantLinear):
     per-row methods and kernels want. ``layout="flat"``: blocks run over the flattened weight, across row
     boundaries, as bitsandbytes stores it; the two agree only when a row's width is a multiple of the block.
     """
-
 
     def __init__(self, in_features: int, out_features: int, codes: torch.Tensor, absmax: torch.Tensor,
                  group_size: int = 64, double_quant: bool = True, bias: torch.Tensor | None = None,

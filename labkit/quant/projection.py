@@ -10,6 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def linear_params(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> int:
+    """Weights in a Llama stack's linear layers: per layer q and o (``hidden x hidden``), k and v (``hidden x kv_heads
+    * head_dim``: grouped-query attention shares them across heads), and the MLP's gate, up and down."""
+    head_dim = hidden // heads
+    attn = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    return layers * (attn + 3 * hidden * intermediate)
+
+
 @dataclass(frozen=True)
 class LlamaShape:
     name: str
@@ -23,9 +31,7 @@ class LlamaShape:
 
     @property
     def linear_params(self) -> int:
-        head_dim = self.hidden // self.heads
-        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
-        return self.layers * (attn + 3 * self.hidden * self.intermediate)
+        return linear_params(self.hidden, self.intermediate, self.layers, self.heads, self.kv_heads)
 
     @property
     def embedding_params(self) -> int:

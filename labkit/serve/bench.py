@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import Any
 
-from labkit import data
+from labkit import data, measure
 from labkit.serve.baselines import Run
 from labkit.serve.llm import LLM
 from labkit.serve.sampling import SamplingParams
@@ -28,16 +28,6 @@ def make_workload(tokenizer: Any, n: int, prompt_len: tuple[int, int] = (16, 256
     return prompts, outs
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100) with linear interpolation; None for no values."""
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int]) -> Run:
     """All requests at once through the labkit engine (greedy, EOS ignored)."""
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
@@ -56,8 +46,8 @@ def summarize(run: Run, reference: list[list[int]] | None = None) -> dict[str, A
            "requests_per_s": len(run.token_ids) / run.wall_s}
     for name, vals in (("ttft", run.ttft_s), ("tpot", run.tpot_s)):
         ms = [v * 1e3 for v in vals]
-        row[f"{name}_ms_p50"] = percentile(ms, 50)
-        row[f"{name}_ms_p99"] = percentile(ms, 99)
+        row[f"{name}_ms_p50"] = measure.percentile(ms, 50)
+        row[f"{name}_ms_p99"] = measure.percentile(ms, 99)
         row[f"{name}_ms_mean"] = statistics.fmean(ms) if ms else None
     if reference is not None:
         same = [a == b for a, b in zip(run.token_ids, reference)]

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labkit import LabkitError
+from labkit import LabkitError, measure
 from labkit.results import atomic_write_text
-from labkit.serve.bench import percentile
 
 
 @dataclass
@@ -190,8 +189,8 @@ def summarize_results(results: list[RequestResult], duration_s: float, slo_ttft_
     for name, vals in series.items():
         ms = [v * 1e3 for v in vals]
         out[f"{name}_ms_mean"] = sum(ms) / len(ms) if ms else None
-        out[f"{name}_ms_p50"] = percentile(ms, 50)
-        out[f"{name}_ms_p99"] = percentile(ms, 99)
+        out[f"{name}_ms_p50"] = measure.percentile(ms, 50)
+        out[f"{name}_ms_p99"] = measure.percentile(ms, 99)
     good = [r for r in ok if (slo_ttft_ms is None or (r.ttft_s or 0) * 1e3 <= slo_ttft_ms)
             and (slo_tpot_ms is None or (r.tpot_s or 0) * 1e3 <= slo_tpot_ms)]
     out["goodput_requests_per_s"] = len(good) / duration_s

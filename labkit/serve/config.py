@@ -23,7 +23,8 @@ class EngineConfig:
     ``decode_group``: decode sequences attended together in one padded SDPA call, sorted by length; larger
     groups mean fewer calls but more padding (8 is the value the quick serving workload was tuned with on 2 CPU
     cores; on a GPU, where a call costs a kernel launch, larger groups are likely better).
-    ``kv_cache_dtype`` (vLLM's argument; its ``"int8"`` value is the kit's own, vLLM offers FP8): ``"auto"`` stores K/V in the model's dtype, ``"int8"`` as int8 with a
+    ``kv_cache_dtype`` (vLLM's argument; its ``"int8"`` value is the kit's own, vLLM offers FP8): ``"auto"``
+    stores K/V in the model's dtype, ``"int8"`` as int8 with a
     scale per token and head (:class:`~labkit.serve.kv_cache.Int8KVCache`): the same bytes hold about 2x (bf16) to
     4x (fp32) the tokens, at a small cost in agreement with the model's own tokens.
     ``speculative_config`` (vLLM's name and shape): ``{"method": "ngram", "num_speculative_tokens": 4,
@@ -45,13 +46,15 @@ class EngineConfig:
     decode_group: int = 8
     kv_cache_dtype: str = "auto"
     speculative_config: dict | str | None = None  # a dict, or its JSON text
-    stack_projections: bool = True  # q/k/v and gate/up as one matmul each (labkit.quant.stacking); tokens identical
+    stack_projections: bool = True  # q/k/v and gate/up as one matmul each (labkit.stacking); tokens identical
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
             self.speculative()  # checked now, not at the first step
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise LabkitError(f"kv_cache_dtype={self.kv_cache_dtype!r}; allowed: {', '.join(map(repr, KV_CACHE_DTYPES))}")
+            raise LabkitError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r}; allowed: {', '.join(map(repr, KV_CACHE_DTYPES))}"
+            )
         if self.kv_reservation not in ("max_model_len", "exact"):
             raise LabkitError(f"kv_reservation={self.kv_reservation!r}; allowed: 'max_model_len', 'exact'")
         if not self.paged and self.enable_prefix_caching:
@@ -72,8 +75,8 @@ class EngineConfig:
                               f"sequence of max_model_len={self.max_model_len}")
 
     def speculative(self):
-        """The parsed ``speculative_config`` (a :class:`labkit.speculative.SpeculativeConfig`), or None."""
-        from labkit.speculative import SpeculativeConfig
+        """The parsed ``speculative_config`` (a :class:`labkit.serve.speculative.SpeculativeConfig`), or None."""
+        from labkit.serve.speculative import SpeculativeConfig
 
         spec = self.speculative_config
         if spec is None:

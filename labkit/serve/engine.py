@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from labkit.serve.runner import ModelRunner
 from labkit.serve.sampling import SamplingParams
 from labkit.serve.scheduler import Scheduler
 from labkit.serve.sequence import Sequence, Status
-from labkit.speculative import ngram_propose
+from labkit.serve.speculative import ngram_propose
 
 
 class LLMEngine:
@@ -121,10 +122,14 @@ class LLMEngine:
 
     def state(self) -> dict[str, int]:
         """The engine's state for monitoring, in one read (what a server's /metrics publishes)."""
-        return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
-                "kv_blocks_used": self.bm.num_used, "kv_blocks_total": len(self.bm.blocks),
-                "spec_draft_tokens_total": self.stats.spec_proposed,  # speculative decoding: guessed
-                "spec_accepted_tokens_total": self.stats.spec_accepted}  # ... and kept
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.bm.num_used,
+            "kv_blocks_total": len(self.bm.blocks),
+            "spec_draft_tokens_total": self.stats.spec_proposed,  # speculative decoding: guessed
+            "spec_accepted_tokens_total": self.stats.spec_accepted,
+        }  # ... and kept
 
     def reset_stats(self) -> None:
         """Fresh counters (steps, waste, preemptions) before a repeated run; the scheduler is not touched."""
@@ -158,25 +163,46 @@ class LLMEngine:
         return drafts
 
     def step(self) -> list[tuple[RequestOutput, int]]:
-        """Run one engine step; returns ``(output, new_token)`` for every token produced (with speculative
-        decoding, a request can produce several in one step; its finish reason belongs to its last one)."""
-        phase = self.stats.phase_s
-        t0 = time.perf_counter()
-        drafts = self._propose() if self.spec else None
-        t1 = time.perf_counter()
-        sched = self.scheduler.schedule(drafts)
-        t2 = time.perf_counter()
-        if self.drafter:
-            self.drafter.fill(sched)  # the draft model's forward passes
-        if self.spec:
-            phase["propose"] += t1 - t0 + time.perf_counter() - t2
-        phase["schedule"] += t2 - t1
+        """Run one engine step — schedule → run → postprocess — and return ``(output, new_token)`` for every token
+        produced (with speculative decoding a request can produce several in one step; its finish reason belongs
+        to its last one)."""
+        sched = self._schedule()
         if not sched.scheduled:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise LabkitError("the KV pool cannot hold the next waiting request; raise num_blocks")
             return []
         params = {s.seq_id: self.requests[s.seq_id][1] for s, _ in sched.scheduled}
-        new = self.runner.run(sched.scheduled, params, self.generators, sched.copies, sched.drafts, phase)
+        new = self.runner.run(sched.scheduled, params, self.generators, sched.copies, sched.drafts,
+                              self.stats.phase_s)
+        with self._phase("update"):
+            return self._postprocess(sched, new)
+
+    @contextmanager
+    def _phase(self, name: str):
+        """Add the block's wall time to ``stats.phase_s[name]`` (one of :data:`STEP_PHASES`)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.phase_s[name] += time.perf_counter() - t0
+
+    def _schedule(self):
+        """The scheduler's decision, with speculative guesses where speculation is on (a draft model fills its
+        guesses once the scheduler has granted their slots)."""
+        if not self.spec:
+            with self._phase("schedule"):
+                return self.scheduler.schedule(None)
+        with self._phase("propose"):
+            drafts = self._propose()
+        with self._phase("schedule"):
+            sched = self.scheduler.schedule(drafts)
+        if self.drafter:
+            with self._phase("propose"):
+                self.drafter.fill(sched)  # the draft model's forward passes
+        return sched
+
+    def _postprocess(self, sched, new: dict[int, list[int]]) -> list[tuple[RequestOutput, int]]:
+        """Mark the KV that is now valid, count the step, and append each request's new tokens."""
         now = time.perf_counter()
         for seq, n in sched.scheduled:
             guess = sched.drafts.get(seq.seq_id)
@@ -194,13 +220,17 @@ class LLMEngine:
                     break
             else:
                 if seq.seq_id in sched.drafts:
-                    self.bm.mark_computed(seq, seq.num_computed_tokens)  # hashes of blocks the kept guesses filled
-                    if self.config.paged:
-                        self.bm.trim(seq, len(seq))  # KV rollback: blocks that held only rejected guesses
-                    if self.drafter:
-                        self.drafter.settle(seq)
-        phase["update"] += time.perf_counter() - now
+                    self._settle_guesses(seq)
         return events
+
+    def _settle_guesses(self, seq: Sequence) -> None:
+        """After verification: hash the blocks the kept guesses filled, free blocks that held only rejected
+        ones (KV rollback), and let the draft model catch up."""
+        self.bm.mark_computed(seq, seq.num_computed_tokens)
+        if self.config.paged:
+            self.bm.trim(seq, len(seq))
+        if self.drafter:
+            self.drafter.settle(seq)
 
     def _emit(self, seq: Sequence, token: int, now: float) -> tuple[RequestOutput, int]:
         """Append one new token to its request; finish the request at EOS or its length limit."""
@@ -243,10 +273,13 @@ class LLMEngine:
         st.prefix_hit_blocks = self.bm.prefix_hits
         st.peak_blocks = max(st.peak_blocks, self.bm.num_used)
         st.max_running = max(st.max_running, len(self.scheduler.running))
+        if not self.record_history:  # telemetry below walks every block table: only when asked
+            return
+        st.recorded = True
         owners, fill = self._block_fill()
-        st.reserved_slots += len(owners) * self.bm.block_size
-        st.waste_slots += len(owners) * self.bm.block_size - sum(fill.values())
         bs = self.bm.block_size
+        st.reserved_slots += len(owners) * bs
+        st.waste_slots += len(owners) * bs - sum(fill.values())
         st.pool_slot_steps += len(self.bm.blocks) * bs
         for s in self.scheduler.running:
             held = len(s.block_table) * bs
@@ -254,8 +287,7 @@ class LLMEngine:
         if self.scheduler.waiting and not self.config.paged:
             head = self.scheduler.waiting[0]
             st.external_slot_steps += self.bm.stranded_free(head, self.scheduler.reserve_tokens(head)) * bs
-        if self.record_history:
-            st.history.append(self.snapshot(sched, owners, fill))
+        st.history.append(self.snapshot(sched, owners, fill))
 
     def snapshot(self, sched=None, owners: dict | None = None, fill: dict | None = None) -> dict:
         """The block pool right now: owner(s) of every block, free blocks, the running batch."""

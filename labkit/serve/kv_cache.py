@@ -38,7 +38,9 @@ class KVCache:
 
         Gathering blocks (not single slots) copies ``block_size`` contiguous tokens per index.
         """
-        return _by_block(self.k[layer], block_ids, self.block_size), _by_block(self.v[layer], block_ids, self.block_size)
+        return _by_block(self.k[layer], block_ids, self.block_size), _by_block(
+            self.v[layer], block_ids, self.block_size
+        )
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: duplicate a block's KV in every layer."""

@@ -26,7 +26,10 @@ class LLM:
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                  record_history: bool = False, **engine_args: Any) -> None:
         """``engine_args`` are :class:`EngineConfig` fields (``block_size``, ``num_blocks``, ``max_num_seqs``,
-        ``max_model_len``, ``paged``, ``kv_reservation``, ...), checked before the model loads."""
+        ``max_model_len``, ``paged``, ``kv_reservation``, ...), checked before the model loads. ``record_history``
+        turns on KV telemetry: every step walks the block tables to count waste (``stats.kv_waste_pct``,
+        ``stats.waste_breakdown_pct()``) and keeps a snapshot (``stats.history``, the KV viewer's input); off, a
+        step pays for none of it."""
         from labkit import env, zoo
 
         config = EngineConfig.from_kwargs(**engine_args)

@@ -1,10 +1,10 @@
 """A Llama forward pass over a *flattened* batch with attention over the paged KV cache.
 
-Hugging Face's ``LlamaForCausalLM`` supplies the weights and the building blocks (embedding, RMSNorm, rotary
-embedding, projections, MLP); only attention is rewritten: each layer writes the new tokens' K/V to their
-slots, then every sequence attends over the slots its block table names. q/k/v and gate/up are stacked into one
-matmul each (:func:`labkit.quant.stacking.stack`; 1.01-1.08x on serving's quick workload, tokens identical). Plain PyTorch,
-CPU or CUDA.
+The layer loop is the kit's one Llama forward (:func:`labkit.llama.decoder_layers`, which the static decoder runs
+too); only attention is this module's: each layer writes the new tokens' K/V to their slots, then every sequence
+attends over the slots its block table names. q/k/v and gate/up are stacked into one matmul each
+(``EngineConfig.stack_projections``; 1.01-1.08x on serving's quick workload, tokens identical). Plain PyTorch, CPU
+or CUDA.
 
 The batch mixes prefill chunks (many query tokens of one sequence) and decode tokens (one query token per
 sequence). Decode tokens are attended in padded groups of similar length; each prefill chunk on its own.
@@ -17,13 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from labkit.llama import check_supported
-from labkit.quant.stacking import project, stack
+from labkit.llama import Dims, check_supported, decoder_layers, stacked_projections
 from labkit.serve.kv_cache import KVCache
-
-# Architectures whose decoder layers have Llama's shape (q/k/v/o projections, RMSNorm, rotary, gated MLP).
 
 
 @dataclass
@@ -73,16 +69,12 @@ class PagedLlama(nn.Module):
         check_supported(cfg, "the paged engine", max_model_len, "max_model_len")
         self.hf = hf_model
         self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dims = Dims.of(cfg)
+        self.num_heads, self.num_kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.scale = self.head_dim**-0.5
         self.vocab_size = cfg.vocab_size
         # q/k/v and gate/up stacked into one matmul each (a copy of those weights, held as long as the engine lives)
-        layers = hf_model.model.layers
-        self.qkv = nn.ModuleList(stack((ly.self_attn.q_proj, ly.self_attn.k_proj, ly.self_attn.v_proj), fuse)
-                                 for ly in layers)
-        self.gate_up = nn.ModuleList(stack((ly.mlp.gate_proj, ly.mlp.up_proj), fuse) for ly in layers)
+        self.qkv, self.gate_up = stacked_projections(hf_model, fuse)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,7 +86,8 @@ class PagedLlama(nn.Module):
 
     @staticmethod
     def _causal(n: int, pos0: int, length: int, device: torch.device) -> torch.Tensor:
-        """``[1, n, length]``: query ``i`` of a chunk starting at position ``pos0`` sees context slots ``<= pos0 + i``."""
+        """``[1, n, length]``: query ``i`` of a chunk starting at position ``pos0`` sees context slots
+        ``<= pos0 + i``."""
         return (torch.arange(length, device=device)[None, :] <= (pos0 + torch.arange(n, device=device))[:, None])[None]
 
     @torch.no_grad()
@@ -111,15 +104,9 @@ class PagedLlama(nn.Module):
         prefills = [(start, n, blocks, group_mask(self._causal(n, pos0, blocks.numel() * kv.block_size, h.device),
                                                   groups, h.dtype)) for start, n, blocks, pos0 in batch.prefills]
         decodes = [(rows, blocks, group_mask(mask, groups, h.dtype)) for rows, blocks, mask in batch.decodes]
-        for i, layer in enumerate(m.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q, k, v = project(self.qkv[i], x)
-            q = q.reshape(1, T, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(1, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(1, T, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kv.write(i, batch.slot_mapping, k[0].transpose(0, 1), v[0])
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kv.write(i, batch.slot_mapping, k[0].transpose(0, 1), v[0].transpose(0, 1))
             out = torch.empty(T, self.num_heads * self.head_dim, dtype=h.dtype, device=h.device)
             q = q[0]  # [heads, T, d]
             for start, n, blocks, mask in prefills:
@@ -128,10 +115,9 @@ class PagedLlama(nn.Module):
                                                self.scale)[0]
             for rows, blocks, mask in decodes:
                 ck, cv = kv.gather(i, blocks)
-                qd = q[:, rows].transpose(0, 1)  # [b, heads, n, d]
-                out[rows] = _attend(qd, ck, cv, mask, groups, self.scale)
-            h = h + attn.o_proj(out.unsqueeze(0))
-            gate, up = project(self.gate_up[i], layer.post_attention_layernorm(h))
-            h = h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+                out[rows] = _attend(q[:, rows].transpose(0, 1), ck, cv, mask, groups, self.scale)
+            return out.unsqueeze(0)
+
+        h = decoder_layers(self.hf, h, cos, sin, self.qkv, self.gate_up, attend)
         h = m.norm(h[0, batch.logits_rows])
         return self.hf.lm_head(h).float()

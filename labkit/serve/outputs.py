@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from labkit import LabkitError
+
 
 @dataclass
 class RequestOutput:
@@ -46,9 +48,12 @@ class EngineStats:
     peak_blocks: int = 0
     max_running: int = 0  # the most requests in one step's batch
     prefix_hit_blocks: int = 0
+    # KV telemetry, counted only when the engine records (LLM(..., record_history=True)): it walks every block
+    # table each step, which a served step should not pay for
+    recorded: bool = False
     waste_slots: int = 0  # summed over steps: reserved slots not holding a token
     reserved_slots: int = 0
-    history: list[dict] = field(default_factory=list)  # per-step snapshots when recording
+    history: list[dict] = field(default_factory=list)  # per-step snapshots
     # The vLLM paper's three memory wastes (Kwon et al., SOSP 2023, section 3), in token slots summed over steps:
     used_slot_steps: int = 0  # holding a token's KV
     reserved_slot_steps: int = 0  # held now for tokens the request will produce later
@@ -80,6 +85,7 @@ class EngineStats:
     def waste_breakdown_pct(self) -> dict[str, float]:
         """Each kind of KV slot as a percentage of the pool, over the run's steps (the rest of the pool is free
         and usable). Call after every request has finished."""
+        self._need_recording("waste_breakdown_pct()")
         total = self.pool_slot_steps or 1
         return {"used": 100.0 * self.used_slot_steps / total, "reserved": 100.0 * self.reserved_slot_steps / total,
                 "internal_fragmentation": 100.0 * self.internal_slot_steps / total,
@@ -91,4 +97,11 @@ class EngineStats:
 
     @property
     def kv_waste_pct(self) -> float:
+        """Reserved KV slots not holding a token, as a % of the reserved slots, over every step."""
+        self._need_recording("kv_waste_pct")
         return 100.0 * self.waste_slots / self.reserved_slots if self.reserved_slots else 0.0
+
+    def _need_recording(self, what: str) -> None:
+        if not self.recorded and self.steps:
+            raise LabkitError(f"{what} is counted only when the engine records: create the engine with "
+                              "LLM(..., record_history=True) (it walks every block table each step)")

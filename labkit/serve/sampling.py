@@ -111,9 +111,9 @@ def verify_batch(logits: torch.Tensor, drafts: list[list[int]], params: list[Sam
 
     Greedy keeps guesses while they equal the argmax, so the tokens are exactly plain greedy decoding's; sampling
     keeps guess ``d`` with probability ``p(d)`` and otherwise draws from ``p`` without ``d``
-    (:func:`labkit.speculative.accept` with a one-hot draft), so the tokens follow ``p`` exactly. As in
+    (:func:`labkit.serve.speculative.accept` with a one-hot draft), so the tokens follow ``p`` exactly. As in
     :func:`sample_batch`, one device-to-host transfer a step."""
-    from labkit.speculative import accept
+    from labkit.serve.speculative import accept
 
     starts = [0]
     for d in drafts:

@@ -1,8 +1,10 @@
 """An OpenAI-compatible HTTP server over the paged engine: FastAPI + uvicorn, the shape vLLM's server has.
 
-One background thread owns the engine (:class:`~labkit.serve.service.EngineService`); each HTTP request posts its request to the
+One background thread owns the engine (:class:`~labkit.serve.service.EngineService`); each HTTP request posts
+its request to the
 thread's inbox, which the thread drains between steps, and awaits its own queue of tokens, so requests from many
-clients join the running batch and no handler ever waits for a step. Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template),
+clients join the running batch and no handler ever waits for a step. Endpoints: ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template),
 ``"stream": true`` as server-sent events ending in ``data: [DONE]``, ``GET /health`` and ``GET /metrics``
 (Prometheus text). Failures are answered, never swallowed: a bad body is an OpenAI-style 400, an engine step
 that raises fails the requests in its batch with a 500 (their blocks freed) and the engine serves on, and
@@ -220,7 +222,9 @@ class OpenAIApp:
             text += delta
         choice = {"index": 0, "finish_reason": reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return JSONResponse({**self._envelope(chat, False), "choices": [choice], "usage": _usage(len(prompt_ids), n_out)})
+        return JSONResponse(
+            {**self._envelope(chat, False), "choices": [choice], "usage": _usage(len(prompt_ids), n_out)}
+        )
 
     async def _events(self, ticket: int, tokens: asyncio.Queue, text: TextStream) -> AsyncIterator[tuple]:
         """``(text delta, output tokens so far, finish reason, error)`` until the request ends; aborts the

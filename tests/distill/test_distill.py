@@ -104,7 +104,9 @@ def test_layer_dropped_student_copies_layers_generates_and_reloads(tmp_path):
     assert student.config.num_hidden_layers == 2 == len(student.model.layers)
     assert torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
     assert torch.equal(student.model.layers[1].self_attn.q_proj.weight, teacher.model.layers[3].self_attn.q_proj.weight)
-    assert student.model.layers[0].mlp.up_proj.weight.data_ptr() != teacher.model.layers[1].mlp.up_proj.weight.data_ptr()
+    assert (
+        student.model.layers[0].mlp.up_proj.weight.data_ptr() != teacher.model.layers[1].mlp.up_proj.weight.data_ptr()
+    )
     ids = torch.tensor([[5, 6, 7]])
     out = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
@@ -113,8 +115,14 @@ def test_layer_dropped_student_copies_layers_generates_and_reloads(tmp_path):
     assert torch.allclose(back(ids).logits, student(ids).logits)
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(keep=[]), "keeps no layer"), (dict(keep=[0, 9]), "layer 9 does not exist"),
-                                          (dict(keep_every=0), "keep_every=0")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(keep=[]), "keeps no layer"),
+        (dict(keep=[0, 9]), "layer 9 does not exist"),
+        (dict(keep_every=0), "keep_every=0"),
+    ],
+)
 def test_bad_keep_patterns_are_clear(kwargs, match):
     with pytest.raises(ValueError, match=match):
         layer_dropped_lm(tiny_llama(num_hidden_layers=4), **kwargs)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from labkit.experiments import distillation
+from labkit.distill import experiment as distillation
 from labkit.results import Record, load_reference
 
 

@@ -51,7 +51,10 @@ def test_encoder_export_parity_and_fusion(encoder_onnx):
     fusions = X.transformer_fuse(path, fused, num_heads=12, hidden_size=384)
     assert fusions.get("SkipLayerNormalization", 0) >= 6
     before, after = X.op_counts(path), X.op_counts(fused)
-    assert sum(after.values()) < sum(before.values()) and after["SkipLayerNormalization"] == fusions["SkipLayerNormalization"]
+    assert (
+        sum(after.values()) < sum(before.values())
+        and after["SkipLayerNormalization"] == fusions["SkipLayerNormalization"]
+    )
     p2 = X.parity(ref, X.run(X.session(fused), feeds)[0])
     assert p2["max_abs_diff"] < 1e-3
     levels = {lvl: sum(X.optimized_counts(path, lvl).values()) for lvl in ("disabled", "extended")}

@@ -21,7 +21,7 @@ def test_without_tensorrt_every_entry_point_says_what_is_missing(tmp_path):
 
 
 def test_tensorrt_experiment_writes_an_honest_record_anywhere():
-    from labkit.experiments import tensorrt
+    from labkit.export import experiment_tensorrt as tensorrt
 
     ok, _ = T.support()
     if ok:

@@ -66,8 +66,22 @@ def bindings(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         site, libs = root / version / "site", root / version / "lib"
         if not (site / "tensorrt_bindings" / "tensorrt.so").exists():
             wheels = root / version / "wheels"
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                                f"tensorrt-cu12-bindings=={version}", "-d", str(wheels)], capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    f"tensorrt-cu12-bindings=={version}",
+                    "-d",
+                    str(wheels),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if r.returncode != 0:
                 pytest.skip(f"could not download tensorrt-cu12-bindings=={version}: {r.stderr.strip()[-300:]}")
             with zipfile.ZipFile(next(wheels.glob("*.whl"))) as zf:

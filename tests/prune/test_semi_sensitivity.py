@@ -78,7 +78,9 @@ def test_sensitivity_scan_restores_weights_and_proposes_ratios():
     m = load_vision("digits-cnn", progress=False)
     x, y = digits_splits()["test"]
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    rows = prune.scan(m, lambda mm: evaluate.classifier_accuracy(mm, x, y), (0.5, 0.9), layers=["features.0", "classifier.1"])
+    rows = prune.scan(
+        m, lambda mm: evaluate.classifier_accuracy(mm, x, y), (0.5, 0.9), layers=["features.0", "classifier.1"]
+    )
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert len(rows) == 1 + 2 * 2 and rows[0]["layer"] == "dense"
     ratios = prune.propose_ratios(rows, tolerance=0.02)

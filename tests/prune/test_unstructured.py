@@ -16,7 +16,9 @@ def net(seed: int = 0) -> nn.Module:
 
 
 @settings(max_examples=25, deadline=None)
-@given(sparsity=st.floats(0, 0.99), sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4), seed=st.integers(0, 99))
+@given(
+    sparsity=st.floats(0, 0.99), sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4), seed=st.integers(0, 99)
+)
 def test_global_masks_remove_exactly_the_requested_count(sparsity, sizes, seed):
     g = torch.Generator().manual_seed(seed)
     ws = [torch.randn(n, generator=g) * (i + 1) for i, n in enumerate(sizes)]

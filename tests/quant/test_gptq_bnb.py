@@ -61,7 +61,7 @@ def test_cuda_layers_and_bnb_match():
 
 @pytest.mark.slow
 def test_quantization_experiment_subset_meets_targets(tmp_path):
-    from labkit.experiments import quantization as Q
+    from labkit.quant import experiment as Q
 
     cfg = Q.Config.quick()
     cfg.variants = ("fp32", "int8", "int8-dequantize", "nf4-dq")
@@ -93,7 +93,7 @@ def test_quantization_experiment_subset_meets_targets(tmp_path):
 
 def test_a_bitsandbytes_backend_that_fails_to_load_is_a_skipped_row(monkeypatch):
     import labkit.quant.bnb as bnb
-    from labkit.experiments import quantization
+    from labkit.quant import experiment as quantization
 
     def broken(*a, **k):
         raise RuntimeError("CUDA Setup failed despite GPU being available")

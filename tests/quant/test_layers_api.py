@@ -131,8 +131,10 @@ def test_gptq_checks_every_layer_before_swapping_any():
     assert all(isinstance(m, nn.Linear) for m in model)  # nothing half-quantized
 
 
-@pytest.mark.parametrize("shape,dtype", [((100, 37), torch.float32), ((3, 130), torch.bfloat16), ((1, 50), torch.float32),
-                                         ((64, 128), torch.float32)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((100, 37), torch.float32), ((3, 130), torch.bfloat16), ((1, 50), torch.float32), ((64, 128), torch.float32)],
+)
 def test_flat_nf4_layout_matches_bitsandbytes_on_any_shape(shape, dtype):
     bnbF = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(0)

@@ -76,7 +76,9 @@ def test_sentencepiece_spaces_survive_streaming(sentencepiece_tokenizer):
     tok = sentencepiece_tokenizer
     text = "The interpreter reads the whole program before it runs"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids[1:2]) != tok.decode(ids[:2])[len(tok.decode(ids[:1])):]  # the trap: a lone piece loses its space
+    assert (
+        tok.decode(ids[1:2]) != tok.decode(ids[:2])[len(tok.decode(ids[:1])) :]
+    )  # the trap: a lone piece loses its space
     parts, _ = stream(tok, ids)
     assert "".join(parts) == text
 

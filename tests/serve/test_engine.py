@@ -35,6 +35,7 @@ def hf_greedy(p, n=10):
 def run(ps, params=GREEDY, **kw):
     """Serve ``ps``; every KV block must be back on the free list afterwards."""
     kw.setdefault("max_model_len", 128)
+    kw.setdefault("record_history", True)
     llm = LLM(MODEL, None, **kw)
     outs = llm.generate(ps, params, use_tqdm=False)
     bm = llm.engine.bm
@@ -281,10 +282,10 @@ def test_external_fragmentation_counts_free_blocks_stranded_in_holes():
     ps = prompts([6, 30, 6, 30, 6, 30, 30], seed=5)  # short: 8 tokens = 2 blocks; long: 40 tokens = 10 blocks
     params = [short, long_, short, long_, short, long_, long_]
     kw = dict(max_model_len=64, block_size=4, num_blocks=40, max_num_seqs=8)
-    llm = LLM(MODEL, None, paged=False, kv_reservation="exact", **kw)
+    llm = LLM(MODEL, None, paged=False, kv_reservation="exact", record_history=True, **kw)
     llm.generate(ps, params, use_tqdm=False)
     assert llm.stats.external_slot_steps >= 10 * 4  # at least one step with all 10 free blocks stranded
-    paged = LLM(MODEL, None, **kw)
+    paged = LLM(MODEL, None, record_history=True, **kw)
     paged.generate(ps, params, use_tqdm=False)
     assert paged.stats.external_slot_steps == 0
 
@@ -361,3 +362,22 @@ def test_stacked_projections_are_registered_and_switchable(tiny_lm):
     prompts = [[5, 6, 7, 8], [9] * 7]
     assert [o.token_ids for o in stacked.generate(prompts, params, use_tqdm=False)] == \
         [o.token_ids for o in separate.generate(prompts, params, use_tqdm=False)]
+
+
+def test_kv_telemetry_is_counted_only_when_asked():
+    """Without record_history a step walks no block table: nothing is counted, and asking for the waste says how
+    to get it; with it, the same schedule is counted."""
+    ps = prompts([5, 9, 14])
+    quiet = LLM(MODEL, None, block_size=4, max_model_len=64)
+    quiet.generate(ps, GREEDY, use_tqdm=False)
+    st_ = quiet.stats
+    assert st_.steps > 0 and not st_.recorded and not st_.history and not st_.open_traces
+    assert st_.reserved_slots == st_.pool_slot_steps == st_.used_slot_steps == 0
+    with pytest.raises(LabkitError, match="record_history=True"):
+        _ = st_.kv_waste_pct
+    with pytest.raises(LabkitError, match="record_history=True"):
+        st_.waste_breakdown_pct()
+    loud = LLM(MODEL, None, block_size=4, max_model_len=64, record_history=True)
+    loud.generate(ps, GREEDY, use_tqdm=False)
+    assert loud.stats.steps == st_.steps and len(loud.stats.history) == st_.steps
+    assert 0 < loud.stats.kv_waste_pct < 100

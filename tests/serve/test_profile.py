@@ -72,7 +72,7 @@ def test_bad_window_is_a_clear_error():
 
 
 def test_figure_draws_one_bar_per_measured_part():
-    from labkit.viz.kv import step_breakdown_figure
+    from labkit.serve.figures import step_breakdown_figure
 
     bd = {"phases": {k: float(i) for i, k in enumerate(STEP_PHASES)}, "ops": {k: 1.0 for k in GROUPS}}
     fig = step_breakdown_figure(bd)

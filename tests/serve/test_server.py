@@ -443,7 +443,10 @@ def test_speculating_server_streams_every_token_once(server, tokenizer):
         assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == json.loads(plain)["choices"][0]["text"]
         metrics = scrape(srv)
         assert metrics["labkit:spec_decode_num_accepted_tokens_total"] > 0
-        assert metrics["labkit:spec_decode_num_draft_tokens_total"] >= metrics["labkit:spec_decode_num_accepted_tokens_total"]
+        assert (
+            metrics["labkit:spec_decode_num_draft_tokens_total"]
+            >= metrics["labkit:spec_decode_num_accepted_tokens_total"]
+        )
         assert no_leak(srv)
     finally:
         stop_server(srv)

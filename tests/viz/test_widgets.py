@@ -1,8 +1,14 @@
 import pytest
 import torch
 
+from labkit.capstone import figures as capstone_figures
+from labkit.distill import figures as distill_figures
+from labkit.export import figures as export_figures
+from labkit.prune import figures as prune_figures
+from labkit.quant import figures as quant_figures
 from labkit.quant.explore import quant_stats
 from labkit.results import Record
+from labkit.serve import figures as serve_figures
 from labkit.serve.bench import kv_history
 from labkit.viz import plots, widgets
 
@@ -21,7 +27,7 @@ def test_more_bits_more_sqnr_more_bytes(weight):
 
 
 def test_figure_has_grid_lines_and_title(weight):
-    fig, stats = widgets.quant_explorer_figure(weight, "nf4", 4, 64, title="L")
+    fig, stats = quant_figures.quant_explorer_figure(weight, "nf4", 4, 64, title="L")
     ax = fig.axes[0]
     assert len(ax.lines) == 16  # the NF4 grid
     assert "SQNR" in fig.axes[1].get_title()
@@ -29,7 +35,7 @@ def test_figure_has_grid_lines_and_title(weight):
 
 
 def test_explorer_updates_without_a_browser(tiny_lm):
-    ex = widgets.QuantExplorer(tiny_lm)
+    ex = quant_figures.QuantExplorer(tiny_lm)
     ex.layer.value = "model.layers.1.mlp.down_proj"
     ex.scheme.value = "symmetric"
     ex.bits.value = 8
@@ -53,11 +59,11 @@ def test_kv_viewer_draws_pool_and_steps(tiny_lm):
                  use_tqdm=False)
     hist = llm.stats.history
     assert len(hist) == llm.stats.steps
-    fig = widgets.kv_pool_figure(hist[0], cols=10)
+    fig = serve_figures.kv_pool_figure(hist[0], cols=10)
     assert "blocks used" in fig.axes[0].get_title()
     used = len(hist[0]["owners"])
     assert used == sum(-(-n // 4) for n in (9, 3, 20))
-    viewer = widgets.KVCacheViewer(hist, cols=10)
+    viewer = serve_figures.KVCacheViewer(hist, cols=10)
     viewer.step.value = len(hist) - 1
     assert viewer.update()["step"] == hist[-1]["step"]
 
@@ -66,12 +72,12 @@ def test_kv_viewer_needs_history():
     from labkit import LabkitError
 
     with pytest.raises(LabkitError, match="record_history"):
-        widgets.KVCacheViewer([])
+        serve_figures.KVCacheViewer([])
 
 
 def test_block_tables_show_logical_to_physical_and_sharing(tiny_lm):
     from labkit.serve import LLM, SamplingParams
-    from labkit.viz.kv import admitted_figure, block_tables_figure, waste_figure
+    from labkit.serve.figures import admitted_figure, block_tables_figure, waste_figure
 
     llm = LLM(tiny_lm, None, block_size=4, num_blocks=40, max_model_len=64, record_history=True)
     llm.generate([[5] * 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2), use_tqdm=False)
@@ -94,7 +100,7 @@ def test_kv_viewer_reruns_when_controls_change(tiny_lm):
 
     rerun = kv_history(tiny_lm, None, [[5] * 9, [6] * 70], SamplingParams(temperature=0, max_tokens=4,
                                                                                   ignore_eos=True), max_model_len=96)
-    viewer = widgets.KVCacheViewer(cols=10, rerun=rerun, block_size=4, num_blocks=30)
+    viewer = serve_figures.KVCacheViewer(cols=10, rerun=rerun, block_size=4, num_blocks=30)
     first = viewer.history[0]["block_size"]
     viewer.block_size.value = 8
     assert first == 4 and viewer.history[0]["block_size"] == 8 and viewer.step.value == 0
@@ -130,7 +136,7 @@ def test_explorer_switches_models_and_toggles_double_quant(tiny_lm):
     from torch import nn
 
     other = nn.Sequential(nn.Linear(64, 32))
-    ex = widgets.QuantExplorer({"tiny": tiny_lm, "other": other})
+    ex = quant_figures.QuantExplorer({"tiny": tiny_lm, "other": other})
     ex.model.value = "other"
     assert list(ex.layer.options) == ["0"]
     ex.scheme.value = "nf4"
@@ -147,7 +153,7 @@ def test_temperature_explorer_softens_and_reads_the_sweep():
     for t, acc in ((1, 0.85), (4, 0.93)):
         rec.add(f"student-kd-T{t}", accuracy=acc, accuracy_std=0.01)
     torch.manual_seed(0)
-    ex = widgets.TemperatureExplorer(DigitsCNN().eval(), torch.rand(5, 1, 8, 8), torch.arange(5), rec)
+    ex = distill_figures.TemperatureExplorer(DigitsCNN().eval(), torch.rand(5, 1, 8, 8), torch.arange(5), rec)
     ex.temperature.value = 1
     cold = ex.update()
     ex.temperature.value = 8
@@ -160,16 +166,24 @@ def _sweep():
     rows = []
     for method in ("global", "layer", "structured"):
         for s in (0.0, 0.5, 0.9):
-            rows.append({"method": method, "sparsity": s, "accuracy": 0.97 - s * (0.5 if method == "structured" else 0.2),
-                         "params": int(21546 * (1 - s if method == "structured" else 1)), "nonzero_weights": 1,
-                         "weight_bytes": 86184, "latency_ms_median": 2.0 * (1 - s / 2 if method == "structured" else 1)})
+            rows.append(
+                {
+                    "method": method,
+                    "sparsity": s,
+                    "accuracy": 0.97 - s * (0.5 if method == "structured" else 0.2),
+                    "params": int(21546 * (1 - s if method == "structured" else 1)),
+                    "nonzero_weights": 1,
+                    "weight_bytes": 86184,
+                    "latency_ms_median": 2.0 * (1 - s / 2 if method == "structured" else 1),
+                }
+            )
     return rows
 
 
 def test_sparsity_explorer_moves_with_its_controls():
     from labkit.zoo import DigitsCNN
 
-    ex = widgets.SparsityExplorer(DigitsCNN(), _sweep())
+    ex = prune_figures.SparsityExplorer(DigitsCNN(), _sweep())
     ex.method.value = "structured"
     ex.sparsity.value = 0.9
     row = ex.update()
@@ -179,7 +193,7 @@ def test_sparsity_explorer_moves_with_its_controls():
 
 
 def test_histogram_shades_exactly_the_pruned_weights():
-    from labkit.viz.prune import weight_histogram
+    from labkit.prune.figures import weight_histogram
 
     w = torch.arange(-50, 50).float()
     fig = weight_histogram(w, 0.5)
@@ -190,10 +204,12 @@ def test_histogram_shades_exactly_the_pruned_weights():
 def test_tradeoff_explorer_choice_moves_with_the_threshold():
     r = Record("pruning")
     r.add("dense", model="m", weight_bytes=100.0, accuracy=0.975, latency_ms_median=2.0)
-    r.add("small", model="m", weight_bytes=40.0, accuracy=0.970, latency_ms_median=1.5, recipe=["prune 40%", "fine-tune"])
+    r.add(
+        "small", model="m", weight_bytes=40.0, accuracy=0.970, latency_ms_median=1.5, recipe=["prune 40%", "fine-tune"]
+    )
     r.add("tiny", model="m", weight_bytes=10.0, accuracy=0.60, latency_ms_median=1.4)
     rows = [{**v, "experiment": "pruning", "hardware": "here"} for v in r.variants]
-    ex = widgets.TradeoffExplorer(rows)
+    ex = capstone_figures.TradeoffExplorer(rows)
     ex.within.value = 0.01
     info = ex.update()
     assert info["choice"] == "small" and info["recipe"] == ["prune 40%", "fine-tune"]
@@ -206,19 +222,19 @@ def test_tradeoff_explorer_choice_moves_with_the_threshold():
 
 
 def test_fusion_explorer_times_both_paths_and_compiles_each_shape_once(monkeypatch):
-    from labkit.experiments import tensorrt as trt_exp
+    from labkit.export import experiment_tensorrt as trt_exp
 
     compiled = []
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or real(fn, backend="eager", **kw))
     monkeypatch.setattr(trt_exp, "_FUSED", {})
-    viewer = widgets.FusionExplorer(options=(8, 16), value=8)
+    viewer = export_figures.FusionExplorer(options=(8, 16), value=8)
     lat = viewer.update()
     assert set(lat) == {"eager", "fused"} and all(v["latency_ms_median"] > 0 for v in lat.values())
     viewer.rows.value = 16
     viewer.rows.value = 8
     assert len(compiled) == 2  # 8 and 16 once each, not once per move
-    fig = widgets.fusion_figure(lat, 8)
+    fig = export_figures.fusion_figure(lat, 8)
     assert "8 x 1536" in fig.axes[0].get_title()
     with pytest.raises(ValueError, match="rows=0"):
         trt_exp.bias_gelu_timing(0)
