@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export LABKIT_CACHE ?= $(HOME)/.cache/labkit
 
-.PHONY: venv report test lab lint clean dist course gpu-check gpu-rehearse gpu-wheels browser notebooks-html readme
+.PHONY: venv report test lab lint clean dist course site gpu-check gpu-rehearse gpu-wheels browser notebooks-html readme
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -63,6 +63,13 @@ course: dist
 	PYTHONPATH=$(CURDIR) $(PY) -m labkit.course build $(COURSE) --wheel $$(ls dist/*.whl) \
 		$(if $(REPO),--repo $(REPO) --ref $(REF))
 
+# The course website (Sphinx + myst-nb, offline): every lesson executed in quick mode (cached: a rebuild re-runs only
+# changed lessons; the first build takes about as long as the notebooks in make test), measured results, guides, API.
+# REPO=OWNER/REPO adds Colab deep links; LESSONS=00,05 executes only those lessons. Opens at site/html/index.html.
+SITE    ?= site
+site: venv
+	$(BIN)/labkit site $(SITE) $(if $(REPO),--repo $(REPO) --ref $(REF)) $(if $(LESSONS),--lessons $(LESSONS))
+
 lint: venv
 	$(BIN)/ruff check labkit tests
 
@@ -92,4 +99,4 @@ lab: venv
 	$(BIN)/jupyter lab notebooks/
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache dist build labkit-course
+	rm -rf $(VENV) reports .pytest_cache dist build labkit-course site

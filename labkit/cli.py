@@ -60,6 +60,12 @@ def _cmd_course(args: argparse.Namespace) -> None:
     course.run(args)
 
 
+def _cmd_site(args: argparse.Namespace) -> None:
+    from labkit import site
+
+    site.run(args)
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from labkit import report
 
@@ -193,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     course.add_arguments(c)
     c.set_defaults(fn=_cmd_course)
+
+    from labkit import site
+
+    st = sub.add_parser("site", help="build the course website: lessons executed, measured results, guides, API")
+    site.add_arguments(st)
+    st.set_defaults(fn=_cmd_site)
 
     gs = sub.add_parser("export-gradescope", help="write a Gradescope autograder zip for one lesson's exercises")
     gs.add_argument("--lesson", required=True, help="the lesson graded, e.g. 01")

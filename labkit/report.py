@@ -17,14 +17,32 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1180px;margin:2em auto
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}th{background:#f3f3f3}
 td:first-child,td:nth-child(2){text-align:left}.meta{color:#666;font-size:12px}.headline{font-size:15px;margin:.3em 0}
 img{max-width:100%;height:auto}details{margin:.5em 0}summary{cursor:pointer;color:#345}
-nav a{margin-right:1em}.ok{color:#2a7a2a}.miss{color:#b22}"""
+nav a{margin-right:1em}.ok{color:#2a7a2a}.miss{color:#b22}.model{font-weight:600;margin:.8em 0 0}"""
 
-CURATED = ("model", "name", "stage", "params", "weight_bytes", "accuracy", "perplexity", "cosine_to_reference",
-           "latency_ms_median", "speedup_vs_baseline", "tokens_per_s", "decode_tokens_per_s", "output_tokens_per_s",
-           "kv_waste_pct", "matches_reference", "on_pareto_front")
+QUESTIONS = (  # one table per question a reader asks of a record, each with the columns that answer it
+    ("What does it cost?", ("params", "weight_bytes", "bits_per_param_quantized", "peak_memory_bytes",
+                            "nonzero_weights", "csr_weight_bytes", "macs", "graph_nodes", "kv_waste_pct",
+                            "peak_blocks")),
+    ("What does it keep?", ("accuracy", "perplexity", "perplexity_ratio", "cosine_to_reference", "matches_reference",
+                            "requests_matching", "matches_greedy", "acceptance_rate")),
+    ("How fast is it?", ("latency_ms_median", "tokens_per_s", "prefill_tokens_per_s", "output_tokens_per_s",
+                         "ttft_ms_p50", "tpot_ms_p50", "decode_tok_s", "x_fp32_same_batch",
+                         "pct_of_bandwidth_ceiling", "speedup_vs_baseline")),
+)
+SETTINGS = ("stage", "method", "workload", "batch", "seq_len")  # shown where they vary: the row's setting
 LABELS = {"weight_bytes": "memory", "latency_ms_median": "latency (median ± IQR)", "speedup_vs_baseline": "× baseline",
           "output_tokens_per_s": "output tok/s", "tokens_per_s": "tok/s", "decode_tokens_per_s": "decode tok/s",
-          "cosine_to_reference": "cosine", "kv_waste_pct": "KV waste %", "on_pareto_front": "Pareto"}
+          "cosine_to_reference": "cosine", "kv_waste_pct": "KV waste %", "on_pareto_front": "Pareto",
+"bits_per_param_quantized": "bits/param (quantized layers)",
+          "peak_memory_bytes": "peak memory", "nonzero_weights": "non-zero weights", "csr_weight_bytes": "as CSR",
+          "graph_nodes": "graph nodes", "peak_blocks": "peak KV blocks", "perplexity_ratio": "× baseline perplexity",
+          "matches_reference": "same tokens", "requests_matching": "requests matching", "matches_greedy": "= greedy",
+          "acceptance_rate": "acceptance", "prefill_tokens_per_s": "prefill tok/s", "ttft_ms_p50": "TTFT p50 (ms)",
+          "tpot_ms_p50": "TPOT p50 (ms)", "decode_tok_s": "decode tok/s", "x_fp32_same_batch": "× fp32 same batch",
+          "pct_of_bandwidth_ceiling": "% of bandwidth ceiling", "name": "variant", "seq_len": "sequence"}
+BYTES = ("weight_bytes", "peak_memory_bytes", "csr_weight_bytes")
+
+
 def _fig_png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -64,7 +82,9 @@ def format_cell(key: str, row: dict) -> str:
         return f"{v:.2f}×"
     if key in ("accuracy",):
         return f"{100 * v:.1f} %"
-    if key in ("weight_bytes", "params"):
+    if key in BYTES:
+        return human("weight_bytes", v)
+    if key == "params":
         return human(key, v)
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
@@ -115,12 +135,35 @@ def _table(rows: list[dict], cols: list[str], fmt) -> dict[str, list]:
     return {"head": [LABELS.get(c, c) for c in cols], "rows": [[fmt(c, r) for c in cols] for r in rows]}
 
 
+def questions(rec: Record) -> list[dict]:
+    """The record as one table per question (:data:`QUESTIONS`) and model: only the rows that answer the question
+    and only the columns some row fills, so MiniLM never sits beside SmolLM2 and a batch sweep never shows up as
+    empty memory rows. Each table is ``{"question", "model", "head", "rows"}`` in the units people read."""
+    from labkit.viz.plots import models_of
+
+    out = []
+    for question, wanted in QUESTIONS:
+        for model in models_of(rec):
+            rows = [v for v in rec.variants if v.get("model") == model]
+            cols = [c for c in wanted if any(isinstance(r.get(c), (int, float)) and r[c] == r[c] for r in rows)]
+            answer = [r for r in rows if any(isinstance(r.get(c), (int, float)) and r[c] == r[c] for c in cols)]
+            if answer:
+                setting = [c for c in SETTINGS if len({str(r.get(c, "")) for r in answer}) > 1]
+                out.append({"question": question, "model": model or rec.experiment,
+                            **_table(answer, ["name", *setting, *cols], format_cell)})
+    return out
+
+
+def full_table(rec: Record) -> dict[str, list]:
+    """Every field of every variant (but provenance, recipes and per-run lists), as stored."""
+    cols = [c for c in rec.to_frame().columns if c not in ("provenance", "recipe") and not c.endswith("_runs")]
+    return _table(rec.variants, cols, lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else "")
+
+
 def section(rec: Record, report_dir: Path | None = None) -> dict:
     """What the report shows for one record (the template escapes every string; only the headline is markup)."""
     from markupsafe import Markup
 
-    cols = [c for c in CURATED if any(c in v for v in rec.variants)]
-    full_cols = [c for c in rec.to_frame().columns if c not in ("provenance", "recipe") and not c.endswith("_runs")]
     hw = rec.env.get("gpu") or {"name": f"{rec.env.get('cpu')} ({rec.env.get('torch_threads')} threads)"}
     nb = experiments.notebook(rec.experiment)
     rendered = report_dir is not None and nb is not None and (report_dir / "notebooks" / f"{nb}.html").exists()
@@ -128,9 +171,7 @@ def section(rec: Record, report_dir: Path | None = None) -> dict:
             "env": f"{hw['name']} · torch {rec.env.get('libraries', {}).get('torch')} · python "
                    f"{rec.env.get('python')} · {rec.created_at} · labkit {rec.labkit_version}",
             "notebook": nb, "notebook_html": rendered, "n_variants": len(rec.variants),
-            "curated": _table(rec.variants, cols, format_cell),
-            "full": _table(rec.variants, full_cols,
-                           lambda c, r: _fmt(r.get(c)) if r.get(c) == r.get(c) and c in r else ""),
+            "questions": questions(rec), "full": full_table(rec),
             "figures": [_fig_png(f) for f in experiments.figures(rec)]}
 
 

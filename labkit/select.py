@@ -92,6 +92,8 @@ def human(key: str, value: float) -> str:
                 return f"{value / div:.3g} {unit}"
         return f"{value:.0f} B"
     if key == "params":
+        if value >= 1e9:
+            return f"{value / 1e9:.3g} B"
         return f"{value / 1e6:.3g} M" if value >= 1e6 else f"{value / 1e3:.3g} k" if value >= 1e3 else f"{value:.0f}"
     if key.startswith("latency_ms"):
         return f"{value:.3g} ms"

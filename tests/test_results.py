@@ -109,3 +109,20 @@ def test_report_escapes_every_field_a_record_carries(tmp_path):
     html = report.build(tmp_path / "results", tmp_path / "reports" / "index.html").read_text()
     assert "<script>" not in html and "<img src=x" not in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and "m&amp;m" in html and "demo&lt;script&gt;" in html
+
+
+def test_report_answers_one_question_per_table():
+    """The quantization record mixes five models (three measured, two projected) and a batch sweep: each table
+    holds one model and answers one question, with no row that leaves the question's columns empty."""
+    rec, _ = results.load_reference("quantization", "cpu-epyc-2core")
+    tables = report.questions(rec)
+    asked = {(t["question"], t["model"]) for t in tables}
+    assert len(asked) == len(tables)  # one table per (question, model)
+    assert ("What does it cost?", "smollm2-135m by batch") not in asked  # the sweep has no memory column
+    assert ("How fast is it?", "smollm2-135m by batch") in asked
+    for t in tables:
+        assert t["head"][0] == "variant"
+        for row in t["rows"]:
+            assert any(cell for cell in row[1:]), (t["question"], t["model"], row)
+    models = {t["model"] for t in tables}
+    assert {"smollm2-135m", "minilm-l6"} <= models

@@ -83,7 +83,8 @@ TARGETS = [
 
 
 def figures(rec: Record) -> list:
-    """Each model's throughput (decode tok/s for SmolLM2, encode tok/s for MiniLM: never one axis)."""
+    """None for one variant a model (the table says it; a one-bar chart compares nothing); with several, each
+    model's throughput on its own axis (SmolLM2's decode tok/s never beside MiniLM's encode tok/s)."""
     from labkit.viz.plots import default_figures
 
     return default_figures(rec)

@@ -1,4 +1,4 @@
-"""Grade a cohort's notebooks: ``labkit grade SUBMISSIONS... [--out DIR]``.
+"""Grade a cohort's notebooks (``labkit grade SUBMISSIONS [--out DIR]``).
 
 Each submission runs on its own — a fresh temporary directory, a fresh kernel, quick mode, a limit on every cell,
 on the whole notebook and on memory (:mod:`labkit.grading.worker`, confined by :mod:`labkit.grading.guard`) —

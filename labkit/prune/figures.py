@@ -22,7 +22,7 @@ def all_weights(model: nn.Module) -> torch.Tensor:
 
 def histogram_on(ax, weights: torch.Tensor, sparsity: float) -> float:
     """Draw a histogram of ``weights`` with the global-magnitude region that ``sparsity`` removes shaded; returns
-    the threshold |w| below which weights are pruned."""
+    the threshold ``|w|`` below which weights are pruned."""
     w = weights.detach().flatten().float().cpu()  # matplotlib reads host memory
     keep = global_magnitude_masks([w], sparsity)[0] if sparsity > 0 else torch.ones_like(w, dtype=torch.bool)
     thr = float(w[~keep].abs().max()) if (~keep).any() else 0.0

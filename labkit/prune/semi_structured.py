@@ -19,7 +19,7 @@ from labkit.skip import DEFAULT_SKIP
 
 
 def two_four_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """Keep-mask with the ``n`` largest-|w| of every ``m`` consecutive weights of each row (magnitude N:M)."""
+    """Keep-mask with the ``n`` largest-``|w|`` of every ``m`` consecutive weights of each row (magnitude N:M)."""
     if weight.shape[-1] % m:
         raise LabkitError(f"weight has {weight.shape[-1]} input features; {n}:{m} sparsity needs a multiple of {m}")
     groups = weight.detach().abs().reshape(-1, m)

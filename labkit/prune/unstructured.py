@@ -37,7 +37,7 @@ def prunable_layers(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> lis
 
 
 def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Boolean keep-masks removing exactly ``round(sparsity * total)`` of the smallest-|w| weights overall.
+    """Boolean keep-masks removing exactly ``round(sparsity * total)`` of the smallest-``|w|`` weights overall.
 
     One threshold for all tensors: layers with many small weights lose more. Ties are broken by position, so the
     count is exact even when many weights are equal (e.g. already zero).

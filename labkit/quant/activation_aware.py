@@ -65,7 +65,7 @@ def int8_decomposed_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 
 
 def smooth_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """SmoothQuant's per-input-channel scale ``s_j = max|X_j|^α / max|W_j|^(1-α)`` (``act_absmax [in]``: the
-    calibration inputs' max |x| per channel; ``w [out, in]``; ``w``'s columns may stack several layers' rows)."""
+    calibration inputs' max ``|x|`` per channel; ``w [out, in]``; ``w``'s columns may stack several layers' rows)."""
     if not 0 <= alpha <= 1:
         raise LabkitError(f"alpha={alpha!r} must lie in [0, 1] (SmoothQuant uses 0.5)")
     if act_absmax.shape != (w.shape[1],):

@@ -91,14 +91,53 @@ def scatter(record: Record, x: str, y: str, *, model: str | None = None, title: 
     ax = fig.subplots()
     sx, unit = UNITS.get(x, (1.0, ""))
     ax.scatter([v[x] * sx for v in rows], [v[y] for v in rows], color="#C44E52")
-    for v in rows:
-        ax.annotate(v["name"], (v[x] * sx, v[y]), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.margins(x=0.15, y=0.12)  # room for labels inside the axes
+    labels = [ax.annotate(v["name"], (v[x] * sx, v[y]), textcoords="offset points", xytext=(5, 0), fontsize=8,
+                          va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#999"}) for v in rows]
     ax.set_xlabel(f"{x} ({unit})" if unit else x)
     ax.set_ylabel(y)
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{record.experiment}: {y} vs {x}" + (f" ({model})" if model else ""))
     fig.tight_layout()
+    spread_labels(fig, labels)
     return fig
+
+
+def label_boxes(fig: Figure, labels: list) -> list:
+    """The display-space boxes of annotation texts (the text alone, not its leader line)."""
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else fig._get_renderer()
+    for t in labels:
+        t.update_positions(renderer)  # an annotation places its text only when drawn
+    return [Text.get_window_extent(t, renderer) for t in labels]
+
+
+def spread_labels(fig: Figure, labels: list, step: float = 2.0, tries: int = 200) -> None:
+    """Move point labels apart so that none overlaps another label or a marker and all stay inside the axes: from
+    the lowest point up, each label tries offsets 0, +step, -step, +2·step, ... (in points, with a thin leader line
+    back to its point) and keeps the first that is clear."""
+    from matplotlib.transforms import Bbox
+
+    if not labels:
+        return
+    ax = labels[0].axes
+    inside = ax.get_window_extent()
+    px = fig.dpi / 72 * 3  # a marker's half width, in pixels
+    markers = [Bbox.from_bounds(x - px, y - px, 2 * px, 2 * px)
+               for x, y in (ax.transData.transform(t.xy) for t in labels)]
+    placed: list = []
+    for t in sorted(labels, key=lambda t: (t.xy[1], t.xy[0])):
+        dx, dy = t.xyann
+        for i in range(tries):
+            t.xyann = (dx, dy + step * ((i + 1) // 2) * (1 if i % 2 else -1))
+            box = label_boxes(fig, [t])[0]
+            if (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+                    and not any(box.overlaps(o) for o in placed + markers)):
+                break
+        else:
+            t.xyann = (dx, dy)  # nowhere clear: leave it where it started
+        placed.append(label_boxes(fig, [t])[0])
 
 
 def models_of(record: Record, metric: str | None = None) -> list[str]:
@@ -116,7 +155,8 @@ def default_figures(record: Record) -> list[Figure]:
     """Bars of the first headline metric the record has, one chart per model (SmolLM2's decode tok/s never shares
     an axis with MiniLM's encode tok/s): what an experiment without figures of its own shows."""
     for metric in ("output_tokens_per_s", "tokens_per_s", "weight_bytes", "perplexity", "accuracy"):
-        models = models_of(record, metric)
+        models = [m for m in models_of(record, metric)  # a one-bar chart compares nothing: the table says it
+                  if sum(1 for v in record.variants if v.get("model") == m and metric in v) > 1]
         if models:
             return [metric_bars(record, metric, model=m) for m in models]
     return []

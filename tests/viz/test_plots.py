@@ -1,0 +1,48 @@
+"""Figures built from the reference records: labels that do not collide, no chart that compares nothing."""
+
+import pytest
+
+from labkit.results import load_reference
+from labkit.viz import plots
+
+
+@pytest.fixture(scope="module")
+def quant():
+    ref = load_reference("quantization", "cpu-epyc-2core")
+    if ref is None:
+        pytest.skip("no quantization reference record in this checkout")
+    return ref[0]
+
+
+def test_scatter_labels_never_overlap(quant):
+    """SmolLM2's variants sit within a few MB and a few hundredths of perplexity of each other: every label still
+    gets a box of its own."""
+    fig = plots.scatter(quant, "weight_bytes", "perplexity", model="smollm2-135m")
+    labels = fig.axes[0].texts
+    assert len(labels) >= 10
+    boxes = plots.label_boxes(fig, labels)
+    clashes = [(a.get_text(), b.get_text()) for i, (a, p) in enumerate(zip(labels, boxes))
+               for b, q in zip(labels[i + 1:], boxes[i + 1:]) if p.overlaps(q)]
+    assert not clashes
+
+
+def test_spread_labels_moves_only_what_collides():
+    fig = plots.new_figure((4, 3))
+    ax = fig.subplots()
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 10)
+    far = ax.annotate("far", (1, 1), textcoords="offset points", xytext=(5, 0))
+    a = ax.annotate("same place", (5, 5), textcoords="offset points", xytext=(5, 0))
+    b = ax.annotate("same place too", (5, 5), textcoords="offset points", xytext=(5, 0))
+    plots.spread_labels(fig, [far, a, b])
+    assert far.xyann == (5, 0) and a.xyann == (5, 0)
+    assert b.xyann[1] > 0
+    pa, pb = plots.label_boxes(fig, [a, b])
+    assert not pa.overlaps(pb)
+
+
+def test_no_one_bar_charts():
+    base = load_reference("baseline")
+    if base is None:
+        pytest.skip("no baseline reference record in this checkout")
+    assert plots.default_figures(base[0]) == []  # one variant a model: the table says it
