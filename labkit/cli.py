@@ -50,7 +50,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:,.4g}".format):
-        print(rec.to_frame().drop(columns=["provenance"], errors="ignore").to_string(index=False))
+        frame = rec.to_frame()  # the per-run lists stay in the record, not on the screen
+        frame = frame.drop(columns=[c for c in frame.columns if c == "provenance" or c.endswith("_runs")])
+        print(frame.to_string(index=False))
     print(f"\nwrote {path} ({rec.config['wall_s']} s)")
 
 
@@ -78,7 +80,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     engine = {f: getattr(args, f) for f in EngineConfig.__dataclass_fields__}
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key or None,
-          allow_unauthenticated=args.allow_unauthenticated, max_body_bytes=args.max_body_bytes, **engine)
+          allow_unauthenticated=args.allow_unauthenticated, max_body_bytes=args.max_body_bytes,
+          max_in_flight=args.max_in_flight, **engine)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-unauthenticated", action="store_true",
                    help="listen on a non-loopback --host without --api-key (refused otherwise)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    s.add_argument("--max-in-flight", type=int, default=None,
+                   help="requests admitted at once (running + waiting); one more is answered 503 (default: no bound)")
     from labkit.serve.config import cli_options
 
     for flag, kind, default, doc in cli_options():  # every engine setting, from EngineConfig's fields

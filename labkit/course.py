@@ -189,7 +189,7 @@ def start_here(notebooks: list[Path], wheel_name: str) -> str:
 
 # what a lesson builds on (the lesson ids: a notebook's name up to its first "_")
 PREREQUISITES = {"00": (), "01a": ("00",), "01b": ("01a",), "01c": ("01b",), "01d": ("01c",), "02": ("00",),
-                 "03": ("00",), "04": ("00",), "05": ("04",), "06a": ("00",), "06b": ("06a",),
+                 "03": ("00",), "04": ("00",), "05": ("04",), "06a": ("00",), "06b": ("06a",), "06c": ("06b",),
                  "07": ("01d", "02", "03", "04", "06b")}
 SESSION_LIMIT_MIN = 60  # no lesson longer than one session (tests/test_lessons.py)
 ONE_DAY = ("00", "01a", "01b", "01c", "01d", "06a", "06b")  # quantization and serving: the article's two headline claims
@@ -260,11 +260,12 @@ def agenda(rows: list[dict], ids: tuple[str, ...] | None = None, days: int = 1) 
 
 
 def course_map(notebooks_dir: Path | str) -> str:
-    """The course map (every lesson, its minutes, prerequisites and exercises) and a one- and a two-day agenda."""
+    """The course map (every lesson, its minutes, prerequisites and exercises) and a one- and a two-day agenda, as
+    ``docs/course.md`` (each notebook linked relative to that page: on GitHub and on the course website alike)."""
     rows = lessons(notebooks_dir)
     out = ["| lesson | notebook | minutes | builds on | you write |", "|---|---|---:|---|---|"]
     for r in rows:
-        out.append(f"| {r['id']} · {r['title']} | `{r['notebook']}` | {r['minutes']} | "
+        out.append(f"| {r['id']} · {r['title']} | [{r['notebook']}](../notebooks/{r['notebook']}) | {r['minutes']} | "
                    f"{', '.join(r['prerequisites']) or '—'} | {', '.join(f'`{e}`' for e in r['exercises'])} |")
     out += ["", f"Minutes = prose words / 100 + code lines / 10 + 10 per exercise + the quick-mode run time "
                 f"(`labkit.course.lesson_minutes`); every lesson fits a {SESSION_LIMIT_MIN}-minute session.", ""]

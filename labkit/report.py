@@ -109,6 +109,10 @@ def headline(rec: Record, targets: bool = True) -> str:
         parts.append(f"Fastest at baseline quality: <b>{html.escape(str(best.get('model', '')))} "
                      f"{html.escape(best['name'])}</b>, {best['speedup_vs_baseline']:.2f}× its baseline"
                      + (f" ({q} {format_cell(q, best)})" if q else ""))
+    own = getattr(experiments.get(rec.experiment), "headline", None) if rec.experiment in experiments.available() \
+        else None
+    if own is not None and (text := own(rec)):  # an experiment whose claim is not a speed-up says it itself
+        parts.append(html.escape(text))
     sized = [v for v in rec.variants if isinstance(v.get("weight_bytes"), (int, float))]
     if sized and len({v.get("weight_bytes") for v in sized}) > 1:
         small = min(sized, key=lambda v: v["weight_bytes"])
@@ -204,7 +208,7 @@ def readme_table() -> str:
         rec, hardware = ref
         text = html.unescape(re.sub(r"<[^>]+>", "", headline(rec, targets=False))).rstrip(".")
         met, measured, unmeasured = _targets_met(rec)
-        out.append(f"| {experiments.notebook(name)[:2]} | `{name}` | {hardware} ({rec.created_at[:10]}) | "
+        out.append(f"| {experiments.notebook(name).split('_')[0]} | `{name}` | {hardware} ({rec.created_at[:10]}) | "
                    f"{text or '—'} | {met} of {measured}" + (f" ({unmeasured} not measured)" if unmeasured else "")
                    + " |")
     return "\n".join(out) + "\n"

@@ -57,6 +57,7 @@ SLOTS: dict[str, tuple[str, int]] = {  # experiment -> (its part, seconds expect
     "quantization": ("tests-quant", 120),
     "serving": ("serve", 170),
     "speculative": ("serve", 40),
+    "scale": ("compress", 90),  # replicas start as processes: one engine, then three, then a router per policy
     "tensorrt": ("compress", 60),
 }
 NEW_EXPERIMENT_SLOT = ("compress", 60)  # an experiment this table does not name yet: the last part, a guess

@@ -83,6 +83,8 @@ WRONG = {  # a mistake a learner makes, and words the message must contain
     "smooth_scales": (lambda a, w, al=0.5: a.clamp(min=1e-5) ** al / w.abs().amax(0).clamp(min=1e-5), "the scales"),
     "linear_params": (lambda h, i, layers, heads, kv: layers * (4 * h * h + 3 * h * i), "k and v"),
     "ngram_propose": (ngram_earliest, "latest earlier occurrence"),
+    "goodput": (lambda reqs, d, ttft=None, tpot=None: sum(1 for r in reqs if r["error"] is None) / d,  # no SLO
+                "at or under each target"),
     "time_fn": (time_mean_no_warmup, "not the mean"),
     "quantize_asymmetric": (quantize_symmetric_by_mistake, "half a step"),
     "dequantize_asymmetric": (lambda q, s, z: q.float() * s, "(q - zero) * scale"),

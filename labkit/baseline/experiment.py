@@ -83,11 +83,11 @@ TARGETS = [
 
 
 def figures(rec: Record) -> list:
-    """None for one variant a model (the table says it; a one-bar chart compares nothing); with several, each
-    model's throughput on its own axis (SmolLM2's decode tok/s never beside MiniLM's encode tok/s)."""
-    from labkit.viz.plots import default_figures
+    """The weights every later lesson shrinks, both models on one axis (bytes compare across models; SmolLM2's
+    decode tok/s and MiniLM's encode tok/s do not, so speed stays in the table)."""
+    from labkit.viz.plots import metric_bars
 
-    return default_figures(rec)
+    return [metric_bars(rec, "weight_bytes", title="baseline: fp32 weight memory, the number later lessons shrink")]
 
 
 def llm_metrics(model: torch.nn.Module, tok, config: LLMMetricsConfig, progress: bool = False) -> dict:

@@ -57,7 +57,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: deque[int] = deque(range(num_blocks))
         self.hash_to_block: dict[bytes, int] = {}  # SHA-256 of a full block (chained) -> block id
-        self.prefix_hits = 0
+        self.prefix_hits = 0  # blocks taken from the prefix cache
+        self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # vLLM's prefix-cache counters, in tokens
 
     # ------------------------------------------------------------------ queries
     @property
@@ -153,6 +154,9 @@ class BlockManager:
             block.ref_count += 1
             seq.block_table.append(bid)
         self.prefix_hits += len(hits)
+        if self.enable_prefix_caching:
+            self.prefix_queried_tokens += len(seq)
+            self.prefix_hit_tokens += len(hits) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         while len(seq.block_table) < self._blocks_for(seq, reserve_tokens):
             seq.block_table.append(self._take_free().block_id)

@@ -113,11 +113,18 @@ def bench_serve(url: str = "http://127.0.0.1:8000", *, model: str | None = None,
                 request_rate: float = float("inf"), prompt_len: tuple[int, int] = (16, 256),
                 output_len: tuple[int, int] = (8, 128), seed: int = 0, vocab: tuple[int, int] = (100, 30000),
                 slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
-                timeout: float = 600.0, max_concurrency: int | None = None) -> dict[str, Any]:
-    """Run the load and return the summary (latency percentiles, throughputs, goodput).
+                timeout: float = 600.0, max_concurrency: int | None = None,
+                workload: list[tuple[list[int], int]] | None = None) -> dict[str, Any]:
+    """Run the load and return the summary (latency percentiles, throughputs, goodput, and each request's
+    latencies under ``"per_request"``). ``workload`` gives the requests as ``(prompt ids, output length)``
+    instead of random ones (``num_requests`` is then its length).
 
     Every request is counted once, as completed or failed (with its error), never dropped.
     """
+    if workload is not None:
+        if not workload:
+            raise LabkitError("workload is empty: give at least one (prompt ids, output length) pair")
+        num_requests = len(workload)
     if not isinstance(num_requests, int) or num_requests < 1:
         raise LabkitError(f"num_requests={num_requests!r} must be a positive integer")
     if not (request_rate > 0) or (math.isnan(request_rate)):
@@ -131,8 +138,8 @@ def bench_serve(url: str = "http://127.0.0.1:8000", *, model: str | None = None,
     base = url.rstrip("/")
     model = model or _model_name(base, timeout=min(timeout, 30.0))
     rng = random.Random(seed)
-    work = [([rng.randint(*vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
-            for _ in range(num_requests)]
+    work = workload or [([rng.randint(*vocab) for _ in range(rng.randint(*prompt_len))], rng.randint(*output_len))
+                        for _ in range(num_requests)]
     delays, t = [], 0.0
     for _ in work:
         delays.append(t)
@@ -195,6 +202,9 @@ def summarize_results(results: list[RequestResult], duration_s: float, slo_ttft_
             and (slo_tpot_ms is None or (r.tpot_s or 0) * 1e3 <= slo_tpot_ms)]
     out["goodput_requests_per_s"] = len(good) / duration_s
     out["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}
+    ms = lambda v: None if v is None else v * 1e3  # noqa: E731
+    out["per_request"] = [{"ttft_ms": ms(r.ttft_s), "tpot_ms": ms(r.tpot_s), "e2e_ms": ms(r.e2e_s),
+                           "output_len": r.output_len, "error": r.error} for r in results]
     return out
 
 

@@ -128,8 +128,10 @@ class LLMEngine:
             "kv_blocks_used": self.bm.num_used,
             "kv_blocks_total": len(self.bm.blocks),
             "spec_draft_tokens_total": self.stats.spec_proposed,  # speculative decoding: guessed
-            "spec_accepted_tokens_total": self.stats.spec_accepted,
-        }  # ... and kept
+            "spec_accepted_tokens_total": self.stats.spec_accepted,  # ... and kept
+            "prefix_cache_queries_total": self.bm.prefix_queried_tokens,  # prompt tokens looked up in the cache
+            "prefix_cache_hits_total": self.bm.prefix_hit_tokens,  # ... and found there
+        }
 
     def reset_stats(self) -> None:
         """Fresh counters (steps, waste, preemptions) before a repeated run; the scheduler is not touched."""

@@ -24,6 +24,14 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "spec_draft_tokens_total": ("labkit:spec_decode_num_draft_tokens", "counter", "Tokens speculation guessed."),
     "spec_accepted_tokens_total": ("labkit:spec_decode_num_accepted_tokens", "counter",
                                    "Guessed tokens the model kept."),
+    "prefix_cache_queries_total": ("labkit:prefix_cache_queries", "counter",
+                                   "Prompt tokens looked up in the prefix cache (with prefix caching on)."),
+    "prefix_cache_hits_total": ("labkit:prefix_cache_hits", "counter",
+                                "Prompt tokens whose KV came from the prefix cache."),
+    "requests_in_flight": ("labkit:num_requests_in_flight", "gauge",
+                           "Requests admitted and not yet answered in full (running, waiting or in the inbox)."),
+    "requests_rejected_total": ("labkit:request_rejected", "counter",
+                                "Requests answered 503 because max_in_flight requests were in flight."),
     "healthy": ("labkit:engine_healthy", "gauge", "1 while the engine serves, 0 once it is unhealthy or stopped."),
 }
 

@@ -326,11 +326,12 @@ def _uvicorn(app, log_level: str):
 
 def start_server(llm, model_name: str, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
                  request_timeout_s: float = 600.0, body_timeout_s: float = 10.0, api_key: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> ServerHandle:
-    """Serve ``llm`` (a :class:`~labkit.serve.LLM`) in a background thread; port 0 picks a free port."""
+                 max_body_bytes: int = MAX_BODY_BYTES, max_in_flight: int | None = None) -> ServerHandle:
+    """Serve ``llm`` (a :class:`~labkit.serve.LLM`) in a background thread; port 0 picks a free port.
+    ``max_in_flight`` bounds the requests admitted at once: one more is answered 503 at once."""
     check_exposure(host, api_key, allow_unauthenticated=False)
+    service = EngineService(llm.engine, max_in_flight=max_in_flight)  # a bad bound fails before the port is taken
     sock = _bind(host, port)
-    service = EngineService(llm.engine)
     app = OpenAIApp(service, llm.tokenizer, model_name, request_timeout_s, body_timeout_s, api_key,
                     max_body_bytes).build()
     server = _uvicorn(app, "info" if verbose else "warning")
@@ -363,14 +364,18 @@ def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) 
 
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
-          allow_unauthenticated: bool = False, max_body_bytes: int = MAX_BODY_BYTES, **engine_args: Any) -> None:
-    """``labkit serve``: block until interrupted. ``engine_args`` are :class:`EngineConfig` fields. Exits with
-    status :data:`ENGINE_DIED_EXIT` if the engine thread dies, so a supervisor restarts it."""
+          allow_unauthenticated: bool = False, max_body_bytes: int = MAX_BODY_BYTES, max_in_flight: int | None = None,
+          **engine_args: Any) -> None:
+    """``labkit serve``: block until interrupted. ``engine_args`` are :class:`EngineConfig` fields;
+    ``max_in_flight`` bounds the requests admitted at once (one more gets a 503). Exits with status
+    :data:`ENGINE_DIED_EXIT` if the engine thread dies, so a supervisor restarts it."""
     from labkit.serve.config import EngineConfig
     from labkit.serve.llm import LLM
 
     check_exposure(host, api_key, allow_unauthenticated)
     EngineConfig.from_kwargs(**engine_args)  # a bad setting fails before the port is taken or the model loads
+    if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
+        raise LabkitError(f"max_in_flight={max_in_flight!r} must be a positive integer, or None for no bound")
     sock = _bind(host, port)  # fail on a bad or busy port before loading the model
     llm = LLM(model, **engine_args)
     died: list[BaseException] = []
@@ -382,7 +387,7 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
         if server is not None:
             server.should_exit = True
 
-    service = EngineService(llm.engine, on_death=on_death)
+    service = EngineService(llm.engine, on_death=on_death, max_in_flight=max_in_flight)
     app = OpenAIApp(service, llm.tokenizer, model, api_key=api_key, max_body_bytes=max_body_bytes).build()
     cfg = llm.engine.config
     print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (KV: {cfg.num_blocks} blocks of "

@@ -38,8 +38,14 @@ class EngineService:
     """
 
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05,
-                 on_death: Callable[[BaseException], None] | None = None) -> None:
-        self.engine, self.on_death = engine, on_death
+                 on_death: Callable[[BaseException], None] | None = None, max_in_flight: int | None = None) -> None:
+        if max_in_flight is not None and (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
+                                          or max_in_flight < 1):
+            raise LabkitError(f"max_in_flight={max_in_flight!r} must be a positive integer (requests admitted and "
+                              "not yet finished), or None for no bound")
+        self.engine, self.on_death, self.max_in_flight = engine, on_death, max_in_flight
+        self.admit = threading.Lock()  # the bound's check and the admission are one step
+        self.requests_rejected = 0
         self.inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.wake = threading.Event()
         self.sinks: dict[int, Callable[[Event], None]] = {}  # ticket -> sink; entries leave with dict.pop (atomic)
@@ -66,8 +72,14 @@ class EngineService:
             raise APIError(503, "the engine is unhealthy (its block accounting broke); restart the server",
                            type="server_error", code="engine_unhealthy")
         self.engine.check_request(prompt_ids, params)
-        ticket = next(self.tickets)
-        self.sinks[ticket] = sink
+        with self.admit:
+            if self.max_in_flight is not None and len(self.sinks) >= self.max_in_flight:
+                self.requests_rejected += 1
+                raise APIError(503, f"the server is at capacity: {len(self.sinks)} requests in flight "
+                                    f"(max_in_flight={self.max_in_flight}); retry later", type="server_error",
+                               code="overloaded")
+            ticket = next(self.tickets)
+            self.sinks[ticket] = sink
         self._post(("add", ticket, list(prompt_ids), params))
         return ticket
 
@@ -85,7 +97,8 @@ class EngineService:
         """The engine's state after its last step (published by the engine thread; no waiting)."""
         return {**self._snapshot, "generation_tokens_total": self.tokens_generated,
                 "requests_finished_total": self.requests_finished, "requests_failed_total": self.requests_failed,
-                "engine_failed_steps_total": self.failed_steps, "healthy": int(self.healthy)}
+                "engine_failed_steps_total": self.failed_steps, "healthy": int(self.healthy),
+                "requests_in_flight": len(self.sinks), "requests_rejected_total": self.requests_rejected}
 
     def stop(self) -> None:
         """Stop the engine thread; every request still in flight gets an error event now."""

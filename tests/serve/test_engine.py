@@ -88,6 +88,13 @@ def test_prefix_caching_on_off_identical(caching):
     assert [o.token_ids for o in outs] == [hf_greedy(p) for p in ps]
     assert (llm.stats.prefix_hit_blocks > 0) == caching
     assert llm.engine.bm.num_free == len(llm.engine.bm.blocks)
+    state = llm.engine.state()  # vLLM's counters, in tokens: every prompt token asked, the full cached blocks found
+    if caching:
+        assert state["prefix_cache_queries_total"] == sum(len(p) for p in ps[:1] + ps)
+        assert state["prefix_cache_hits_total"] == 4 * llm.engine.bm.prefix_hits
+        assert 0 < state["prefix_cache_hits_total"] <= 5 * 20  # at most the 21-token shared prefix's 5 full blocks
+    else:
+        assert state["prefix_cache_queries_total"] == state["prefix_cache_hits_total"] == 0
 
 
 def test_contiguous_mode_identical_and_wastes_more():

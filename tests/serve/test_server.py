@@ -587,3 +587,47 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tokenizer):
         assert request(srv, "POST", "/v1/completions", {"prompt": "hello", "max_tokens": 2})[0] == 200
     finally:
         stop_server(srv)
+
+
+def test_admission_bound_answers_503_and_never_admits_more(tokenizer):
+    """With max_in_flight=2 and the engine thread held between steps, five concurrent requests: exactly two are
+    admitted (and later answered in full), three get a 503 naming the bound at once; the gauge never passes 2."""
+    llm = LLM(tiny_llama(seed=2), tokenizer, block_size=4, max_model_len=64)
+    srv = start_server(llm, "tiny", max_in_flight=2)
+    release, held = threading.Event(), threading.Event()
+    results, peak = [], []
+    try:
+        threading.Thread(target=srv.service.call, args=(lambda eng: (held.set(), release.wait(30)), 60),
+                         daemon=True).start()  # the engine thread waits between steps until released
+        assert held.wait(10)
+        body = {"prompt": [3] * 5, "max_tokens": 4, "ignore_eos": True}
+        threads = [threading.Thread(target=lambda: results.append(request(srv, "POST", "/v1/completions", body)))
+                   for _ in range(5)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while sum(1 for s, _ in results if s == 503) < 3 and time.time() < deadline:
+            peak.append(srv.service.metrics()["requests_in_flight"])
+            time.sleep(0.01)
+        assert sum(1 for s, _ in results if s == 503) == 3
+        release.set()
+        for t in threads:
+            t.join(30)
+        statuses = sorted(s for s, _ in results)
+        assert statuses == [200, 200, 503, 503, 503]
+        err = json.loads(next(b for s, b in results if s == 503))["error"]
+        assert err["code"] == "overloaded" and "max_in_flight=2" in err["message"]
+        assert max(peak) <= 2
+        _, text = request(srv, "GET", "/metrics")
+        assert 'labkit:request_rejected_total{model_name="tiny"} 3.0' in text.decode()
+        assert no_leak(srv)
+    finally:
+        release.set()
+        stop_server(srv)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_a_bad_admission_bound_is_named(tokenizer, bad):
+    llm = LLM(tiny_llama(seed=2), tokenizer, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match=rf"max_in_flight={bad!r} must be a positive integer"):
+        start_server(llm, "tiny", max_in_flight=bad)
