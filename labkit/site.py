@@ -31,6 +31,11 @@ TOCTREES = (("Course", ["docs/course", "docs/instructors"]),
             ("Reference", ["docs/usage", "docs/development", "DESIGN", "api"]))
 FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
            'fill="#4C72B0"/><text x="8" y="12" font-size="10" text-anchor="middle" fill="#fff">lk</text></svg>')
+CSS = """/* wider lessons: the measured tables and code of a lesson need more than the theme's reading width */
+.bd-page-width { max-width: 100rem; }
+.bd-main .bd-content .bd-article-container { max-width: 64rem; }
+.full-record { overflow-x: auto; font-size: 0.8em; }
+"""
 _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 CONF = '''# Written by labkit.site: the course website's Sphinx configuration.
@@ -41,6 +46,8 @@ exclude_patterns = ["_build", "jupyter_execute", "**.ipynb_checkpoints"]
 html_theme = "sphinx_book_theme"
 html_theme_options = {theme!r}
 html_favicon = "favicon.svg"
+html_static_path = ["_static"]
+html_css_files = ["labkit.css"]
 html_context = {{"default_mode": "light"}}  # the theme logs a console error when no mode was ever chosen
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
@@ -200,6 +207,8 @@ def stage(src: Path, *, repo: str | None = None, ref: str = "main", lessons: lis
         theme |= {"repository_url": f"https://github.com/{repo}", "use_repository_button": True,
                   "repository_branch": ref}
     skip = [f"notebooks/{p.name}" for p in notebooks if p.name not in run]
+    (src / "_static").mkdir()
+    write_text(src / "_static" / "labkit.css", CSS)
     write_text(src / "favicon.svg", FAVICON)  # else browsers ask for /favicon.ico and log a 404
     # The docstrings are plain prose, not reStructuredText (`|w|`, `*args`): only severe docutils messages count.
     write_text(src / "docutils.conf", "[general]\nreport_level: 4\n")

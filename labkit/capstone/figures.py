@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from labkit import LabkitError, select
-from labkit.viz.plots import UNITS, new_figure
+from labkit.viz.plots import UNITS, new_figure, spread_labels
 from labkit.viz.widgets import Explorer
 
 COST_LABELS = {"weight_bytes": "memory (MB)", "latency_ms_median": "latency (ms, median)", "params": "params (M)"}
@@ -27,10 +27,13 @@ def tradeoff_figure(rows: list[dict], *, model: str, metric: str, cost: str = "w
         choice, info = None, {"choice": None, "reason": str(exc), "recipe": []}
     fig = new_figure((7, 4.2))
     ax = fig.subplots()
+    labels = []
     for r in pts:
         ax.scatter(r[cost] * scale, r[metric], color="#4C72B0" if r["on_pareto_front"] else "#BBBBBB", zorder=3)
-        ax.annotate(f"{r['name']}" + (f" [{r['hardware']}]" if hardware is None else ""), (r[cost] * scale, r[metric]),
-                    textcoords="offset points", xytext=(4, 3), fontsize=7)
+        labels.append(ax.annotate(f"{r['name']}" + (f" [{r['hardware']}]" if hardware is None else ""),
+                                  (r[cost] * scale, r[metric]), textcoords="offset points", xytext=(5, 0),
+                                  va="center", fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#999"}))
+    ax.margins(x=0.15, y=0.12)  # room for the labels inside the axes
     front = sorted((r for r in pts if r["on_pareto_front"]), key=lambda r: r[cost])
     ax.plot([r[cost] * scale for r in front], [r[metric] for r in front], color="#4C72B0", lw=1, label="Pareto front")
     if choice is not None:
@@ -44,6 +47,7 @@ def tradeoff_figure(rows: list[dict], *, model: str, metric: str, cost: str = "w
     ax.legend(fontsize=8)
     ax.set_title(f"{model}: {metric} vs {COST_LABELS.get(cost, cost)} (allowed loss {within:g})", fontsize=10)
     fig.tight_layout()
+    spread_labels(fig, labels)  # the dense corner's labels each get a place of their own
     info["front"] = [r["name"] for r in front]
     return fig, info
 

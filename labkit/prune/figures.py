@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from labkit.prune.unstructured import global_magnitude_masks, prunable_layers
-from labkit.viz.plots import finish_line_plot, new_figure
+from labkit.viz.plots import finish_line_plot, new_figure, spread_labels
 from labkit.viz.widgets import Explorer
 
 METHOD_LABELS = {"global": "global magnitude masks", "layer": "layer-wise magnitude masks",
@@ -76,11 +76,14 @@ def tradeoff_figure(record, model: str, metric: str):
     rows = [v for v in record.variants if v.get("model") == model and metric in v]
     fig = new_figure((6.5, 4))
     ax = fig.subplots()
+    labels = []
     for v in rows:
         ax.scatter(v["latency_ms_median"], v[metric], color="#C44E52" if v["name"] == "dense" else "#4C72B0")
         ax.errorbar(v["latency_ms_median"], v[metric], xerr=v.get("latency_ms_iqr", 0) / 2, color="gray", lw=0.8)
-        ax.annotate(v["name"], (v["latency_ms_median"], v[metric]), textcoords="offset points", xytext=(4, 3),
-                    fontsize=8)
+        labels.append(ax.annotate(v["name"], (v["latency_ms_median"], v[metric]), textcoords="offset points",
+                                  xytext=(5, 0), va="center", fontsize=8,
+                                  arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#999"}))
+    ax.margins(x=0.15, y=0.12)
     if metric == "perplexity":
         ax.set_yscale("log")
     ax.set_xlabel("latency (ms, median; bar = IQR)")
@@ -88,6 +91,7 @@ def tradeoff_figure(record, model: str, metric: str):
     ax.grid(alpha=0.3)
     ax.set_title(f"{model}: {metric} vs latency", fontsize=10)
     fig.tight_layout()
+    spread_labels(fig, labels)
     return fig
 
 

@@ -1,7 +1,8 @@
 """Serving at scale (lesson 06c), measured on this machine: one engine under a sweep of Poisson arrival rates
 (goodput under an SLO, p99 TTFT, the knee, Little's law), one replica with every core against one replica a core
 behind vllm-router, round-robin against cache-aware routing on chat-shaped traffic (a few long system prompts, many
-short questions), and a replica killed mid-run. Every load runs ``repeats`` times in rotated order
+short questions), a replica killed mid-run, and tensor parallelism (``tp_size`` ranks over torch.distributed against
+one process: tokens, speed, bytes all-reduced). Every load runs ``repeats`` times in rotated order
 (:func:`labkit.measure.interleaved`); rows hold medians with min and max. Greedy answers through the router must
 equal the single engine's.
 """
@@ -14,6 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from labkit import LabkitError, env, measure
@@ -41,19 +43,21 @@ class Config:
     question_tokens: tuple[int, int] = (8, 24)
     routing_rate: float = 4.0
     routing_output_tokens: int = 8
+    tp_size: int = 3  # SmolLM2-135M's 9 query and 3 KV heads split over 3 ranks (2 would not split them)
+    tp_tokens: int = 16
     repeats: int = 3
     seed: int = 0
     device: str = env.device_field()  # the in-process engine's; each replica picks its own (`labkit serve`)
 
     @classmethod
     def quick(cls) -> Config:
-        return cls(rates=(0.5, 1.0, 2.0, 4.0), requests_per_rate=8, output_len=(8, 24), replica_requests=12,
-                   questions=12, system_prompt_tokens=192)
+        return cls(rates=(1.0, 2.0, 4.0), requests_per_rate=8, output_len=(8, 16), replica_requests=8,
+                   questions=8, system_prompt_tokens=192, tp_tokens=8)
 
     @classmethod
     def smallest(cls) -> Config:
         return cls(rates=(1.0, 4.0), requests_per_rate=3, output_len=(2, 4), replica_requests=3, questions=3,
-                   system_prompts=1, system_prompt_tokens=32, routing_output_tokens=2, repeats=1)
+                   system_prompts=1, system_prompt_tokens=32, routing_output_tokens=2, repeats=1, tp_tokens=4)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -225,6 +229,52 @@ def _fleets(rec: Record, config: Config, slo: SLO, bar) -> None:
                 errors="; ".join(result["errors"])[:300])
 
 
+def _tensor_parallel(rec: Record, config: Config, bar) -> None:
+    """The same greedy requests through one process and through ``tp_size`` ranks (gloo on the CPU, NCCL on GPUs):
+    tokens, decode speed (rotated repeats), and the bytes all-reduced a token against the formula."""
+    from labkit import zoo
+    from labkit.serve import LLM, SamplingParams
+
+    device = env.resolve_device(config.device)
+    if device.type == "cuda" and torch.cuda.device_count() < config.tp_size:
+        rec.config["tensor_parallel"] = {"status": "skipped", "reason": f"tensor_parallel_size={config.tp_size} "
+                                         f"needs {config.tp_size} GPUs; this machine has {torch.cuda.device_count()}"}
+        return
+    model, tok = zoo.load_causal_lm(config.model, device=device, progress=False)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in GREEDY_PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=config.tp_tokens, ignore_eos=True)
+    engines = {1: LLM(model, tok, max_model_len=256, max_num_seqs=8),
+               config.tp_size: LLM(model, tok, max_model_len=256, max_num_seqs=8,
+                                   tensor_parallel_size=config.tp_size)}
+    try:
+        def run(k: int) -> tuple[float, list[list[int]]]:
+            t0 = time.perf_counter()
+            outs = engines[k].generate(prompts, params, use_tqdm=False)
+            return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0), [o.token_ids for o in outs]
+
+        for k in engines:
+            run(k)  # warm-up
+        tp = engines[config.tp_size].engine.tp
+        before = (tp.reducer.bytes, sum(len(p) for p in prompts))
+        runs = measure.interleaved({k: (lambda k=k: run(k)) for k in engines}, config.repeats,
+                                   progress=lambda *_: bar.update())
+        fed = config.repeats * sum(len(p) + config.tp_tokens - 1 for p in prompts)  # tokens through the layers
+        measured = (tp.reducer.bytes - before[0]) / fed
+        cfg = model.config
+        formula = 2 * cfg.num_hidden_layers * cfg.hidden_size * next(model.parameters()).element_size()
+        want = runs[1][0][1]
+        for k, got in runs.items():
+            speed = _stats([g[0] for g in got])
+            rec.add(f"tp-{k}", model=f"{config.model} · tensor parallel", tensor_parallel_size=k,
+                    output_tokens_per_s=speed["median"], output_tokens_per_s_min=speed["min"],
+                    output_tokens_per_s_max=speed["max"], matches_reference=all(g[1] == want for g in got),
+                    **({"allreduce_bytes_per_token": measured, "allreduce_bytes_per_token_formula": formula}
+                       if k > 1 else {}))
+    finally:
+        for llm in engines.values():
+            llm.close()
+
+
 TARGETS = [
     Target("little's law within 25 % at every rate",
            lambda r: max(abs(v["little_ratio"] - 1) for v in r.variants if "little_ratio" in v), 0.25, "max"),
@@ -232,6 +282,12 @@ TARGETS = [
     Target("greedy answers through the router equal the single engine's",
            lambda r: None if "router_texts" not in r.config else
            float(r.config["router_texts"] == r.config["reference_texts"]), 1.0),
+    Target("tensor parallel ranks give the single engine's greedy tokens",
+           lambda r: float(all(v["matches_reference"] for v in r.variants if v["name"].startswith("tp-")))
+           if any(v["name"].startswith("tp-") for v in r.variants) else None, 1.0),
+    Target("bytes all-reduced a token equal 2 × layers × hidden × dtype bytes",
+           lambda r: next(abs(v["allreduce_bytes_per_token"] / v["allreduce_bytes_per_token_formula"] - 1)
+                          for v in r.variants if "allreduce_bytes_per_token" in v), 0.0, "max"),
     Target("cache-aware routing hits the prefix cache at least as often as round-robin",
            lambda r: r.variant("route-cache_aware")["prefix_hit_rate"]
            - r.variant("route-round_robin")["prefix_hit_rate"], 0.0),
@@ -242,7 +298,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     config = config or Config()
     rec = Record(NAME, env=env.describe())
     rec.config.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()})
-    steps = len(config.rates) * config.repeats + 2 * config.repeats + 2 * config.repeats + 1
+    steps = len(config.rates) * config.repeats + 2 * config.repeats + 2 * config.repeats + 1 + 2 * config.repeats
     from labkit.scale.fleet import router_binary
 
     with tqdm(total=steps, desc="scale", disable=not progress) as bar:
@@ -254,6 +310,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
             print(f"scale: replicas and routing skipped: {e}")
         else:
             _fleets(rec, config, slo, bar)
+        _tensor_parallel(rec, config, bar)
     rec.config["targets"] = check(rec, TARGETS)
     return rec
 

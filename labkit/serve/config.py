@@ -47,8 +47,16 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     speculative_config: dict | str | None = None  # a dict, or its JSON text
     stack_projections: bool = True  # q/k/v and gate/up as one matmul each (labkit.stacking); tokens identical
+    tensor_parallel_size: int = 1  # vLLM's name: k processes, each 1/k of every layer (serve/tensor_parallel.py)
 
     def __post_init__(self) -> None:
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise LabkitError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be a positive integer "
+                              "(1: no tensor parallelism)")
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise LabkitError("speculative_config with tensor_parallel_size > 1 is not supported by this engine; "
+                              "use one or the other")
         if self.speculative_config is not None:
             self.speculative()  # checked now, not at the first step
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

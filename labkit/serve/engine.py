@@ -31,12 +31,20 @@ class LLMEngine:
                  record_history: bool = False) -> None:
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
+        self.tp = None
+        if self.config.tensor_parallel_size > 1:  # rank 0's shard here; the other ranks in their own processes
+            from labkit.serve.tensor_parallel import TensorParallel
+
+            self.tp = TensorParallel(hf_model, self.config.tensor_parallel_size, self.config)
+            hf_model = self.tp.part
         self.model = PagedLlama(hf_model, fuse=self.config.stack_projections, max_model_len=self.config.max_model_len)
         cfg = self.config
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         cache = Int8KVCache if cfg.kv_cache_dtype == "int8" else KVCache
         self.kv = cache(self.model.num_layers, cfg.num_blocks, cfg.block_size, self.model.num_kv_heads,
                           self.model.head_dim, self.model.dtype, self.model.device)
+        if self.tp is not None:
+            self.model, self.kv = self.tp.wrap(self.model, self.kv)
         self.scheduler = Scheduler(cfg, self.bm)
         self.runner = ModelRunner(self.model, self.kv, self.bm, cfg.decode_group)
         self.spec = cfg.speculative()
@@ -51,6 +59,11 @@ class LLMEngine:
         self.requests: dict[int, tuple[Sequence, SamplingParams, RequestOutput]] = {}
         self.generators: dict[int, torch.Generator | None] = {}
         self.pending_forks: dict[int, int] = {}  # parent seq id -> samples still to fork (n > 1)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (a no-op otherwise; safe to call twice)."""
+        if self.tp is not None:
+            self.tp.close()
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise if the request can never run (reads only the config, so any thread may call it)."""

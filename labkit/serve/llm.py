@@ -45,6 +45,16 @@ class LLM:
     def stats(self) -> EngineStats:
         return self.engine.stats
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (``tensor_parallel_size > 1``); a no-op otherwise."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def reset_stats(self) -> None:
         """Fresh counters (steps, waste, preemptions) before a repeated run on the same engine."""
         self.engine.reset_stats()

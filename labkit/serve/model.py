@@ -75,6 +75,7 @@ class PagedLlama(nn.Module):
         self.vocab_size = cfg.vocab_size
         # q/k/v and gate/up stacked into one matmul each (a copy of those weights, held as long as the engine lives)
         self.qkv, self.gate_up = stacked_projections(hf_model, fuse)
+        self.linear = None  # the layer loop's linear hook: tensor parallelism all-reduces o and down through it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -118,6 +119,7 @@ class PagedLlama(nn.Module):
                 out[rows] = _attend(q[:, rows].transpose(0, 1), ck, cv, mask, groups, self.scale)
             return out.unsqueeze(0)
 
-        h = decoder_layers(self.hf, h, cos, sin, self.qkv, self.gate_up, attend)
+        h = decoder_layers(self.hf, h, cos, sin, self.qkv, self.gate_up, attend,
+                           **({"linear": self.linear} if self.linear is not None else {}))
         h = m.norm(h[0, batch.logits_rows])
         return self.hf.lm_head(h).float()

@@ -116,7 +116,8 @@ def label_boxes(fig: Figure, labels: list) -> list:
 def spread_labels(fig: Figure, labels: list, step: float = 2.0, tries: int = 200) -> None:
     """Move point labels apart so that none overlaps another label or a marker and all stay inside the axes: from
     the lowest point up, each label tries offsets 0, +step, -step, +2·step, ... (in points, with a thin leader line
-    back to its point) and keeps the first that is clear."""
+    back to its point), first right of its point, then left of it (points near the right edge), and keeps the first
+    place that is clear."""
     from matplotlib.transforms import Bbox
 
     if not labels:
@@ -129,14 +130,20 @@ def spread_labels(fig: Figure, labels: list, step: float = 2.0, tries: int = 200
     placed: list = []
     for t in sorted(labels, key=lambda t: (t.xy[1], t.xy[0])):
         dx, dy = t.xyann
-        for i in range(tries):
-            t.xyann = (dx, dy + step * ((i + 1) // 2) * (1 if i % 2 else -1))
-            box = label_boxes(fig, [t])[0]
-            if (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
-                    and not any(box.overlaps(o) for o in placed + markers)):
-                break
+        ha = t.get_horizontalalignment()
+        for side, align in ((dx, ha), (-dx, "right" if ha == "left" else "left")):
+            t.set_horizontalalignment(align)
+            for i in range(tries):
+                t.xyann = (side, dy + step * ((i + 1) // 2) * (1 if i % 2 else -1))
+                box = label_boxes(fig, [t])[0]
+                if (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+                        and not any(box.overlaps(o) for o in placed + markers)):
+                    break
+            else:
+                continue
+            break
         else:
-            t.xyann = (dx, dy)  # nowhere clear: leave it where it started
+            t.xyann, _ = (dx, dy), t.set_horizontalalignment(ha)  # nowhere clear: leave it where it started
         placed.append(label_boxes(fig, [t])[0])
 
 

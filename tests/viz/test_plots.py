@@ -46,3 +46,17 @@ def test_no_one_bar_charts():
     if base is None:
         pytest.skip("no baseline reference record in this checkout")
     assert plots.default_figures(base[0]) == []  # one variant a model: the table says it
+
+
+def test_capstone_tradeoff_labels_never_overlap():
+    """Notebook 07's dense corner (review finding): every variant's label in a place of its own."""
+    from labkit.capstone.figures import tradeoff_figure
+    from labkit.select import load_rows
+
+    rows = load_rows(None)  # every reference record, every machine: the densest picture the widget draws
+    fig, _ = tradeoff_figure(rows, model="digits-cnn", metric="accuracy", hardware=None)
+    labels = fig.axes[0].texts
+    boxes = plots.label_boxes(fig, labels)
+    assert len(labels) >= 4
+    assert not [(a.get_text(), b.get_text()) for i, (a, p) in enumerate(zip(labels, boxes))
+                for b, q in zip(labels[i + 1:], boxes[i + 1:]) if p.overlaps(q)]
