@@ -240,36 +240,43 @@ def _tensor_parallel(rec: Record, config: Config, bar) -> None:
         rec.config["tensor_parallel"] = {"status": "skipped", "reason": f"tensor_parallel_size={config.tp_size} "
                                          f"needs {config.tp_size} GPUs; this machine has {torch.cuda.device_count()}"}
         return
+    from labkit.serve.tensor_parallel import allowed_sizes
+
     model, tok = zoo.load_causal_lm(config.model, device=device, progress=False)
+    sizes = allowed_sizes(model.config)
+    k = config.tp_size if config.tp_size in sizes else max(sizes)  # a smaller model's heads may split otherwise
+    if k == 1:
+        rec.config["tensor_parallel"] = {"status": "skipped", "reason": f"{config.model}'s heads split no way"}
+        return
+    rec.config["tensor_parallel"] = {"status": "measured", "size": k}
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in GREEDY_PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=config.tp_tokens, ignore_eos=True)
-    engines = {1: LLM(model, tok, max_model_len=256, max_num_seqs=8),
-               config.tp_size: LLM(model, tok, max_model_len=256, max_num_seqs=8,
-                                   tensor_parallel_size=config.tp_size)}
+    engines = {1: LLM(model, tok, device=device, max_model_len=256, max_num_seqs=8),
+               k: LLM(model, tok, device=device, max_model_len=256, max_num_seqs=8, tensor_parallel_size=k)}
     try:
-        def run(k: int) -> tuple[float, list[list[int]]]:
+        def run(size: int) -> tuple[float, list[list[int]]]:
             t0 = time.perf_counter()
-            outs = engines[k].generate(prompts, params, use_tqdm=False)
+            outs = engines[size].generate(prompts, params, use_tqdm=False)
             return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0), [o.token_ids for o in outs]
 
-        for k in engines:
-            run(k)  # warm-up
-        tp = engines[config.tp_size].engine.tp
+        for size in engines:
+            run(size)  # warm-up
+        tp = engines[k].engine.tp
         before = (tp.reducer.bytes, sum(len(p) for p in prompts))
-        runs = measure.interleaved({k: (lambda k=k: run(k)) for k in engines}, config.repeats,
+        runs = measure.interleaved({size: (lambda size=size: run(size)) for size in engines}, config.repeats,
                                    progress=lambda *_: bar.update())
         fed = config.repeats * sum(len(p) + config.tp_tokens - 1 for p in prompts)  # tokens through the layers
         measured = (tp.reducer.bytes - before[0]) / fed
         cfg = model.config
         formula = 2 * cfg.num_hidden_layers * cfg.hidden_size * next(model.parameters()).element_size()
         want = runs[1][0][1]
-        for k, got in runs.items():
+        for size, got in runs.items():
             speed = _stats([g[0] for g in got])
-            rec.add(f"tp-{k}", model=f"{config.model} · tensor parallel", tensor_parallel_size=k,
+            rec.add(f"tp-{size}", model=f"{config.model} · tensor parallel", tensor_parallel_size=size,
                     output_tokens_per_s=speed["median"], output_tokens_per_s_min=speed["min"],
                     output_tokens_per_s_max=speed["max"], matches_reference=all(g[1] == want for g in got),
                     **({"allreduce_bytes_per_token": measured, "allreduce_bytes_per_token_formula": formula}
-                       if k > 1 else {}))
+                       if size > 1 else {}))
     finally:
         for llm in engines.values():
             llm.close()

@@ -76,12 +76,12 @@ def test_three_ranks_over_gloo_give_the_tokens_of_one():
 
 @pytest.mark.gpu
 def test_nccl_ranks_give_the_tokens_of_one():
-    if torch.cuda.device_count() < 3:
-        pytest.skip(f"NCCL tensor parallelism at k = 3 needs 3 CUDA GPUs; this machine has "
-                    f"{torch.cuda.device_count()}")
+    """NCCL between GPUs: k = 2 on a tiny Llama with 4 query and 2 KV heads (SmolLM2's layout needs 3 GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL tensor parallelism needs 2 CUDA GPUs; this machine has {torch.cuda.device_count()}")
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    want = [o.token_ids for o in LLM(smol_shaped(), None, device="cuda", max_model_len=64).generate(
+    want = [o.token_ids for o in LLM(tiny_llama(0), None, device="cuda", max_model_len=64).generate(
         prompts, params, use_tqdm=False)]
-    with LLM(smol_shaped(), None, device="cuda", max_model_len=64, tensor_parallel_size=3) as three:
-        assert [o.token_ids for o in three.generate(prompts, params, use_tqdm=False)] == want
+    with LLM(tiny_llama(0), None, device="cuda", max_model_len=64, tensor_parallel_size=2) as two:
+        assert [o.token_ids for o in two.generate(prompts, params, use_tqdm=False)] == want
