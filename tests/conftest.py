@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +85,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # screenshots the browser tests keep
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (headless, no sandbox); skipped with the reason where either is
+    missing (``make test`` installs both on Linux)."""
+    pw = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test installs it)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (make test installs Debian's chromium on Linux)")
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="session")

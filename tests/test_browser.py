@@ -11,20 +11,7 @@ import pytest
 
 from labkit import report
 from labkit.results import reference_dirs
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    pw = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test installs it)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (make test installs Debian's chromium on Linux)")
-    with pw.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
+from tests.conftest import ARTIFACTS
 
 
 def test_report_renders_every_section_without_errors_or_overflow(browser, tmp_path):

@@ -7,7 +7,6 @@ site ``make site`` built instead: then every lesson page must show executed outp
 import json
 import os
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -16,9 +15,8 @@ import pytest
 
 from labkit import site
 from labkit.results import load_reference
+from tests.conftest import ARTIFACTS
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 LESSON = "00_setup_and_baselines"
 
 
@@ -133,15 +131,6 @@ def test_relink_keeps_site_pages_and_never_leaves_a_dead_link():
         md, "docs/instructors.md", pages, "o/r", "main")
 
 
-@pytest.fixture(scope="module")
-def browser():
-    pw = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test installs it)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (make test installs Debian's chromium on Linux)")
-    with pw.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

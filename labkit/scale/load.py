@@ -42,6 +42,11 @@ def default_slo(ttft_ms_alone: float, tpot_ms_alone: float, slack: float = 5.0) 
     return SLO(round(slack * ttft_ms_alone, 1), round(slack * tpot_ms_alone, 1))
 
 
+def within(requests: list[dict], slo: SLO) -> int:
+    """How many of ``requests`` completed (no ``error``) and met every target of ``slo``."""
+    return sum(1 for r in requests if r.get("error") is None and slo.met(r.get("ttft_ms"), r.get("tpot_ms")))
+
+
 def goodput(requests: list[dict], duration_s: float, ttft_ms: float | None = None,
             tpot_ms: float | None = None) -> float:
     """Requests per second that completed and met every latency target (``requests``: dicts with ``ttft_ms``,
@@ -49,18 +54,14 @@ def goodput(requests: list[dict], duration_s: float, ttft_ms: float | None = Non
     that is None is no target."""
     if not duration_s > 0:
         raise LabkitError(f"duration_s={duration_s!r} must be positive")
-    slo = SLO(ttft_ms, tpot_ms)
-    return sum(1 for r in requests if r.get("error") is None and slo.met(r.get("ttft_ms"), r.get("tpot_ms"))) \
-        / duration_s
+    return within(requests, SLO(ttft_ms, tpot_ms)) / duration_s
 
 
 def attainment(requests: list[dict], ttft_ms: float | None = None, tpot_ms: float | None = None) -> float:
     """The share of all requests sent (failed ones included) that completed within every latency target."""
     if not requests:
         raise LabkitError("requests is empty: attainment needs at least one request")
-    slo = SLO(ttft_ms, tpot_ms)
-    return sum(1 for r in requests if r.get("error") is None and slo.met(r.get("ttft_ms"), r.get("tpot_ms"))) \
-        / len(requests)
+    return within(requests, SLO(ttft_ms, tpot_ms)) / len(requests)
 
 
 def knee(rates: list[float], attainments: list[float], keep: float = 0.9) -> float | None:
