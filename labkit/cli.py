@@ -81,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     engine = {f: getattr(args, f) for f in EngineConfig.__dataclass_fields__}
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key or None,
           allow_unauthenticated=args.allow_unauthenticated, max_body_bytes=args.max_body_bytes,
-          max_in_flight=args.max_in_flight, **engine)
+          max_in_flight=args.max_in_flight, dtype=args.dtype, **engine)
 
 
 def _cmd_bench_serve(args: argparse.Namespace) -> None:
@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
     s.add_argument("--max-in-flight", type=int, default=None,
                    help="requests admitted at once (running + waiting); one more is answered 503 (default: no bound)")
+    from labkit import env
+
+    s.add_argument("--dtype", default="auto", choices=list(env.DTYPE_NAMES),
+                   help="weights, activations and KV cache (vLLM's flag): auto = bf16 where this device runs it "
+                        "natively, else float32")
     from labkit.serve.config import cli_options
 
     for flag, kind, default, doc in cli_options():  # every engine setting, from EngineConfig's fields

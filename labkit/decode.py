@@ -14,9 +14,14 @@ so quantized layers (labkit's fused kernels, bitsandbytes) run unchanged — wit
 - q/k/v and gate/up are stacked into one matmul each (:func:`labkit.stacking.concat_rows`; ``fuse=False`` keeps
   seven calls a layer): four kernel calls a layer instead of seven. The decoder holds its own stacked copy (5/7
   of each layer's weight bytes, for as long as it lives); the model is not changed;
-- ``dtype`` sets the activations' dtype: bf16 for layers whose fused kernels compute in bf16 (labkit's int8/int4 on
-  a CPU), so no projection casts its input and output every call; plain ``nn.Linear`` weights in another dtype
-  (an fp32 output head) get their input cast.
+- ``dtype`` sets the activations' dtype. ``"auto"`` (the default) is the dtype the projections compute in
+  (:func:`labkit.measure.compute_dtype`): the weights' dtype, or bf16 for labkit's fused int8/int4 kernels, so
+  no projection casts its input and output every call. The decoder cannot choose the weights' dtype: load the model
+  with ``dtype="auto"`` for bf16 where it is native. Plain ``nn.Linear`` weights in another dtype (an fp32 output
+  head) get their input cast.
+
+``prepack=True`` is the fast path: the float linears laid out once in oneDNN's blocked format (:mod:`labkit.prepack`),
+the same products without a reorder on every call.
 
 Its greedy tokens equal HF's (tests/test_decode.py); it is a measuring tool for decode speed, not a server (that is
 ``labkit.serve``). Supported: the decoder layers of Llama, Mistral (without a sliding window) and Qwen2.
@@ -28,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit import LabkitError
+from labkit import LabkitError, env, measure
 from labkit.llama import Dims, check_supported, decoder_layers, stacked_projections
 
 
 class StaticDecoder:
     """Prefill a prompt, then greedy decode steps, on a preallocated cache of ``max_len`` positions."""
 
-    def __init__(self, model: nn.Module, batch: int = 1, max_len: int = 512, dtype: torch.dtype | None = None,
-                 fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, batch: int = 1, max_len: int = 512, dtype: torch.dtype | str | None = "auto",
+                 fuse: bool = True, prepack: bool = False) -> None:
         cfg = model.config
         check_supported(cfg, "StaticDecoder", max_len, "max_len")
         if batch < 1 or max_len < 2:
@@ -46,7 +51,9 @@ class StaticDecoder:
         self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         self.eps = cfg.rms_norm_eps
         emb = model.model.embed_tokens.weight
-        self.dtype, self.device = dtype or emb.dtype, emb.device
+        auto = dtype is None or dtype == "auto"
+        self.dtype = measure.compute_dtype(model) if auto else env.resolve_dtype(dtype)
+        self.device = emb.device
         self.norms = {id(mod): mod.weight.detach().to(self.dtype) for mod in model.modules()
                       if type(mod).__name__.endswith("RMSNorm")}
         shape = (batch, self.kv_heads, max_len, self.head_dim)
@@ -59,6 +66,13 @@ class StaticDecoder:
         self.pos = 0
         self.qkv, self.gate_up = stacked_projections(model, fuse)
         self.fused_groups = sum(len(g) == 1 for g in self.qkv + self.gate_up)  # how many stacks became one matmul
+        self.packer = None
+        if prepack:  # the fast path (labkit.prepack): the float linears laid out once for oneDNN; model untouched
+            from labkit import prepack as P
+
+            P.check(self.device, self.dtype)
+            self.packer = P.Packer()
+            self.packer.pack_model(model, self.qkv, self.gate_up)
 
     def _norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         w = self.norms[id(norm)]
@@ -83,10 +97,11 @@ class StaticDecoder:
                                                attn_mask=mask, enable_gqa=True)
             return o.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
 
+        linear = _linear if self.packer is None else (lambda mod, x: _linear(self.packer.get(mod), x))
         h = decoder_layers(self.model, m.embed_tokens(ids).to(self.dtype), self.cos[None, p0:p1],
-                           self.sin[None, p0:p1], self.qkv, self.gate_up, attend, norm=self._norm, linear=_linear)
+                           self.sin[None, p0:p1], self.qkv, self.gate_up, attend, norm=self._norm, linear=linear)
         self.pos = p1
-        return _linear(self.model.lm_head, self._norm(h if every else h[:, -1], m.norm))
+        return linear(self.model.lm_head, self._norm(h if every else h[:, -1], m.norm))
 
     def reset(self) -> None:
         """Forget the context (the cache is overwritten from position 0 by the next prefill)."""

@@ -118,3 +118,15 @@ def embed(model: nn.Module, batch: dict) -> torch.Tensor:
 def sentence_embeddings(model: nn.Module, tokenizer: Any, sentences: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe for MiniLM)."""
     return embed(model, encode_sentences(tokenizer, sentences, model_device(model)))
+
+
+def token_agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of the reference's tokens each output reproduces before its first difference: 1.0 is
+    token-identical; after a difference greedy decoding follows another text, so later matches are not counted."""
+    agreed = 0
+    for out, ref in zip(outputs, reference):
+        for a, b in zip(out, ref):
+            if a != b:
+                break
+            agreed += 1
+    return agreed / max(1, sum(len(r) for r in reference))

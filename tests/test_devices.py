@@ -101,6 +101,9 @@ def recorded(monkeypatch):
     return calls
 
 
+DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
 def smallest(name: str):
     return experiments.get(name).Config.smallest()
 
@@ -112,6 +115,8 @@ def test_experiment_places_everything_on_its_config_device(name, recorded):
     assert cfg.device == str(env.default_device())  # the default is the machine's best device
     rec = experiments.get(name).run(cfg, progress=False)
     assert rec.variants
+    for row in rec.variants:  # every measured row says the number format it ran in (projections are arithmetic)
+        assert "(projected)" in row.get("model", "") or row.get("dtype") in DTYPES, (name, row["name"])
     want = torch.device(cfg.device)
     placed = [c for c in recorded if not c[0].endswith(":model")]
     assert placed, f"{name} loaded no model through the kit's loaders"

@@ -76,3 +76,39 @@ def test_bf16_is_reported_native_only(monkeypatch):
     assert env.bf16_supported("cuda") is False and calls == [False]
     assert "emulated" in env.bf16_note("cuda")
     assert env.bf16_supported("cpu") and "CPU" in env.bf16_note("cpu")
+
+
+@pytest.mark.parametrize("flags, native", [(["avx2", "avx512f"], False), (["avx2", "avx512_bf16"], True),
+                                           (["avx2", "amx_bf16", "amx_tile"], True), ([], False)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch, flags, native):
+    import torch
+
+    monkeypatch.setattr(env, "cpu_flags", lambda: flags)
+    dtype, why = env.auto_dtype("cpu")
+    assert env.bf16_native("cpu") is native
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert ("computes in bfloat16" in why) is native and "dtype='auto'" in why
+    assert env.resolve_dtype("auto", "cpu") == dtype
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_cuda_follows_native_bf16_not_emulation(monkeypatch, native):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert env.auto_dtype("cuda")[0] == (torch.bfloat16 if native else torch.float32)  # a T4 keeps fp32
+
+
+def test_resolve_dtype_takes_names_and_refuses_the_rest():
+    import torch
+
+    assert env.resolve_dtype("bf16") == torch.bfloat16 and env.resolve_dtype("float32") == torch.float32
+    assert env.resolve_dtype(torch.float16) == torch.float16 and env.dtype_name(torch.bfloat16) == "bfloat16"
+    for bad in ("int8", torch.int8, 32, None):
+        with pytest.raises(ValueError, match=r"precision=.*is not allowed; use 'auto'"):
+            env.resolve_dtype(bad, param="precision")
+
+
+def test_describe_says_which_dtype_auto_picks_and_why():
+    info = env.describe()
+    assert info["auto_dtype"] in ("bfloat16", "float32") and "dtype='auto'" in info["auto_dtype_why"]

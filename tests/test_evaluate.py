@@ -74,3 +74,10 @@ def test_sentence_embeddings_paraphrases_closer(minilm):
     emb = evaluate.sentence_embeddings(model, tok, sentences()[:4])
     assert emb.shape == (4, 384)
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+
+def test_token_agreement_counts_only_up_to_the_first_difference():
+    ref = [[1, 2, 3, 4], [5, 6]]
+    assert evaluate.token_agreement(ref, ref) == 1.0
+    assert evaluate.token_agreement([[1, 2, 9, 4], [5, 6]], ref) == 4 / 6  # the 4 after the difference does not count
+    assert evaluate.token_agreement([[0, 2, 3, 4], [5]], ref) == 1 / 6

@@ -34,7 +34,18 @@ def test_every_experiment_keeps_the_contract(name):
 # record) and in the kit's static loop with stacked projections (1.29x and 1.50x).
 # Targets the newest reference record misses. Quantization's four speed targets were met in the AMD EPYC record of
 # 2026-12-04 (the older Xeon record, in cpu-xeon-2core/, misses all four: they hold on one host, not on every host).
-OPEN_GOALS: dict[str, set[str]] = {}
+# Serving (issue 38, Xeon record of 2026-12-06): transformers 5's continuous batching, at fp32 like labkit-paged, now
+# serves the quick workload as fast as the kit's engine (141.7 vs 135.3 tok/s, min-max ranges overlapping); the
+# kit's fast path (bf16, prepacked: 248.5) is not compared with an fp32 baseline, so this stays open until HF's batching
+# has a bf16 row too.
+# Quantization (Xeon record of 2026-12-06; the four speed targets were met in the EPYC record of 2026-12-04): on this
+# AMX host fp32 itself is fast, so the int8/int4 kernels' ratios over it are lower (HF loop int8 1.19x, int4-g128
+# 1.53x; static loop int8 1.31x; int4-g128 1.81x holds). bf16 with prepacked weights, the new row, gives 1.30x.
+OPEN_GOALS: dict[str, set[str]] = {
+    "serving": {"labkit-paged output tok/s / the better HF batching"},
+    "quantization": {"smollm2-135m/int8/speedup_vs_baseline", "smollm2-135m/int4-g128/speedup_vs_baseline",
+                     "smollm2-135m/int8/static_speedup_vs_fp32"},
+}
 
 
 @pytest.mark.parametrize("name", experiments.available())

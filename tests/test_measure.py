@@ -137,3 +137,25 @@ def test_percentile_by_hand_and_against_numpy():
             assert measure.percentile(values, q) == pytest.approx(np.percentile(values, q))
     with pytest.raises(ValueError, match="q=100"):
         measure.percentile([1.0, 2.0], 100)
+
+
+def test_compute_dtype_is_what_the_matrix_products_run_in():
+    from labkit.quant import api
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    assert measure.compute_dtype(model) == torch.float32
+    assert measure.compute_dtype(tiny_llama().to(torch.bfloat16)) == torch.bfloat16
+    api.quantize_(model, api.Int8Config(kernel="fused"))  # int8 weights, bf16 activations
+    assert measure.compute_dtype(model) == torch.bfloat16
+    readable = tiny_llama()
+    api.quantize_(readable, api.Int8Config(kernel="dequantize"))  # dequantized to the input's dtype
+    assert measure.compute_dtype(readable) == torch.float32
+
+
+def test_prepacked_decode_timing_needs_the_static_loop():
+    from tests.conftest import tiny_llama
+
+    with pytest.raises(ValueError, match="prepack=True with loop='hf'"):
+        measure.decode_step_times(tiny_llama(), prepack=True)
+    assert measure.decode_step_times(tiny_llama(), loop="static", prepack=True, prompt_len=4, new_tokens=2)() > 0

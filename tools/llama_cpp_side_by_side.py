@@ -7,18 +7,20 @@ Needs ``llama-cpp-python`` (``pip install -e .[llamacpp]``: it builds llama.cpp 
 cores); without it
 the tool says so and stops. ``--f32``: SmolLM2-135M as an F32 GGUF, made from the kit's own weights with llama.cpp's
 converter (``convert_hf_to_gguf.py ~/.cache/labkit/smollm2-135m/fp32 --outtype f32``; its sdist carries it under
-``vendor/llama.cpp``); the tool quantizes it to Q8_0 and Q4_1 with ``llama_model_quantize`` beside it. Without
+``vendor/llama.cpp``); the tool converts it to BF16, F16, Q8_0 and Q4_1 with ``llama_model_quantize`` beside it. Without
 ``--f32`` only the Q4_1 GGUF the kit's weights come from (``labkit fetch``) is timed.
 
 Every variant decodes 16 greedy tokens after the same 32-token prompt (prefill untimed), one warm-up, then 3 rounds
 in rotated order (:func:`labkit.measure.interleaved`); tok/s is median (min-max). The kit's rows run
-``labkit.decode.StaticDecoder`` (its fastest loop) with the quantization experiment's variants; greedy tokens are
+``labkit.decode.StaticDecoder`` (its fastest loop) in fp32 and bf16, plain and prepacked (``labkit.prepack``), and
+the quantization experiment's int8/int4 variants; greedy tokens are
 compared with the kit's fp32 loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -55,11 +57,12 @@ def llama_cpp_decoder(path: Path):
     return run, tokens
 
 
-def kit_decoder(model, dtype):
-    """The same decode in the kit's static loop."""
+def kit_decoder(model, dtype, prepack: bool = False):
+    """The same decode in the kit's static loop (``prepack``: its float linears packed for oneDNN)."""
     from labkit.decode import StaticDecoder
 
-    dec, ids, tokens = StaticDecoder(model, max_len=64, dtype=dtype), torch.tensor([PROMPT]), []
+    dec = StaticDecoder(model, max_len=64, dtype=dtype, prepack=prepack)
+    ids, tokens = torch.tensor([PROMPT]), []
 
     def run() -> float:
         dec.reset()
@@ -77,7 +80,8 @@ def quantized_ggufs(f32: Path) -> dict[str, Path]:
     import llama_cpp
 
     out = {"llama.cpp F32": f32}
-    for name, ftype in (("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)):
+    for name, ftype in (("BF16", llama_cpp.LLAMA_FTYPE_MOSTLY_BF16), ("F16", llama_cpp.LLAMA_FTYPE_MOSTLY_F16),
+                        ("Q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("Q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)):
         dst = f32.with_name(f32.stem.replace("f32", "").rstrip("-") + f"-{name.lower()}.gguf")
         if not dst.exists():
             params = llama_cpp.llama_model_quantize_default_params()
@@ -106,7 +110,10 @@ def main() -> int:
     int4, _ = zoo.load_causal_lm(progress=False)
     quantize_(int4, Int4Config(group_size=128))
     quantize_(int4, Int8Config(), skip=(), filter_fn=lambda _, name: name == "lm_head")
-    runs = {"kit fp32": kit_decoder(fp32, None), "kit int8 (head too)": kit_decoder(int8, torch.bfloat16),
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    runs = {"kit fp32": kit_decoder(fp32, None), "kit fp32 prepacked": kit_decoder(fp32, None, prepack=True),
+            "kit bf16": kit_decoder(bf16, None), "kit bf16 prepacked": kit_decoder(bf16, None, prepack=True),
+            "kit int8 (head too)": kit_decoder(int8, torch.bfloat16),
             "kit int4-g128 + int8 head": kit_decoder(int4, torch.bfloat16)}
     runs.update({name: llama_cpp_decoder(path) for name, path in ggufs.items()})
     for fn, _ in runs.values():

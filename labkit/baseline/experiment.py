@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from labkit import env, evaluate, measure, zoo
+from labkit.baseline import dtype
 from labkit.data import sentences
 from labkit.experiments.protocol import Target, check
 from labkit.results import Record
@@ -52,8 +53,12 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     rec = Record("baseline", config=asdict(config), env=env.describe())
     device = env.resolve_device(config.device)
     model, tok = zoo.load_causal_lm(config.llm, device=device, progress=progress)
-    rec.add("fp32", **llm_metrics(model, tok, config, progress=progress), model=config.llm,
-            provenance=model.labkit_card.source)
+    fp32 = llm_metrics(model, tok, config, progress=progress)
+    rec.add("fp32", **fp32, dtype="float32", model=config.llm, provenance=model.labkit_card.source)
+    native = env.bf16_native(device)  # emulated bf16 is slower than fp32: no row a learner would choose
+    if native:
+        rec.add("bf16", **dtype.compare_llm(model, tok, config, fp32["perplexity"]), model=config.llm,
+                provenance=model.labkit_card.source)
     del model
 
     enc, etok = zoo.load_encoder(config.encoder, device=device)
@@ -63,7 +68,12 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     t = measure.benchmark(lambda: evaluate.embed(enc, batch), repeats=config.repeats * 2, device=device)
     rec.add("fp32", model=config.encoder, params=measure.param_count(enc), weight_bytes=measure.weight_bytes(enc),
             latency_ms_median=t.median_ms, latency_ms_iqr=t.iqr_ms, tokens_per_s=n_tokens / t.median_s,
-            batch_sentences=len(sents), provenance=enc.labkit_card.source)
+            batch_sentences=len(sents), dtype="float32", provenance=enc.labkit_card.source)
+    if native:
+        rec.add("bf16", **dtype.compare_encoder(enc, batch, config.repeats * 2), model=config.encoder,
+                batch_sentences=len(sents), provenance=enc.labkit_card.source)
+    rec.config["auto_dtype"], rec.config["auto_dtype_why"] = env.dtype_name(env.auto_dtype(device)[0]), \
+        env.auto_dtype(device)[1]
     rec.config["targets"] = check(rec, TARGETS)
     return rec
 
@@ -79,6 +89,16 @@ TARGETS = [
     Target("{llm} fp32 bytes held per parameter", lambda r: _fp32_bytes_per_param(r, "llm"), 4.01, "max"),
     Target("{encoder} fp32 bytes held per parameter", lambda r: _fp32_bytes_per_param(r, "encoder"), 4.01, "max"),
     Target("{llm} fp32 held-out perplexity", lambda r: r.variant("fp32", r.config["llm"])["perplexity"], 30.0, "max"),
+    # where bf16 is native (no row elsewhere: not measured) its matrix products must pay, and cost little. Batch-1
+    # decode is left without a target: it multiplies a vector by each weight matrix, and lesson 00 shows why the
+    # hardware's bf16 tiles do not always win there
+    Target("{llm} bf16 prefill speed-up over fp32 (native bf16)",
+           lambda r: r.variant("bf16", r.config["llm"])["prefill_speedup_vs_fp32"], 1.3),
+    Target("{llm} bf16 perplexity / fp32", lambda r: r.variant("bf16", r.config["llm"])["perplexity_ratio"], 1.02,
+           "max"),
+    Target("{encoder} bf16 speed-up over fp32 (native bf16)",
+           lambda r: r.variant("bf16", r.config["encoder"])["speedup_vs_fp32"], 1.3),
+    Target("{encoder} bf16 cosine to fp32", lambda r: r.variant("bf16", r.config["encoder"])["cosine_to_fp32"], 0.99),
 ]
 
 

@@ -207,6 +207,7 @@ def _cnn(rec: Record, config: Config, dev: torch.device, progress: bool) -> None
             recipe = recipe + steps if stage else steps
             logits = torch.from_numpy(X.run(sess, {"images": host_xte})[0]) if sess else m(xte).detach().cpu()
             rec.add(name, model="digits-cnn", stage=stage, recipe=list(recipe),
+                    dtype="int8" if name.endswith("int8") else env.dtype_name(measure.compute_dtype(m)),
                     device="cpu (onnxruntime)" if sess else str(dev),
                     accuracy=evaluate.accuracy(logits, yte.cpu()), params=measure.param_count(m),
                     weight_bytes=f.stat().st_size if f else measure.weight_bytes(m), **lat[name],
@@ -252,6 +253,7 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
         run_engine(llm, prompts[:2], [4, 4])  # warm-up outside the clock
         served = summarize(run_engine(llm, prompts, outs))
         rec.add(name, model=config.llm, stage=stage, recipe=recipe + ["served by labkit's paged engine"],
+                dtype=env.dtype_name(measure.compute_dtype(m)),
                 perplexity=evaluate.perplexity(m, tok, window=config.ppl_window, max_windows=config.ppl_max_windows),
                 params=measure.param_count(m), weight_bytes=measure.weight_bytes(m), **lat[name],
                 output_tokens_per_s=served["output_tokens_per_s"], serve_requests=config.serve_requests,

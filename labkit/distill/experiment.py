@@ -163,11 +163,13 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
     lat = _latency({"teacher": teacher, "student": student}, xte, config, dev)
     t_params = measure.param_count(teacher)
     rec.add("teacher", model=config.teacher, params=t_params, weight_bytes=measure.weight_bytes(teacher),
+            dtype=env.dtype_name(measure.compute_dtype(teacher)),
             accuracy=evaluate.classifier_accuracy(teacher, xte, yte), accuracy_std=0.0, seeds=1, **lat["teacher"],
             notes="trained on the full labelled training split")
     s_params = measure.param_count(student)
     for name, accs in runs.items():
         rec.add(name, model=f"digits-cnn-w{config.student_width}", params=s_params,
+                dtype=env.dtype_name(measure.compute_dtype(student)),
                 weight_bytes=measure.weight_bytes(student), accuracy=statistics.mean(accs),
                 accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0, seeds=len(accs),
                 accuracy_per_seed=accs, accuracy_curve_seed0=curves.get(name), **lat["student"])
@@ -201,9 +203,11 @@ def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool)
                                         max_windows=config.ppl_max_windows)
     calib = data.calibration_batches(tok, n=config.lm_calib_samples, seq_len=config.lm_seq_len, device=dev)
     rec.add("lm-teacher", model=config.llm, params=measure.param_count(teacher), perplexity=ppl(teacher),
+            dtype=env.dtype_name(measure.compute_dtype(teacher)),
             layers=teacher.config.num_hidden_layers)
     init = layer_dropped_lm(teacher, keep=list(config.lm_keep))
     base = {"model": f"{config.llm}-{len(config.lm_keep)}L", "params": measure.param_count(init),
+            "dtype": env.dtype_name(measure.compute_dtype(init)),
             "layers": len(config.lm_keep)}
     rec.add("lm-student-init", **base, perplexity=ppl(init), steps=0)
 

@@ -24,6 +24,7 @@ from labkit.export.onnx import (
     run_bound,
     session,
     transformer_fuse,
+    variant_dtype,
 )
 
 __all__ = [
@@ -50,4 +51,5 @@ __all__ = [
     "run_bound",
     "session",
     "transformer_fuse",
+    "variant_dtype",
 ]

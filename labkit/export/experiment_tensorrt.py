@@ -81,7 +81,7 @@ def _add_all(rec: Record, fns: dict, feeds: dict, config: Config, device: str, r
     mask = feeds["attention_mask"].cpu()
     ref = X.mean_pool(outs[ref_name], mask)
     for name in fns:
-        rec.add(name, model=config.encoder, device=device, **lat[name],
+        rec.add(name, model=config.encoder, device=device, **lat[name], dtype=X.variant_dtype(name),
                 cosine_to_reference=evaluate.cosine(X.mean_pool(outs[name], mask), ref),
                 batch=config.batch, seq_len=config.seq_len, **extra.get(name, {}))
 

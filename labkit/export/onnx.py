@@ -297,9 +297,10 @@ def calibration_feeds(images: torch.Tensor, batches: int, batch_size: int = 64,
 
 
 def quantize_static_int8(path: str | Path, out: str | Path, calibration: Iterable[dict[str, np.ndarray]], *,
-                         per_channel: bool = True) -> Path:
+                         per_channel: bool = True, op_types: Iterable[str] | None = None) -> Path:
     """Static INT8 in QDQ format: activation ranges from ``calibration`` feeds (``labkit.data``), then
-    QuantizeLinear/DequantizeLinear pairs around each quantized op, which ORT fuses into integer kernels."""
+    QuantizeLinear/DequantizeLinear pairs around each quantized op, which ORT fuses into integer kernels.
+    ``op_types`` chooses which ops are quantized (``None``: every op ORT supports)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     batches = list(calibration)
@@ -315,7 +316,8 @@ def quantize_static_int8(path: str | Path, out: str | Path, calibration: Iterabl
 
     with atomic(out, suffix=".onnx") as tmp:
         quantize_static(str(path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(op_types) if op_types else None)
     return Path(out)
 
 
@@ -371,3 +373,12 @@ def profile_ops(path: str | Path, feeds: dict[str, Any], *, runs: int = 5, level
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_op[e.get("args", {}).get("op_name", "?")] += e.get("dur", 0) / 1e3 / (runs + 1)
     return {k: round(v, 3) for k, v in per_op.most_common()}
+
+
+def variant_dtype(name: str) -> str:
+    """The number format a variant of the export experiments computes in, read from its name (``pytorch-bf16``,
+    ``trt-fp16``, ``ort-int8-dynamic``; everything else fp32), as record rows write it."""
+    for tag, dtype in (("int8", "int8"), ("bf16", "bfloat16"), ("fp16", "float16")):
+        if tag in name.split("-"):
+            return dtype
+    return "float32"

@@ -125,6 +125,7 @@ def _cnn_variants(rec: Record, config: Config, dev: torch.device, progress: bool
                                       repeats=config.repeats, inner=20, device=dev, baseline="dense")
     for name, m in models.items():
         rec.add(name, model=config.cnn, params=measure.param_count(m), nonzero_weights=prune.nonzero_weights(m),
+                dtype=env.dtype_name(measure.compute_dtype(m)),
                 weight_bytes=measure.weight_bytes(m),
                 csr_weight_bytes=sum(prune.csr_bytes(lay.weight) for _, lay in prune.prunable_layers(m)),
                 macs=prune.macs(m, example), accuracy=evaluate.classifier_accuracy(m, xte, yte), **lat[name],
@@ -206,6 +207,7 @@ def _lm_variants(rec: Record, config: Config, dev: torch.device, progress: bool)
     for name, m in tqdm(models.items(), desc="perplexity per variant", disable=not progress):
         extra = info if name.endswith("-recovered") else {}
         rec.add(name, model=config.llm, params=measure.param_count(m), weight_bytes=measure.weight_bytes(m),
+                dtype=env.dtype_name(measure.compute_dtype(m)),
                 nonzero_weights=prune.nonzero_weights(m), mlp_intermediate_size=m.config.intermediate_size,
                 perplexity=ppl(m), **lat[name], batch=config.lm_batch, seq_len=config.lm_seq_len,
                 sample=generate(m, tok, prompt, config.new_tokens), **extra)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from labkit import LabkitError, data, env, evaluate, measure, roofline, zoo
+from labkit import LabkitError, data, env, evaluate, measure, prepack, roofline, zoo
 from labkit.baseline.experiment import LLMMetricsConfig
 from labkit.experiments.protocol import Target, Variant, check
 from labkit.quant import DtypeConfig, Int4Config, Int8Config, NF4Config, quantize_
@@ -44,6 +44,8 @@ LLM_VARIANTS = (
 SWEEP_VARIANTS = ("fp32", "bf16", "int8", "int4-g128")  # decode speed by batch size: where weight-only stops paying
 # also timed in labkit.decode's static loop (HF's per-step overhead removed), with the activations' dtype: bf16
 # where the fused kernels compute in bf16, so no projection casts around its matmul
+# the float variants are also timed in the static loop with their linears prepacked for oneDNN (labkit.prepack)
+PREPACKED = ("fp32", "bf16")
 STATIC_LOOP = {"fp32": None, "bf16": None, "int8": torch.bfloat16, "int8-with-head": torch.bfloat16,
                "int4-g128": torch.bfloat16, "int4-g128-int8-head": torch.bfloat16}
 
@@ -192,6 +194,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
         rec.add(name, model=config.llm, params=measure.param_count(model),
                 weight_bytes=measure.weight_bytes(model),  # after evaluation: what the model holds while it runs
                 perplexity=ppl, peak_memory_bytes=pm.peak_bytes, peak_memory_kind=pm.kind,
+                dtype=env.dtype_name(measure.compute_dtype(model)),
                 **({"perplexity_ratio": ppl / fp32_ppl} if fp32_ppl else {}), **extra)
         models[name] = model
     ceilings = _time_decode(rec, models, config, progress)
@@ -227,11 +230,21 @@ def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> d
     fns = {name: measure.decode_step_times(m, **timing) for name, m in models.items()}
     fns.update({("static", name): measure.decode_step_times(models[name], loop="static", dtype=dt, **timing)
                 for name, dt in STATIC_LOOP.items() if name in models})
+    if prepack.available() and measure.model_device(next(iter(models.values()))).type == "cpu":
+        fns.update({("prepacked", name): measure.decode_step_times(models[name], loop="static", prepack=True,
+                                                                   **timing)
+                    for name in PREPACKED if name in models})
     for fn in fns.values():  # warm-up, untimed
         fn()
     bar = tqdm(total=config.repeats * len(fns), desc="decode timing (rotated)", disable=not progress)
     times = measure.interleaved(fns, config.repeats, progress=lambda n, r: bar.update(1))
     bar.close()
+    packed = {name[1]: times.pop(name) for name in list(times) if isinstance(name, tuple) and name[0] == "prepacked"}
+    for name, ts in packed.items():  # the static loop with its float linears prepacked (labkit.prepack)
+        tps = measure.spread([config.decode_tokens / t for t in ts])
+        rec.variant(name, config.llm).update(static_prepacked_tokens_per_s=tps["median"],
+                                             static_prepacked_tokens_per_s_min=tps["min"],
+                                             static_prepacked_tokens_per_s_max=tps["max"])
     static = {name[1]: times.pop(name) for name in list(times) if isinstance(name, tuple)}
     for name, ts in static.items():
         tps = measure.spread([config.decode_tokens / t for t in ts])
@@ -241,6 +254,10 @@ def _time_decode(rec: Record, models: dict, config: Config, progress: bool) -> d
         rows = {name: rec.variant(name, config.llm) for name in static}
         for name, x in measure.speedups(rows, "fp32", "static_tokens_per_s", higher_is_better=True).items():
             rows[name]["static_speedup_vs_fp32"] = x
+        base = rows["fp32"]["static_tokens_per_s"]  # the plain static loop in fp32: what packing is measured against
+        for name in packed:
+            row = rec.variant(name, config.llm)
+            row["static_prepacked_speedup_vs_fp32"] = row["static_prepacked_tokens_per_s"] / base
     for name, ts in times.items():
         tps = measure.spread([config.decode_tokens / t for t in ts])
         row = rec.variant(name, config.llm)
@@ -280,6 +297,7 @@ def _batch_sweep(rec: Record, models: dict, config: Config, progress: bool) -> N
     for (name, b), ts in times.items():
         sp = measure.spread([b * config.sweep_tokens / t for t in ts])
         rows[name, b] = rec.add(f"{name} batch {b}", model=f"{config.llm} by batch", variant=name, batch=b,
+                                dtype=env.dtype_name(measure.compute_dtype(models[name])),
                                 decode_tok_s=sp["median"], decode_tok_s_min=sp["min"], decode_tok_s_max=sp["max"],
                                 decode_repeats=len(ts))
     for (_, b), row in rows.items():
@@ -294,7 +312,7 @@ def _metric(name: str, which: str, metric: str):
             return row["weight_bytes"] / rec.variant("fp32", rec.config["llm"])["weight_bytes"]
         if metric == "perplexity_change_vs_dequantize":  # the fused kernel computes the same model
             return abs(row["perplexity"] / rec.variant(f"{name}-dequantize", rec.config[which])["perplexity"] - 1)
-        if metric in ("speedup_vs_baseline", "static_speedup_vs_fp32") and rec.env.get("device") != "cpu":
+        if metric.endswith(("speedup_vs_baseline", "speedup_vs_fp32")) and rec.env.get("device") != "cpu":
             return None  # the speed targets are the CPU kernels'; on a GPU these layers take the readable path
         return row.get(metric)
     return value
@@ -311,6 +329,7 @@ TARGETS = [Target(f"{{{which}}}/{name}/{metric}", _metric(name, which, metric), 
                ("int4-g128", "llm", "speedup_vs_baseline", 1.8, "min"),
                ("int8", "llm", "static_speedup_vs_fp32", 1.5, "min"),  # the kit's own loop, fp32 in it too
                ("int4-g128", "llm", "static_speedup_vs_fp32", 1.8, "min"),
+               ("bf16", "llm", "static_prepacked_speedup_vs_fp32", 1.2, "min"),  # bf16's gain at batch 1, packed
                ("int8", "llm", "perplexity_change_vs_dequantize", 0.001, "max"),
                ("int4-g128", "llm", "perplexity_change_vs_dequantize", 0.001, "max"),
                ("nf4", "llm", "perplexity_ratio", 1.35, "max"),
@@ -338,4 +357,5 @@ def _encoder_variants(rec: Record, config: Config, device: torch.device) -> None
         emb = evaluate.embed(enc, evaluate.encode_sentences(tok, sents, device))
         ref = emb if ref is None else ref
         rec.add(name, model=config.encoder, params=measure.param_count(enc), weight_bytes=measure.weight_bytes(enc),
-                cosine_to_reference=evaluate.cosine(emb, ref), **extra)
+                cosine_to_reference=evaluate.cosine(emb, ref), dtype=env.dtype_name(measure.compute_dtype(enc)),
+                **extra)

@@ -48,6 +48,7 @@ class Config:
     repeats: int = 3
     seed: int = 0
     device: str = env.device_field()  # the in-process engine's; each replica picks its own (`labkit serve`)
+    dtype: str = "float32"  # explicit, as every experiment's rows are: lesson 00 measures what bf16 changes
 
     @classmethod
     def quick(cls) -> Config:
@@ -118,7 +119,8 @@ def _sweep(rec: Record, config: Config, bar) -> SLO:
     from labkit.serve import LLM
     from labkit.serve.server import start_server, stop_server
 
-    llm = LLM(config.model, device=env.resolve_device(config.device), enable_prefix_caching=True)
+    llm = LLM(config.model, device=env.resolve_device(config.device), dtype=config.dtype, enable_prefix_caching=True)
+    dtype = env.dtype_name(llm.dtype)
     srv = start_server(llm, config.model)
     url = f"http://127.0.0.1:{srv.port}"
     try:
@@ -137,7 +139,8 @@ def _sweep(rec: Record, config: Config, bar) -> SLO:
         g = _stats([s["goodput"] for s in got])
         p99 = _stats([s["ttft_ms_p99"] for s in got])
         little = [s["little"]["ratio"] for s in got]
-        rec.add(f"rate-{rate:g}", model=f"{config.model} · one engine", offered_rps=rate, goodput_rps=g["median"],
+        rec.add(f"rate-{rate:g}", model=f"{config.model} · one engine", dtype=dtype, offered_rps=rate,
+                goodput_rps=g["median"],
                 goodput_rps_min=g["min"], goodput_rps_max=g["max"],
                 slo_attainment=statistics.median(s["attainment"] for s in got),
                 request_rps=statistics.median(s["request_throughput"] for s in got), ttft_ms_p99=p99["median"],
@@ -166,7 +169,8 @@ def _fleets(rec: Record, config: Config, slo: SLO, bar) -> None:
     from labkit.scale.fleet import Fleet, core_shares
 
     cores = core_shares(1)[0]
-    serve_args = ("--enable-prefix-caching",)
+    serve_args = ("--enable-prefix-caching", "--dtype", config.dtype)
+    served = env.dtype_name(env.resolve_dtype(config.dtype))  # what every replica computes in
     with Fleet(1, config.model, serve_args) as one, Fleet(len(cores), config.model, serve_args) as many:
         many_url = many.route("round_robin")
         rec.config["router_texts"] = _greedy_texts(many_url, config.model, GREEDY_PROMPTS)
@@ -179,7 +183,7 @@ def _fleets(rec: Record, config: Config, slo: SLO, bar) -> None:
                                    config.repeats, progress=lambda *_: bar.update())
         for name, got in runs.items():
             g, p99 = _stats([s["goodput"] for s in got]), _stats([s["ttft_ms_p99"] for s in got])
-            rec.add(name, model=f"{config.model} · replicas", offered_rps=config.replica_rate,
+            rec.add(name, model=f"{config.model} · replicas", dtype=served, offered_rps=config.replica_rate,
                     goodput_rps=g["median"], goodput_rps_min=g["min"], goodput_rps_max=g["max"],
                     slo_attainment=statistics.median(s["attainment"] for s in got),
                     ttft_ms_p99=p99["median"], ttft_ms_p99_min=p99["min"], ttft_ms_p99_max=p99["max"],
@@ -203,7 +207,7 @@ def _fleets(rec: Record, config: Config, slo: SLO, bar) -> None:
                                    config.repeats, progress=lambda *_: bar.update())
         for policy, got in runs.items():
             hit = _stats([s["hit_rate"] for s in got])
-            rec.add(f"route-{policy}", model=f"{config.model} · chat traffic", policy=policy,
+            rec.add(f"route-{policy}", model=f"{config.model} · chat traffic", dtype=served, policy=policy,
                     offered_rps=config.routing_rate, prefix_hit_rate=hit["median"], prefix_hit_rate_min=hit["min"],
                     prefix_hit_rate_max=hit["max"], ttft_ms_p50=statistics.median(s["ttft_ms_p50"] for s in got),
                     ttft_ms_p99=statistics.median(s["ttft_ms_p99"] for s in got),
@@ -223,7 +227,8 @@ def _fleets(rec: Record, config: Config, slo: SLO, bar) -> None:
         many.kill(len(many.members) - 1)
         loader.join()
         bar.update()
-        rec.add("replica-killed", model=f"{config.model} · replicas", requests=result["requests"],
+        rec.add("replica-killed", model=f"{config.model} · replicas", dtype=served,
+                requests=result["requests"],
                 completed=result["completed"], failed=result["failed"],
                 lost=result["requests"] - result["completed"] - result["failed"],
                 errors="; ".join(result["errors"])[:300])
@@ -272,7 +277,8 @@ def _tensor_parallel(rec: Record, config: Config, bar) -> None:
         want = runs[1][0][1]
         for size, got in runs.items():
             speed = _stats([g[0] for g in got])
-            rec.add(f"tp-{size}", model=f"{config.model} · tensor parallel", tensor_parallel_size=size,
+            rec.add(f"tp-{size}", model=f"{config.model} · tensor parallel", dtype=env.dtype_name(engines[1].dtype),
+                    tensor_parallel_size=size,
                     output_tokens_per_s=speed["median"], output_tokens_per_s_min=speed["min"],
                     output_tokens_per_s_max=speed["max"], matches_reference=all(g[1] == want for g in got),
                     **({"allreduce_bytes_per_token": measured, "allreduce_bytes_per_token_formula": formula}

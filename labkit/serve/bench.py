@@ -7,7 +7,7 @@ import statistics
 import time
 from typing import Any
 
-from labkit import data, measure
+from labkit import data, evaluate, measure
 from labkit.serve.baselines import Run
 from labkit.serve.llm import LLM
 from labkit.serve.sampling import SamplingParams
@@ -53,6 +53,7 @@ def summarize(run: Run, reference: list[list[int]] | None = None) -> dict[str, A
         same = [a == b for a, b in zip(run.token_ids, reference)]
         row["matches_reference"] = all(same) and len(same) == len(reference)
         row["requests_matching"] = sum(same)
+        row["token_agreement"] = evaluate.token_agreement(run.token_ids, reference)
     return row
 
 

@@ -48,6 +48,7 @@ class EngineConfig:
     speculative_config: dict | str | None = None  # a dict, or its JSON text
     stack_projections: bool = True  # q/k/v and gate/up as one matmul each (labkit.stacking); tokens identical
     tensor_parallel_size: int = 1  # vLLM's name: k processes, each 1/k of every layer (serve/tensor_parallel.py)
+    prepack_weights: bool = False  # linear weights laid out once in oneDNN's blocked format (CPU; labkit.prepack)
 
     def __post_init__(self) -> None:
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
@@ -59,6 +60,9 @@ class EngineConfig:
                               "use one or the other")
         if self.speculative_config is not None:
             self.speculative()  # checked now, not at the first step
+        if self.prepack_weights and self.tensor_parallel_size > 1:
+            raise LabkitError("prepack_weights=True with tensor_parallel_size > 1 is not supported by this engine "
+                              "(each rank would pack its own shard); use one or the other")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise LabkitError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r}; allowed: {', '.join(map(repr, KV_CACHE_DTYPES))}"

@@ -37,7 +37,8 @@ class LLMEngine:
 
             self.tp = TensorParallel(hf_model, self.config.tensor_parallel_size, self.config)
             hf_model = self.tp.part
-        self.model = PagedLlama(hf_model, fuse=self.config.stack_projections, max_model_len=self.config.max_model_len)
+        self.model = PagedLlama(hf_model, fuse=self.config.stack_projections, max_model_len=self.config.max_model_len,
+                                prepack=self.config.prepack_weights)
         cfg = self.config
         self.bm = BlockManager(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         cache = Int8KVCache if cfg.kv_cache_dtype == "int8" else KVCache

@@ -9,6 +9,7 @@ ratio of medians. TTFT counts from the start of the run for every variant (all r
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 from dataclasses import asdict, dataclass
@@ -26,16 +27,19 @@ NAME = "serving"  # `labkit run serving`
 NOTEBOOK = "06b_engine_throughput_server_speculation"
 
 
-def _engine(**settings):
-    """A builder of labkit's engine with these :class:`EngineConfig` settings (the pool's size comes later)."""
+def _engine(dtype: str = "float32", **settings):
+    """A builder of labkit's engine with these :class:`EngineConfig` settings (the pool's size comes later), on the
+    shared fp32 model or, for another ``dtype``, on a copy of it cast to that dtype."""
     def build(model, tok, **engine_args) -> LLM:
+        if env.dtype_name(next(model.parameters()).dtype) != dtype:
+            model = copy.deepcopy(model).to(env.resolve_dtype(dtype))
         return LLM(model, tok, **settings, **engine_args)
     return build
 
 
-def _labkit(name: str, about: str, pool: str = "full", **settings) -> Variant:
+def _labkit(name: str, about: str, pool: str = "full", dtype: str = "float32", **settings) -> Variant:
     settings = {"paged": True, "kv_reservation": "max_model_len", **settings}
-    return Variant(name, _engine(**settings), about, {**settings, "pool": pool})
+    return Variant(name, _engine(dtype, **settings), about, {**settings, "pool": pool, "dtype": dtype})
 
 
 # labkit's engines; settings["pool"]: "full" fits every request at once, "tight" forces preemption. The last two are
@@ -51,9 +55,16 @@ LABKIT_VARIANTS = [
             kv_cache_dtype="int8"),
     _labkit("labkit-paged-separate", "paged, q/k/v and gate/up as separate matmuls (7 a layer, not 4)",
             stack_projections=False),
+    _labkit("labkit-paged-bf16", "paged, weights, activations and KV cache in bf16 (dtype='auto' here); run only "
+            "where bf16 is native", dtype="bfloat16"),
+    _labkit("labkit-paged-prepacked", "paged, linear weights packed once for oneDNN (prepack_weights=True; CPU)",
+            prepack_weights=True),
+    _labkit("labkit-paged-bf16-prepacked", "paged, bf16, weights packed once for oneDNN: the fast path",
+            dtype="bfloat16", prepack_weights=True),
 ]
 POLICIES = ("labkit-contiguous", "labkit-contiguous-exact", "labkit-paged")  # the three KV policies, one pool
-EXACT = [v.name for v in LABKIT_VARIANTS if v.settings.get("kv_cache_dtype", "auto") == "auto"]
+EXACT = [v.name for v in LABKIT_VARIANTS
+         if v.settings.get("kv_cache_dtype", "auto") == "auto" and v.settings["dtype"] == "float32"]
 
 
 @dataclass
@@ -73,7 +84,7 @@ class Config:
 
     @classmethod
     def quick(cls) -> Config:
-        # sized so `make report` fits its 30 minutes on 2 slow cores: ~900 output tokens a run, 8 variants x 3
+        # sized so `make report` fits its 30 minutes on 2 slow cores: ~900 output tokens a run, up to 12 variants x 3
         return cls(num_requests=24, prompt_len=(16, 160), output_len=(8, 64))
 
     @classmethod
@@ -105,6 +116,10 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     # Build every engine outside the clock: labkit's KV pools, transformers' CB manager (started, warmed up).
     engines = {}
     for v in LABKIT_VARIANTS:
+        if v.settings["dtype"] == "bfloat16" and not env.bf16_native(device):
+            continue  # emulated bf16 is slower than fp32: not a row a learner would run
+        if v.settings.get("prepack_weights") and device.type != "cpu":
+            continue  # packing is oneDNN's CPU layout (labkit.prepack)
         engines[v.name] = v.build(model, tok, block_size=bs, num_blocks=pools[v.settings["pool"]],
                                   max_num_seqs=len(prompts), max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=max_len, device=device)
@@ -139,17 +154,19 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     finally:
         hf_cb.close()
 
-    rec.add("hf-sequential", model=config.model, **_row([ref], reference),
+    rec.add("hf-sequential", model=config.model, **_row([ref], reference), dtype="float32",
             notes="the greedy reference: HF generate, one request at a time; run once (after a warm-up)")
     for name in fns:
         row = _row(runs[name], reference)
+        row["dtype"] = env.dtype_name(engines[name].dtype) if name in engines else "float32"
         if name in stats:
             s = stats[name][-1]  # the recorded run: the same schedule as every timed one (greedy, same pool)
             eng = engines[name].engine
             row.update(kv_waste_pct=s.kv_waste_pct, preemptions=s.preemptions, steps=s.steps,
                        peak_blocks=s.peak_blocks, kv_pool_blocks=len(eng.bm.blocks),
                        kv_bytes_per_token=eng.kv.nbytes / len(eng.bm.blocks) / eng.bm.block_size,
-                       kv_cache_dtype=eng.config.kv_cache_dtype, stack_projections=eng.config.stack_projections)
+                       kv_cache_dtype=eng.config.kv_cache_dtype, stack_projections=eng.config.stack_projections,
+                       prepack_weights=eng.config.prepack_weights)
         rec.add(name, model=config.model, **row, notes=runs[name][0].notes)
     extra.update(hf_static_tried=static.tried, hf_static_batch_size=static.best,
                  hf_continuous_config=hf_cb.config)
@@ -188,6 +205,12 @@ def _ratio(rec: Record, name: str, base: str, metric: str) -> float:
 
 TARGETS = [
     Target("every variant token-identical to HF greedy (smallest share of requests)", _matching_share, 1.0),
+    Target("labkit-paged-bf16 output tok/s / labkit-paged (fp32), where bf16 is native",
+           lambda r: _ratio(r, "labkit-paged-bf16", "labkit-paged", "output_tokens_per_s"), 1.3),
+    Target("labkit-paged-bf16 greedy tokens agreeing with fp32 (share before the first difference)",
+           lambda r: r.variant("labkit-paged-bf16")["token_agreement"], 0.5),
+    Target("labkit-paged-bf16-prepacked output tok/s / labkit-paged-bf16 (packing pays)",
+           lambda r: _ratio(r, "labkit-paged-bf16-prepacked", "labkit-paged-bf16", "output_tokens_per_s"), 1.0),
     Target("labkit-paged kv_waste_pct", lambda r: r.variant("labkit-paged")["kv_waste_pct"], 8.0, "max"),
     Target("labkit-paged output tok/s / the better HF batching", lambda r: r.variant("labkit-paged")[
         "speedup_vs_baseline"], 1.0),
@@ -264,7 +287,8 @@ def _row(runs: list[baselines.Run], reference: list[list[int]]) -> dict:
             "peak_memory_bytes": max((r.peak_memory_bytes for r in runs if r.peak_memory_bytes is not None),
                                      default=None),
             "matches_reference": all(r["matches_reference"] for r in rows),
-            "requests_matching": min(r["requests_matching"] for r in rows)}
+            "requests_matching": min(r["requests_matching"] for r in rows),
+            "token_agreement": min(r["token_agreement"] for r in rows)}
 
 
 def kv_policies(model, tok, prompts: list[list[int]], max_tokens: list[int], *, num_blocks: int,

@@ -89,6 +89,7 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
                 extra = {"acceptance_rate": runs[-1].acceptance_rate, "tokens_per_round": runs[-1].tokens_per_round,
                          "rounds": runs[-1].rounds}
             rec.add(f"{workload}/{name}", model=config.model, workload=workload, prompt_tokens=len(ids),
+                    dtype=env.dtype_name(measure.compute_dtype(model)),
                     tokens_per_s=config.new_tokens / (row["latency_ms_median"] / 1e3),
                     tokens_per_s_min=config.new_tokens / (row["latency_ms_max"] / 1e3),
                     tokens_per_s_max=config.new_tokens / (row["latency_ms_min"] / 1e3),

@@ -23,10 +23,13 @@ class LLM:
     """vLLM-shaped entry point: ``LLM("smollm2-135m").generate(prompts, SamplingParams(...))``."""
 
     def __init__(self, model: str | torch.nn.Module = "smollm2-135m", tokenizer: Any = None, *,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device | None = None, dtype: torch.dtype | str = "auto",
                  record_history: bool = False, **engine_args: Any) -> None:
-        """``engine_args`` are :class:`EngineConfig` fields (``block_size``, ``num_blocks``, ``max_num_seqs``,
-        ``max_model_len``, ``paged``, ``kv_reservation``, ...), checked before the model loads. ``record_history``
+        """``dtype`` (vLLM's argument): ``"auto"`` loads a named model in bf16 where the device multiplies bf16
+        natively and in fp32 elsewhere (:func:`labkit.env.auto_dtype`, which says why); a model handed in keeps its
+        own dtype under ``"auto"``, and any other value must match it. ``engine_args`` are :class:`EngineConfig`
+        fields (``block_size``, ``num_blocks``, ``max_num_seqs``, ``max_model_len``, ``paged``, ``kv_reservation``,
+        ...), checked before the model loads. ``record_history``
         turns on KV telemetry: every step walks the block tables to count waste (``stats.kv_waste_pct``,
         ``stats.waste_breakdown_pct()``) and keeps a snapshot (``stats.history``, the KV viewer's input); off, a
         step pays for none of it."""
@@ -34,12 +37,20 @@ class LLM:
 
         config = EngineConfig.from_kwargs(**engine_args)
         if isinstance(model, str):
-            model, tokenizer = zoo.load_causal_lm(model, dtype=dtype, device=env.resolve_device(device),
+            dev = env.resolve_device(device)
+            model, tokenizer = zoo.load_causal_lm(model, dtype=env.resolve_dtype(dtype, dev), device=dev,
                                                   progress=False)
-        elif device is not None:  # a model handed in goes where the caller asked, KV pool and all
-            model.to(env.resolve_device(device))
+        else:
+            _check_model_dtype(model, dtype)
+            if device is not None:  # a model handed in goes where the caller asked, KV pool and all
+                model.to(env.resolve_device(device))
         self.tokenizer = tokenizer
         self.engine = LLMEngine(model, tokenizer, config, record_history=record_history)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine computes and keeps its KV cache in (``kv_cache_dtype="auto"``)."""
+        return self.engine.model.dtype
 
     @property
     def stats(self) -> EngineStats:
@@ -94,3 +105,18 @@ class LLM:
                 for sample in o.samples or [o]:
                     sample.text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
         return result
+
+
+def _check_model_dtype(model: torch.nn.Module, dtype: torch.dtype | str) -> None:
+    """A model handed in is not cast behind the caller's back (it may be shared): ``"auto"`` keeps its dtype and an
+    explicit ``dtype`` must be the one its weights already have."""
+    from labkit import env
+
+    if isinstance(dtype, str) and dtype == "auto":
+        return
+    wanted = env.resolve_dtype(dtype)
+    have = next(model.parameters()).dtype
+    if have != wanted:
+        raise LabkitError(f"dtype={env.dtype_name(wanted)!r} but the model handed in is {env.dtype_name(have)}: "
+                          f"cast it first (model.to(torch.{env.dtype_name(wanted)})), load it by name, or pass "
+                          "dtype='auto' to serve it as it is")

@@ -63,7 +63,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 class PagedLlama(nn.Module):
-    def __init__(self, hf_model: nn.Module, fuse: bool = True, max_model_len: int | None = None) -> None:
+    def __init__(self, hf_model: nn.Module, fuse: bool = True, max_model_len: int | None = None,
+                 prepack: bool = False) -> None:
         super().__init__()
         cfg = hf_model.config
         check_supported(cfg, "the paged engine", max_model_len, "max_model_len")
@@ -76,6 +77,14 @@ class PagedLlama(nn.Module):
         # q/k/v and gate/up stacked into one matmul each (a copy of those weights, held as long as the engine lives)
         self.qkv, self.gate_up = stacked_projections(hf_model, fuse)
         self.linear = None  # the layer loop's linear hook: tensor parallelism all-reduces o and down through it
+        self.packer = None
+        if prepack:  # the fast path (labkit.prepack): the same products, weights laid out once for oneDNN
+            from labkit import prepack as P
+
+            P.check(self.device, self.dtype)
+            self.packer = P.Packer()
+            self.packer.pack_model(hf_model, self.qkv, self.gate_up)  # the model itself is left as it is
+            self.linear = self.packer.linear
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,4 +131,5 @@ class PagedLlama(nn.Module):
         h = decoder_layers(self.hf, h, cos, sin, self.qkv, self.gate_up, attend,
                            **({"linear": self.linear} if self.linear is not None else {}))
         h = m.norm(h[0, batch.logits_rows])
-        return self.hf.lm_head(h).float()
+        head = self.packer.linear(self.hf.lm_head, h) if self.packer is not None else self.hf.lm_head(h)
+        return head.float()

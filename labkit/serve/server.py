@@ -365,8 +365,9 @@ def check_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) 
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           allow_unauthenticated: bool = False, max_body_bytes: int = MAX_BODY_BYTES, max_in_flight: int | None = None,
-          **engine_args: Any) -> None:
-    """``labkit serve``: block until interrupted. ``engine_args`` are :class:`EngineConfig` fields;
+          dtype: str = "auto", **engine_args: Any) -> None:
+    """``labkit serve``: block until interrupted. ``dtype``: ``"auto"`` is bf16 where this device multiplies it
+    natively, fp32 elsewhere (said at start-up). ``engine_args`` are :class:`EngineConfig` fields;
     ``max_in_flight`` bounds the requests admitted at once (one more gets a 503). Exits with status
     :data:`ENGINE_DIED_EXIT` if the engine thread dies, so a supervisor restarts it."""
     from labkit.serve.config import EngineConfig
@@ -374,10 +375,13 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
 
     check_exposure(host, api_key, allow_unauthenticated)
     EngineConfig.from_kwargs(**engine_args)  # a bad setting fails before the port is taken or the model loads
+    from labkit import env
+
+    chosen = env.resolve_dtype(dtype)
     if max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1):
         raise LabkitError(f"max_in_flight={max_in_flight!r} must be a positive integer, or None for no bound")
     sock = _bind(host, port)  # fail on a bad or busy port before loading the model
-    llm = LLM(model, **engine_args)
+    llm = LLM(model, dtype=chosen, **engine_args)
     died: list[BaseException] = []
     server = None
 
@@ -391,7 +395,8 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     app = OpenAIApp(service, llm.tokenizer, model, api_key=api_key, max_body_bytes=max_body_bytes).build()
     cfg = llm.engine.config
     print(f"labkit serving {model} on http://{host}:{sock.getsockname()[1]}/v1 (KV: {cfg.num_blocks} blocks of "
-          f"{cfg.block_size}, {'paged' if cfg.paged else 'contiguous'}); Ctrl-C to stop")
+          f"{cfg.block_size}, {'paged' if cfg.paged else 'contiguous'}; {env.dtype_name(chosen)}"
+          + (f", {env.auto_dtype()[1]}" if dtype == "auto" else "") + "); Ctrl-C to stop")
     server = _uvicorn(app, "info")
     try:
         server.run(sockets=[sock])

@@ -197,3 +197,11 @@ def test_bias_gelu_fusion_leaves_illegal_patterns_alone():
     assert fusion.fuse_bias_gelu(nodes, {"b": (8,)}, ["r"]) == nodes  # y is read twice
     assert fusion.node_counts(fusion.fuse_bias_gelu(nodes[:2], {"b": (8,)}, ["z"]))["BiasGelu"] == 1
     assert fusion.fuse_bias_gelu(nodes[:2], {"b": (8, 8)}, ["z"]) == nodes[:2]  # not a bias
+
+
+def test_variant_dtype_reads_the_number_format_from_the_name():
+    from labkit import export as X
+
+    assert [X.variant_dtype(n) for n in ("pytorch-fp32", "pytorch-bf16", "ort-int8-dynamic-fused", "ort-cuda-fp16",
+                                         "torch-compile", "onnx-runtime-int8")] == \
+        ["float32", "bfloat16", "int8", "float16", "float32", "int8"]

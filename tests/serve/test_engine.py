@@ -388,3 +388,24 @@ def test_kv_telemetry_is_counted_only_when_asked():
     loud.generate(ps, GREEDY, use_tqdm=False)
     assert loud.stats.steps == st_.steps and len(loud.stats.history) == st_.steps
     assert 0 < loud.stats.kv_waste_pct < 100
+
+
+def test_dtype_auto_keeps_a_handed_in_model_and_a_mismatch_is_refused():
+    llm = LLM(MODEL, None, max_model_len=32)
+    assert llm.dtype == torch.float32 and llm.engine.kv.k[0].dtype == torch.float32
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' but the model handed in is float32: cast it first"):
+        LLM(MODEL, None, max_model_len=32, dtype="bf16")
+    with pytest.raises(ValueError, match=r"dtype='int8' is not allowed"):
+        LLM(MODEL, None, max_model_len=32, dtype="int8")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_loads_a_named_model_in_bf16_only_where_native(monkeypatch, native):
+    from labkit import env
+
+    monkeypatch.setattr(env, "cpu_flags", lambda: ["avx2", "amx_bf16"] if native else ["avx2"])
+    llm = LLM("smollm2-135m-random", device="cpu", max_model_len=32)
+    want = torch.bfloat16 if native else torch.float32
+    assert llm.dtype == want and next(llm.engine.model.hf.parameters()).dtype == want
+    out = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0]
+    assert len(out.token_ids) == GREEDY.max_tokens

@@ -10,11 +10,18 @@ def test_serving_experiment_small(tmp_path):
     cfg = serving.Config(num_requests=5, prompt_len=(8, 40), output_len=(3, 10), static_batch_sizes=(2, 0),
                          repeats=3, warmup_requests=2)
     rec = serving.run(cfg, progress=False)
+    from labkit import env
+
     names = [v["name"] for v in rec.variants]
+    native = env.bf16_native("cpu")
     assert names == ["hf-sequential", "hf-static", "hf-continuous", "labkit-contiguous", "labkit-contiguous-exact",
-                     "labkit-paged", "labkit-paged-preempt", "labkit-paged-int8kv", "labkit-paged-separate"]
-    for v in rec.variants:
-        assert v["matches_reference"] or v["name"] == "labkit-paged-int8kv", v["name"]
+                     "labkit-paged", "labkit-paged-preempt", "labkit-paged-int8kv", "labkit-paged-separate"] \
+        + ["labkit-paged-bf16"] * native + ["labkit-paged-prepacked"] + ["labkit-paged-bf16-prepacked"] * native
+    for v in rec.variants:  # bf16 only where it is native: emulated it is slower than fp32
+        assert v["dtype"] == ("bfloat16" if "bf16" in v["name"] else "float32")
+        assert v["matches_reference"] or v["name"] in ("labkit-paged-int8kv", "labkit-paged-bf16",
+                                                       "labkit-paged-bf16-prepacked"), v["name"]
+        assert v["matches_reference"] == (v["token_agreement"] == 1.0)
         assert v["output_tokens"] == rec.variant("hf-sequential")["output_tokens"]
         assert len(v["ttft_ms_per_request"]) == 5
         if v["name"] != "hf-sequential":
@@ -32,6 +39,9 @@ def test_serving_experiment_small(tmp_path):
     assert rec.variant("labkit-paged")["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
     assert rec.variant("labkit-paged-int8kv")["kv_bytes_per_token"] == 2 * 30 * 3 * (64 + 2)
     assert rec.variant("labkit-paged-separate")["stack_projections"] is False
+    if native:  # half the KV bytes a token, and the same greedy text for most of its tokens
+        assert rec.variant("labkit-paged-bf16")["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
+        assert rec.variant("labkit-paged-bf16")["token_agreement"] > 0.3
     assert rec.config["targets"]["labkit-paged-int8kv KV bytes a token / labkit-paged"]["ok"]
     rec.save(tmp_path)
 
