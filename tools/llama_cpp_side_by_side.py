@@ -4,7 +4,8 @@ one process.
     python tools/llama_cpp_side_by_side.py --f32 smollm2-f32.gguf     (about 3 minutes on 2 cores)
 
 Needs ``llama-cpp-python`` (``pip install -e .[llamacpp]``: it builds llama.cpp from source, ~10 minutes on 2
-cores); without it
+cores; on a VM where ggml's AMX kernels die with SIGILL, build without them:
+``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON ..."``); without it
 the tool says so and stops. ``--f32``: SmolLM2-135M as an F32 GGUF, made from the kit's own weights with llama.cpp's
 converter (``convert_hf_to_gguf.py ~/.cache/labkit/smollm2-135m/fp32 --outtype f32``; its sdist carries it under
 ``vendor/llama.cpp``); the tool converts it to BF16, F16, Q8_0 and Q4_1 with ``llama_model_quantize`` beside it. Without
