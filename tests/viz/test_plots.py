@@ -42,10 +42,18 @@ def test_spread_labels_moves_only_what_collides():
 
 
 def test_no_one_bar_charts():
-    base = load_reference("baseline")
-    if base is None:
-        pytest.skip("no baseline reference record in this checkout")
-    assert plots.default_figures(base[0]) == []  # one variant a model: the table says it
+    from labkit.results import Record
+
+    rec = Record("demo")
+    rec.add("fp32", model="a", tokens_per_s=1.0)
+    rec.add("fp32", model="b", tokens_per_s=2.0)
+    assert plots.default_figures(rec) == []  # one variant a model: the table says it
+    rec.add("bf16", model="a", tokens_per_s=1.5)
+    figs = plots.default_figures(rec)  # model a has two bars to compare; b still has one, so no chart of its own
+    assert len(figs) == 1 and len(figs[0].axes[0].patches) == 2
+    base = load_reference("baseline")  # the baseline's bf16 rows (where bf16 is native) give two bars a model
+    for fig in plots.default_figures(base[0]) if base else []:
+        assert len(fig.axes[0].patches) >= 2
 
 
 def test_capstone_tradeoff_labels_never_overlap():
