@@ -263,8 +263,6 @@ def describe() -> dict[str, Any]:
         "fp16_supported": has_cuda(),
         "bf16_supported": bf16_supported(),
         "bf16_note": bf16_note(),
-        "auto_dtype": dtype_name(auto_dtype()[0]),
-        "auto_dtype_why": auto_dtype()[1],
         "bnb_backend": bnb_backend(),
         "bnb_cpu_path": bnb_cpu_path(),
         "ort_providers": ort_providers(),
@@ -274,6 +272,8 @@ def describe() -> dict[str, Any]:
         "vllm": lib_version("vllm") is not None,
         "libraries": {name: lib_version(name) for name in _LIBS},
     }
+    auto, why = auto_dtype()
+    info.update(auto_dtype=dtype_name(auto), auto_dtype_why=why)
     if has_cuda():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = {

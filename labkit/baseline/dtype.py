@@ -34,19 +34,6 @@ def _decode_seconds(fns: dict[str, Any], repeats: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def greedy_tokens(model: nn.Module, tok, prompts: list[str], new_tokens: int) -> list[list[int]]:
-    """``new_tokens`` greedy tokens after each prompt (EOS ignored), one prompt at a time."""
-    dev = measure.model_device(model)
-    out = []
-    for text in prompts:
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(dev)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
-
-
-@torch.no_grad()
 def compare_llm(model: nn.Module, tok, config, fp32_perplexity: float, dtype: torch.dtype = torch.bfloat16,
                 prompts: int = 4, new_tokens: int = 24) -> dict[str, Any]:
     """SmolLM2 in ``dtype`` against ``model`` (fp32): a record row. Prefill (``config.prefill_len`` tokens) and
@@ -64,9 +51,11 @@ def compare_llm(model: nn.Module, tok, config, fp32_perplexity: float, dtype: to
                            "low": measure.decode_step_times(low, **timing)}, config.repeats)
     ppl = evaluate.perplexity(low, tok, window=config.ppl_window, stride=config.ppl_stride,
                               max_windows=config.ppl_max_windows)
-    texts = data.sentences()[:prompts]
-    agree = evaluate.token_agreement(greedy_tokens(low, tok, texts, new_tokens),
-                                     greedy_tokens(model, tok, texts, new_tokens))
+    from labkit.serve.baselines import hf_sequential  # greedy HF generate, one prompt at a time, EOS ignored
+
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in data.sentences()[:prompts]]
+    agree = evaluate.token_agreement(hf_sequential(low, texts, [new_tokens] * prompts).token_ids,
+                                     hf_sequential(model, texts, [new_tokens] * prompts).token_ids)
     return dict(dtype=env.dtype_name(dtype), params=measure.param_count(low), weight_bytes=measure.weight_bytes(low),
                 perplexity=ppl, perplexity_ratio=ppl / fp32_perplexity,
                 prefill_tokens_per_s=config.prefill_len * 1e3 / pre["low"]["latency_ms_median"],
@@ -120,13 +109,14 @@ def linear_speeds(layer: nn.Linear, rows: tuple[int, ...] = (1, 64), repeats: in
     return out
 
 
-def pace(speedup: float) -> str:
-    """A speed-up as words: ``2.06`` -> "2.06x as fast", ``0.57`` -> "1.75x slower"."""
-    return f"{speedup:.2f}x as fast" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+def pace(speedup: float, against: str | None = None) -> str:
+    """A speed-up as words: ``2.06`` -> "2.06x as fast", ``0.57`` -> "1.75x slower"; with ``against="fp32"``,
+    "2.06x as fast as fp32" and "1.75x slower than fp32"."""
+    if speedup >= 1:
+        return f"{speedup:.2f}x as fast" + (f" as {against}" if against else "")
+    return f"{1 / speedup:.2f}x slower" + (f" than {against}" if against else "")
 
 
 def speed_sentence(row: dict[str, Any], what: str = "decode") -> str:
     """One sentence from a row of :func:`compare_llm`: how much faster (or slower) the 16-bit copy ran."""
-    x = row[f"{what}_speedup_vs_fp32"]
-    than = f"{x:.2f}x as fast as fp32" if x >= 1 else f"{1 / x:.2f}x slower than fp32"
-    return f"{what} in {row['dtype']} ran {than} here"
+    return f"{what} in {row['dtype']} ran {pace(row[f'{what}_speedup_vs_fp32'], 'fp32')} here"

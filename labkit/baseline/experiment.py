@@ -72,8 +72,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
     if native:
         rec.add("bf16", **dtype.compare_encoder(enc, batch, config.repeats * 2), model=config.encoder,
                 batch_sentences=len(sents), provenance=enc.labkit_card.source)
-    rec.config["auto_dtype"], rec.config["auto_dtype_why"] = env.dtype_name(env.auto_dtype(device)[0]), \
-        env.auto_dtype(device)[1]
+    auto, why = env.auto_dtype(device)
+    rec.config.update(auto_dtype=env.dtype_name(auto), auto_dtype_why=why)
     rec.config["targets"] = check(rec, TARGETS)
     return rec
 

@@ -115,12 +115,16 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
 
     # Build every engine outside the clock: labkit's KV pools, transformers' CB manager (started, warmed up).
     engines = {}
+    weights = {"float32": model}  # one copy a dtype, shared by that dtype's engines (plain and prepacked)
     for v in LABKIT_VARIANTS:
         if v.settings["dtype"] == "bfloat16" and not env.bf16_native(device):
             continue  # emulated bf16 is slower than fp32: not a row a learner would run
         if v.settings.get("prepack_weights") and device.type != "cpu":
             continue  # packing is oneDNN's CPU layout (labkit.prepack)
-        engines[v.name] = v.build(model, tok, block_size=bs, num_blocks=pools[v.settings["pool"]],
+        dtype = v.settings["dtype"]
+        if dtype not in weights:
+            weights[dtype] = copy.deepcopy(model).to(env.resolve_dtype(dtype))
+        engines[v.name] = v.build(weights[dtype], tok, block_size=bs, num_blocks=pools[v.settings["pool"]],
                                   max_num_seqs=len(prompts), max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=max_len, device=device)
     hf_cb = baselines.HFContinuous(model, page_size=bs, num_blocks=pools["full"],
