@@ -156,6 +156,42 @@ def test_grading_in_parallel_gives_the_same_grades(tmp_path):
         grade([subs], jobs=0)
 
 
+def test_a_kernel_that_fails_to_start_is_started_again(tmp_path, monkeypatch):
+    """The first kernel dies before answering (as a kernel can on a loaded machine): the worker starts a second and
+    grades the notebook; when every start fails, the status says the kernel did not start, not that a cell failed."""
+    import contextlib
+
+    import nbclient
+
+    from labkit.grading import worker
+
+    starts = []
+
+    class FlakyClient(nbclient.NotebookClient):
+        failures = 1
+
+        @contextlib.contextmanager
+        def setup_kernel(self, **kwargs):
+            starts.append(1)
+            if len(starts) <= self.failures:
+                raise RuntimeError("Kernel died before replying to kernel_info")
+            with super().setup_kernel(**kwargs):
+                yield
+
+    monkeypatch.setattr(nbclient, "NotebookClient", FlakyClient)
+    monkeypatch.setenv("LABKIT_GRADE_LOG", str(tmp_path / "log.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "nb.ipynb", ["print(1 + 1)", "raise ValueError('oops')"])
+    out = worker.run(tmp_path / "nb.ipynb", tmp_path / "result.json", 60)
+    assert len(starts) == 2 and out["status"].startswith("ran to the end; 1 cell(s) raised")
+    assert out["errors"] == [{"cell": 2, "error": "ValueError: oops"}]
+    starts.clear()
+    FlakyClient.failures = worker.KERNEL_STARTS
+    with pytest.raises(RuntimeError, match="starting the kernel: Kernel died"):
+        worker.run(tmp_path / "nb.ipynb", tmp_path / "result.json", 60)
+    assert len(starts) == worker.KERNEL_STARTS
+
+
 def test_gradescope_results_have_gradescopes_shape(graded):
     _, rows, out, _ = graded
     results = json.loads((out / "gradescope" / "bob" / "results.json").read_text())

@@ -15,6 +15,8 @@ from pathlib import Path
 
 RAN = "ran to the end"
 MAX_MESSAGE = 500  # characters of a learner's error kept in the feedback
+STARTUP_TIMEOUT = 180  # s for a new kernel to answer (nbclient: 60); a loaded 2-core machine starts them slowly
+KERNEL_STARTS = 2  # a kernel that dies or stays silent while starting is started once more
 
 
 def _checks(log: Path, seen: int) -> tuple[list[dict], int]:
@@ -35,41 +37,56 @@ def _checks(log: Path, seen: int) -> tuple[list[dict], int]:
 def run(notebook: Path, result: Path, cell_timeout: float) -> dict:
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(notebook, as_version=4)
-    log = Path(os.environ["LABKIT_GRADE_LOG"])
     forbidden = json.loads(os.environ.get("LABKIT_GRADE_FORBIDDEN", "[]"))
-    client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": os.getcwd()}})
-    out: dict = {"checks": [], "errors": [], "status": RAN}
     setup = nbformat.v4.new_code_cell(
         f"import labkit.grading.guard as _guard\n_guard.install({os.getcwd()!r}, {forbidden!r})\ndel _guard")
     nb.cells.insert(0, setup)  # run as the notebook's own first cell: nbclient files outputs by cell index
-    with client.setup_kernel():
-        client.execute_cell(setup, 0, store_history=False)
-        if any(o.get("output_type") == "error" for o in setup.outputs):
-            out["status"] = "the grader's setup cell failed"
-            return out
-        seen = 0
-        for i, cell in enumerate(nb.cells[1:], start=1):  # i: the learner's cell number, counting from 1
-            if cell.cell_type != "code":
-                continue
-            try:
-                client.execute_cell(cell, i)
-            except CellTimeoutError:
-                out["status"] = f"cell {i} ran past {cell_timeout:g} s and was stopped; later cells did not run"
-            except DeadKernelError:
-                out["status"] = (f"the kernel died in cell {i} (most often: it ran out of the memory limit); "
-                                 "later cells did not run")
-            found, seen = _checks(log, seen)
-            out["checks"] += [{**c, "cell": i} for c in found]
-            for o in cell.get("outputs", []):
-                if o.get("output_type") == "error":
-                    out["errors"].append({"cell": i, "error": f"{o.get('ename')}: {o.get('evalue')}"[:MAX_MESSAGE]})
-            cell.outputs = []  # a cell that prints megabytes is not kept
-            if out["status"] != RAN:
-                break
+    for attempt in range(1, KERNEL_STARTS + 1):
+        client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3", allow_errors=True,
+                                startup_timeout=STARTUP_TIMEOUT, resources={"metadata": {"path": os.getcwd()}})
+        ran = False
+        try:
+            with client.setup_kernel():
+                ran = True
+                return _run_cells(client, nb, cell_timeout)
+        except RuntimeError as exc:  # a kernel that did not start is the grader's trouble, not the learner's
+            if ran or attempt == KERNEL_STARTS:
+                raise RuntimeError(f"{'' if ran else 'starting the kernel: '}{exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _run_cells(client, nb, cell_timeout: float) -> dict:
+    """Run the grader's setup cell, then the learner's code cells in order, until one times out or kills the kernel."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    log = Path(os.environ["LABKIT_GRADE_LOG"])
+    out: dict = {"checks": [], "errors": [], "status": RAN}
+    setup = nb.cells[0]
+    client.execute_cell(setup, 0, store_history=False)
+    if any(o.get("output_type") == "error" for o in setup.outputs):
+        out["status"] = "the grader's setup cell failed"
+        return out
+    seen = 0
+    for i, cell in enumerate(nb.cells[1:], start=1):  # i: the learner's cell number, counting from 1
+        if cell.cell_type != "code":
+            continue
+        try:
+            client.execute_cell(cell, i)
+        except CellTimeoutError:
+            out["status"] = f"cell {i} ran past {cell_timeout:g} s and was stopped; later cells did not run"
+        except DeadKernelError:
+            out["status"] = (f"the kernel died in cell {i} (most often: it ran out of the memory limit); "
+                             "later cells did not run")
+        found, seen = _checks(log, seen)
+        out["checks"] += [{**c, "cell": i} for c in found]
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                out["errors"].append({"cell": i, "error": f"{o.get('ename')}: {o.get('evalue')}"[:MAX_MESSAGE]})
+        cell.outputs = []  # a cell that prints megabytes is not kept
+        if out["status"] != RAN:
+            break
     if out["status"] == RAN and out["errors"]:
         out["status"] = f"ran to the end; {len(out['errors'])} cell(s) raised (see errors)"
     return out
