@@ -467,7 +467,8 @@ WRITE = "cache writes (index_put, cat)"
 COPY = "copies and casts"
 OTHER = "other tensor ops (norms, activations, rotary, dequantize)"
 OUTSIDE_OPS = "outside torch ops (Python, module calls, scheduling, bookkeeping)"
-_OP_GROUPS = ((MATMUL, ("addmm", "aten::mm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm", "aten::bmm")),
+_OP_GROUPS = ((MATMUL, ("addmm", "aten::mm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm", "aten::bmm",
+                        "_linear_pointwise")),  # the last: oneDNN's prepacked linear (labkit.prepack)
               (ATTENTION, ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
               (GATHER, ("index_select",)),
               (WRITE, ("index_put", "aten::cat", "aten::stack")),
@@ -484,22 +485,24 @@ def op_group(name: str) -> str:
 
 
 @torch.no_grad()
-def decode_breakdown(model: nn.Module, *, prompt_len: int = 32, new_tokens: int = 8, seed: int = 0
-                     ) -> list[dict[str, Any]]:
+def decode_breakdown(model: nn.Module, *, prompt_len: int = 32, new_tokens: int = 8, seed: int = 0,
+                     loop: str = "hf", prepack: bool = False) -> list[dict[str, Any]]:
     """Where batch-1 cached decode steps spend their time, by torch's profiler: each op's *self* time summed by
     kind (nested ops are not counted twice), and the wall time outside every op — Python in the model's modules,
     the cache's bookkeeping, dispatch — as its own row. On a GPU the op rows are kernel time on the device and the
     last row is the time the device sat idle. The profiler adds a little cost to every op, so the rows are shares
     of a profiled run (after one unprofiled warm-up), not a second speed measurement.
 
+    ``loop`` and ``prepack`` as :func:`decode_step_times` (``loop="static"``: the kit's lean loop).
     Rows: ``part``, ``ms_per_token``, ``share_pct``, ``ops`` (op calls per token).
     """
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = model_device(model).type == "cuda"
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []))
-    decode_step_times(model, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)()  # warm-up
-    wall = decode_step_times(model, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed, around=lambda: prof)()
+    steps = dict(prompt_len=prompt_len, new_tokens=new_tokens, seed=seed, loop=loop, prepack=prepack)
+    decode_step_times(model, **steps)()  # warm-up
+    wall = decode_step_times(model, **steps, around=lambda: prof)()
     by_kind: dict[str, list[float]] = {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0.0) if on_gpu else event.self_cpu_time_total
