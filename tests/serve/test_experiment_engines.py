@@ -34,7 +34,7 @@ def test_without_the_other_engines_the_kit_rows_run_and_the_rest_is_said(monkeyp
 
 def _rec(kit: float, theirs: float) -> Record:
     rec = Record("engines", config={})
-    rec.add("kit int8", model="m", engine="labkit", bits=8, decode_tokens_per_s=kit)
+    rec.add("kit int8", model="m", question="decode", engine="labkit", bits=8, decode_tokens_per_s=kit)
     rec.add("llama.cpp Q8_0", model="m", engine="llama.cpp", bits=8, decode_tokens_per_s=theirs,
             speed_vs_kit_same_bits=theirs / kit)
     rec.add("labkit serve fp32", model="m", question="serving", engine="labkit", dtype="float32",
@@ -49,7 +49,13 @@ def test_targets_read_each_pair_at_its_own_width():
     assert got["labkit serve / vLLM CPU output tok/s at bfloat16"]["ok"] is None  # no bf16 pair in this record
     assert got["llama.cpp F32 / kit fp32 batch-1 decode"]["ok"] is None
     assert check(_rec(60.0, 80.0), E.TARGETS)["llama.cpp Q8_0 / kit int8 batch-1 decode"]["ok"] is True
-    assert "llama.cpp Q8_0 decodes 2.00x the kit at 8 bits" in E.headline(_rec(40.0, 80.0))
+    said = E.headline(_rec(40.0, 80.0))
+    assert "llama.cpp / kit batch-1 decode: 2.00x at 8 bits" in said and "0.50x at float32" in said
+    rec = _rec(40.0, 80.0)
+    rec.variants[0].update(profiled_matmul_ms_per_token=10.0)  # the kit: 25 ms a token; llama.cpp: 12.5
+    assert "the gap is the work around them" in E.headline(rec)
+    rec.variants[0].update(profiled_matmul_ms_per_token=20.0)
+    assert "the kernels are the gap" in E.headline(rec)
 
 
 @pytest.mark.gpu
