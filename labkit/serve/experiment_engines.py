@@ -14,6 +14,10 @@ Two questions, each answered in one process with rotated rounds (:func:`labkit.m
   fp32, bf16 prepacked, int8 and int4-g128 (labkit's fused kernels, bf16 activations). The kit's rows always run;
   llama.cpp's only where it is installed.
 
+How close to the limit: each decode row's tokens/s as a share of the bandwidth ceiling (this machine's measured read
+bandwidth over the bytes a token reads at that width, :mod:`labkit.roofline`), and each serving row's tokens/s,
+prompt and output, as a share of the GEMM ceiling in its own dtype (a bf16 row against bf16's ceiling).
+
 vLLM runs from any Python that has it (``LABKIT_VLLM_PYTHON`` or ``Config.vllm_python``; by default this one if it
 imports ``vllm``): it pins its own torch, so a separate virtual environment is the usual home. What is missing is
 recorded with its reason under ``config["missing"]``, and the targets it would measure say "not measured".
@@ -25,6 +29,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -36,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit import LabkitError, env, measure, zoo
+from labkit import LabkitError, env, measure, roofline, zoo
 from labkit.atomic import atomic
 from labkit.experiments.protocol import Target, check
 from labkit.results import Record
@@ -92,13 +97,13 @@ def _run(config: Config, dev: torch.device, progress: bool) -> Record:
                                                   "a GPU, point labkit bench-serve at vLLM's GPU build (lesson 06b)")
     dtypes = ["float32"] + (["bfloat16"] if env.bf16_native(dev) else [])
     bar = tqdm(total=2, desc="engines: batch-1 decode, then serving", disable=not progress)
-    _decode(rec, config, dtypes, missing)
+    params = _decode(rec, config, dtypes, missing)
     bar.update(1)
     vllm = missing.get("vllm") or _vllm_python(config)
     if vllm.startswith(("no ", "device=")):
         missing["vllm"] = vllm
     else:
-        _serving(rec, config, dtypes, vllm)
+        _serving(rec, config, dtypes, vllm, params)
     bar.update(1)
     bar.close()
     rec.config = {**asdict(config), "dtypes": dtypes, "missing": missing}
@@ -203,7 +208,8 @@ def ggufs(threads: int = 2) -> dict[int, Path]:
     return out
 
 
-def _decode(rec: Record, config: Config, dtypes: list[str], missing: dict[str, str]) -> None:
+def _decode(rec: Record, config: Config, dtypes: list[str], missing: dict[str, str]) -> int:
+    """The batch-1 rows; returns the parameters a token multiplies (for the serving rows' compute ceiling)."""
     prompt = list(range(1000, 1000 + config.prompt_len))
     runs: dict[str, tuple] = {}
     meta: dict[str, dict] = {}
@@ -212,7 +218,7 @@ def _decode(rec: Record, config: Config, dtypes: list[str], missing: dict[str, s
         name = KIT_ROWS[bits] if prepack or bits != 16 else "kit bf16"  # packed only where oneDNN packs (a CPU)
         runs[name] = kit_decoder(model, prompt, config.new_tokens, prepack)
         meta[name] = {"engine": "labkit", "bits": bits, "dtype": env.dtype_name(measure.compute_dtype(model)),
-                      "prepacked": prepack}
+                      "prepacked": prepack, "bytes_read_per_token": roofline.decode_bytes_per_token(model)}
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -222,19 +228,23 @@ def _decode(rec: Record, config: Config, dtypes: list[str], missing: dict[str, s
         for bits, path in ggufs(config.threads).items():
             name = f"llama.cpp {GGUF_TYPES[bits]}"
             runs[name] = llama_cpp_decoder(path, prompt, config.new_tokens, config.threads)
-            meta[name] = {"engine": "llama.cpp", "bits": bits, "gguf": path.name,
-                          "dtype": {32: "float32", 16: "bfloat16"}.get(bits, "int8")}  # Q8_0/Q4_1 dot int8
+            meta[name] = {"engine": "llama.cpp", "bits": bits, "gguf": path.name,  # Q8_0/Q4_1 dot int8 products
+                          "dtype": {32: "float32", 16: "bfloat16"}.get(bits, "int8"),
+                          "bytes_read_per_token": path.stat().st_size}  # its weights; the tied table is the head
     for once, _ in runs.values():
         once()  # warm-up
     times = measure.interleaved({k: once for k, (once, _) in runs.items()}, repeats=config.repeats)
     ref = runs[KIT_ROWS[32]][1]  # greedy agreement is counted against the kit's fp32 loop
+    ceil = roofline.ceilings(str(measure.model_device(kit_models[32][0])))
     for name, ts in times.items():
         tps = [config.new_tokens / t for t in ts]
         tokens = runs[name][1]
         same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
+        cap = ceil.bandwidth_bytes_per_s / meta[name]["bytes_read_per_token"]  # batch 1 reads every weight once
         rec.add(name, model=config.llm, question="decode", **meta[name], decode_tokens_per_s=statistics.median(tps),
                 decode_tokens_per_s_min=min(tps), decode_tokens_per_s_max=max(tps),
-                greedy_tokens_agreeing_with_kit_fp32=same / len(ref))
+                greedy_tokens_agreeing_with_kit_fp32=same / len(ref), bandwidth_ceiling_tok_s=cap,
+                pct_of_bandwidth_ceiling=100 * statistics.median(tps) / cap)
     for bits, (model, prepack) in kit_models.items():  # where the kit's token goes: matmuls or the rest
         parts = {r["part"]: r["ms_per_token"] for r in measure.decode_breakdown(
             model, prompt_len=config.prompt_len, new_tokens=config.new_tokens, loop="static", prepack=prepack)}
@@ -245,6 +255,7 @@ def _decode(rec: Record, config: Config, dtypes: list[str], missing: dict[str, s
             kit = _kit(rec, row["bits"])
             if kit is not None:
                 row["speed_vs_kit_same_bits"] = row["decode_tokens_per_s"] / kit["decode_tokens_per_s"]
+    return _kit(rec, 32)["bytes_read_per_token"] // 4  # fp32: four bytes a parameter
 
 
 # --- serving: labkit serve and vLLM's CPU backend ----------------------------------------------------------------
@@ -282,15 +293,25 @@ def _server_cmds(config: Config, dtype: str, vllm_python: str) -> dict[str, list
     return cmds
 
 
-def _serving(rec: Record, config: Config, dtypes: list[str], vllm_python: str) -> None:
+def workload(config: Config, vocab: tuple[int, int] = (100, 30000)) -> list[tuple[list[int], int]]:
+    """The requests every server gets: random token ids (seed 0), prompt and output lengths uniform in the config's
+    ranges; known here, so the rows can count the prompt tokens they processed too."""
+    rng = random.Random(0)
+    return [([rng.randrange(*vocab) for _ in range(rng.randint(*config.request_prompt_len))],
+             rng.randint(*config.request_output_len)) for _ in range(config.num_requests)]
+
+
+def _serving(rec: Record, config: Config, dtypes: list[str], vllm_python: str, params: int) -> None:
+    """The serving rows; ``params``: what a token multiplies, for how close each row runs to the GEMM ceiling."""
     from labkit.scale.fleet import _stop, free_port, wait_healthy
     from labkit.serve.client import bench_serve
 
     environ = {**os.environ, "OMP_NUM_THREADS": str(config.threads), "VLLM_CPU_KVCACHE_SPACE": "2",
                "HF_HUB_OFFLINE": "1"}
-    load = dict(num_requests=config.num_requests, prompt_len=config.request_prompt_len,
-                output_len=config.request_output_len, seed=0, model=config.llm)
+    work = workload(config)
+    prompt_tokens = sum(len(p) for p, _ in work)
     probe = list(range(1000, 1000 + config.prompt_len))
+    gemm = {dt: roofline.ceilings("cpu", env.resolve_dtype(dt)).matmul_flops_per_s for dt in dtypes}  # before serving
     for dtype in dtypes:  # one dtype at a time: two servers share the cores, never four
         procs, urls = {}, {}
         try:
@@ -302,7 +323,7 @@ def _serving(rec: Record, config: Config, dtypes: list[str], vllm_python: str) -
                 urls[name] = f"http://127.0.0.1:{port}"
                 wait_healthy(urls[name], procs[name], 600)
             texts = {n: greedy_text(u, config.llm, probe, config.new_tokens) for n, u in urls.items()}
-            fns = {n: (lambda u=u: bench_serve(u, **load)) for n, u in urls.items()}
+            fns = {n: (lambda u=u: bench_serve(u, workload=work, model=config.llm)) for n, u in urls.items()}
             for fn in fns.values():
                 fn()  # warm-up
             runs = measure.interleaved(fns, repeats=config.repeats)
@@ -316,11 +337,14 @@ def _serving(rec: Record, config: Config, dtypes: list[str], vllm_python: str) -
                 raise LabkitError(f"{name}: {failed} request(s) failed under the load; see its log in $TMPDIR")
             vals = {m: [r[m] for r in rs] for m in SERVE_METRICS}
             tput = vals["output_token_throughput"]
+            total = statistics.median(r["output_token_throughput"] + prompt_tokens / r["duration_s"] for r in rs)
+            cap = gemm[dtype] / (2 * params)  # every token, prompt or output, multiplies every weight once
             rec.add(name, model=config.llm, question="serving", engine=name.split()[0], dtype=dtype,
                     output_tokens_per_s=statistics.median(tput), output_tokens_per_s_min=min(tput),
                     output_tokens_per_s_max=max(tput), ttft_ms_p50=statistics.median(vals["ttft_ms_p50"]),
                     tpot_ms_p50=statistics.median(vals["tpot_ms_p50"]),
-                    same_greedy_text_as_labkit=texts[name] == kit_text)
+                    same_greedy_text_as_labkit=texts[name] == kit_text, total_tokens_per_s=total,
+                    gemm_ceiling_tok_s=cap, pct_of_gemm_ceiling=100 * total / cap)
         kit = next(r for r in rec.variants if r.get("question") == "serving" and r["dtype"] == dtype
                    and r["engine"] == "labkit")
         theirs = next(r for r in rec.variants if r.get("question") == "serving" and r["dtype"] == dtype

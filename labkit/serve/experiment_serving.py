@@ -62,6 +62,7 @@ LABKIT_VARIANTS = [
     _labkit("labkit-paged-bf16-prepacked", "paged, bf16, weights packed once for oneDNN: the fast path",
             dtype="bfloat16", prepack_weights=True),
 ]
+HF_BF16 = "hf-continuous-bf16"  # transformers' continuous batching on the bf16 copy (where bf16 is native)
 POLICIES = ("labkit-contiguous", "labkit-contiguous-exact", "labkit-paged")  # the three KV policies, one pool
 EXACT = [v.name for v in LABKIT_VARIANTS
          if v.settings.get("kv_cache_dtype", "auto") == "auto" and v.settings["dtype"] == "float32"]
@@ -131,6 +132,12 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
                                    max_batch_tokens=config.max_num_batched_tokens, max_new_tokens=max(max_tokens))
     static = _StaticBatch(model, prompts, max_tokens, config.static_batch_sizes)
     fns = {"hf-static": static, "hf-continuous": lambda: hf_cb.run(prompts, max_tokens)}
+    hf_bf16 = None  # transformers' continuous batching in bf16 too, where the kit has bf16 rows: the same format
+    if "bfloat16" in weights:
+        hf_bf16 = baselines.HFContinuous(weights["bfloat16"], page_size=bs, num_blocks=pools["full"],
+                                         max_batch_tokens=config.max_num_batched_tokens,
+                                         max_new_tokens=max(max_tokens))
+        fns[HF_BF16] = lambda: hf_bf16.run(prompts, max_tokens)
     stats: dict[str, list] = {}
     for name, llm in engines.items():
         fns[name] = _labkit_run(llm, prompts, max_tokens, stats.setdefault(name, []))
@@ -140,6 +147,8 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
         for llm in engines.values():  # one untimed warm-up each, on a few short requests
             run_engine(llm, *warm)
         hf_cb.run(*warm)
+        if hf_bf16 is not None:
+            hf_bf16.run(*warm)
         static.warm(*warm)
         bar = tqdm(total=config.repeats * len(fns), desc="serving variants x repeats", disable=not progress)
 
@@ -157,12 +166,15 @@ def run(config: Config | None = None, progress: bool = True) -> Record:
             llm.engine.record_history = False
     finally:
         hf_cb.close()
+        if hf_bf16 is not None:
+            hf_bf16.close()
 
     rec.add("hf-sequential", model=config.model, **_row([ref], reference), dtype="float32",
             notes="the greedy reference: HF generate, one request at a time; run once (after a warm-up)")
     for name in fns:
         row = _row(runs[name], reference)
-        row["dtype"] = env.dtype_name(engines[name].dtype) if name in engines else "float32"
+        row["dtype"] = env.dtype_name(engines[name].dtype) if name in engines else \
+            "bfloat16" if name == HF_BF16 else "float32"
         if name in stats:
             s = stats[name][-1]  # the recorded run: the same schedule as every timed one (greedy, same pool)
             eng = engines[name].engine
@@ -200,7 +212,7 @@ def _matching_share(rec: Record) -> float:
     return min(v["requests_matching"] for v in rec.variants if v["name"] not in _LOSSY) / rec.config["num_requests"]
 
 
-_LOSSY = {v.name for v in LABKIT_VARIANTS} - set(EXACT)
+_LOSSY = {v.name for v in LABKIT_VARIANTS} - set(EXACT) | {HF_BF16}
 
 
 def _ratio(rec: Record, name: str, base: str, metric: str) -> float:
@@ -215,6 +227,8 @@ TARGETS = [
            lambda r: r.variant("labkit-paged-bf16")["token_agreement"], 0.5),
     Target("labkit-paged-bf16-prepacked output tok/s / labkit-paged-bf16 (packing pays)",
            lambda r: _ratio(r, "labkit-paged-bf16-prepacked", "labkit-paged-bf16", "output_tokens_per_s"), 1.0),
+    Target("labkit-paged-bf16-prepacked output tok/s / hf-continuous-bf16 (the same format)",
+           lambda r: _ratio(r, "labkit-paged-bf16-prepacked", HF_BF16, "output_tokens_per_s"), 1.0),
     Target("labkit-paged kv_waste_pct", lambda r: r.variant("labkit-paged")["kv_waste_pct"], 8.0, "max"),
     Target("labkit-paged output tok/s / the better HF batching", lambda r: r.variant("labkit-paged")[
         "speedup_vs_baseline"], 1.0),

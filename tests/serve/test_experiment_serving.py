@@ -14,13 +14,14 @@ def test_serving_experiment_small(tmp_path):
 
     names = [v["name"] for v in rec.variants]
     native = env.bf16_native("cpu")
-    assert names == ["hf-sequential", "hf-static", "hf-continuous", "labkit-contiguous", "labkit-contiguous-exact",
+    assert names == ["hf-sequential", "hf-static", "hf-continuous"] + ["hf-continuous-bf16"] * native + [
+                     "labkit-contiguous", "labkit-contiguous-exact",
                      "labkit-paged", "labkit-paged-preempt", "labkit-paged-int8kv", "labkit-paged-separate"] \
         + ["labkit-paged-bf16"] * native + ["labkit-paged-prepacked"] + ["labkit-paged-bf16-prepacked"] * native
     for v in rec.variants:  # bf16 only where it is native: emulated it is slower than fp32
         assert v["dtype"] == ("bfloat16" if "bf16" in v["name"] else "float32")
         assert v["matches_reference"] or v["name"] in ("labkit-paged-int8kv", "labkit-paged-bf16",
-                                                       "labkit-paged-bf16-prepacked"), v["name"]
+                                                       "labkit-paged-bf16-prepacked", "hf-continuous-bf16"), v["name"]
         assert v["matches_reference"] == (v["token_agreement"] == 1.0)
         assert v["output_tokens"] == rec.variant("hf-sequential")["output_tokens"]
         assert len(v["ttft_ms_per_request"]) == 5
@@ -42,6 +43,7 @@ def test_serving_experiment_small(tmp_path):
     if native:  # half the KV bytes a token, and the same greedy text for most of its tokens
         assert rec.variant("labkit-paged-bf16")["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2
         assert rec.variant("labkit-paged-bf16")["token_agreement"] > 0.3
+        assert rec.variant("hf-continuous-bf16")["token_agreement"] > 0.3  # transformers in bf16: the same format
     assert rec.config["targets"]["labkit-paged-int8kv KV bytes a token / labkit-paged"]["ok"]
     rec.save(tmp_path)
 
