@@ -2,7 +2,8 @@
 
 ``digits-cnn``: teacher → distilled student (half width, soft targets on the training images) → structured prune
 (30 % of channels, Taylor) + KD fine-tune → ONNX Runtime fp32 → ORT static INT8. ``smollm2-135m``: dense →
-structured MLP prune (30 %) + KD recovery → INT8 / NF4 (and GPTQ in full mode) weights → served by the paged engine.
+structured MLP prune (30 %) + KD recovery → INT8 / NF4 (and GPTQ in full mode) weights, or bf16 where the device
+multiplies it natively → served by the paged engine.
 Every stage records its quality, ``params``, ``weight_bytes``, ``latency_ms_median`` (timed together in rotated
 rounds, same inputs) and for the LLM serving throughput; each carries ``stage``, ``recipe`` and
 ``on_pareto_front`` (memory vs quality and latency vs quality within its model). ``labkit.select`` then answers
@@ -231,16 +232,20 @@ def _lm(rec: Record, config: Config, dev: torch.device, progress: bool) -> None:
     models = {"dense": (0, ["smollm2-135m fp32"], dense),
               "pruned-recovered": (1, ["smollm2-135m fp32", f"prune {config.mlp_ratio:.0%} MLP channels (Taylor)",
                                       f"KD recovery {info['recovery_steps']} steps"], recovered)}
-    for q in config.quant:
+    native = ("bf16",) if env.bf16_native(dev) else ()  # the number format: a row only where bf16 is native
+    for q in config.quant + native:
         m = copy.deepcopy(recovered)
-        if q == "gptq":
+        if q == "bf16":
+            m = m.to(torch.bfloat16)  # weights, activations and the engine's KV cache in bf16 (dtype="auto" here)
+        elif q == "gptq":
             from labkit.quant.gptq import gptq_quantize_
 
             gptq_quantize_(m, data.calibration_batches(tok, n=config.gptq_samples, seq_len=config.gptq_seq_len,
                                                        device=dev), group_size=config.quant_group_size, progress=False)
         else:
             quantize_(m, Int8Config() if q == "int8" else NF4Config(config.quant_group_size, double_quant=False))
-        models[f"pruned-recovered-{q}"] = (2, models["pruned-recovered"][1] + [f"{q} weights"], m)
+        step = "bf16 weights and activations" if q == "bf16" else f"{q} weights"
+        models[f"pruned-recovered-{q}"] = (2, models["pruned-recovered"][1] + [step], m)
     ids = torch.randint(0, dense.config.vocab_size, (1, config.lm_seq_len),
                         generator=torch.Generator().manual_seed(0)).to(dev)
     with torch.no_grad():

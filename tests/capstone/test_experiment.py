@@ -20,3 +20,19 @@ def test_cnn_pipeline_stages_recipes_and_decisions():
     smallest = min(rec.variants, key=lambda v: v["weight_bytes"])
     assert smallest["on_pareto_front"]
     assert any("digits-cnn smallest weight_bytes" in k for k in rec.config["decisions"])
+
+
+def test_the_llm_stages_include_bf16_where_it_is_native():
+    import pytest
+
+    from labkit import env
+
+    if not env.bf16_native():
+        pytest.skip("bf16 is emulated on this CPU: the capstone has no bf16 row here (by design)")
+    rec = capstone.run(capstone.Config.smallest(), progress=False)
+    rows = {v["name"]: v for v in rec.variants if v["model"] == rec.config["llm"]}
+    assert list(rows) == ["dense", "pruned-recovered", "pruned-recovered-int8", "pruned-recovered-bf16"]
+    bf16 = rows["pruned-recovered-bf16"]
+    assert bf16["dtype"] == "bfloat16" and bf16["recipe"][-2] == "bf16 weights and activations"
+    assert bf16["weight_bytes"] * 2 == rows["pruned-recovered"]["weight_bytes"]  # half the bytes of fp32
+    assert bf16["perplexity"] > 0 and bf16["output_tokens_per_s"] > 0
