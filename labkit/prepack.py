@@ -16,7 +16,7 @@ the weight as it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -67,6 +67,14 @@ class PackedLinear(nn.Module):
         if x.dtype != self.dtype:  # an fp32 head after bf16 layers: cast in and back, as the static decoder does
             return self.forward(x.to(self.dtype)).to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def direct(self, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``forward`` for inputs of ``dtype`` as one plain function (see ``QuantLinear.direct``); None for another
+        dtype (forward casts those)."""
+        if dtype != self.dtype:
+            return None
+        op, w, b = torch.ops.mkldnn._linear_pointwise, self.packed, self.bias
+        return lambda x: op(x, w, b, "none", [], "")
 
     @property
     def weight(self) -> torch.Tensor:

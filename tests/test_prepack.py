@@ -32,6 +32,8 @@ def test_packed_linear_computes_f_linear(n_in, n_out, rows, bias, dtype):
     assert torch.allclose(got.float(), want.float(), **tol)
     assert torch.equal(packed.weight, lin.weight.detach())  # the layout changes, not the values
     assert packed.nbytes >= lin.weight.nbytes
+    assert torch.equal(packed.direct(dtype)(x), got)  # the plain function the static decoder calls: the same
+    assert packed.direct(torch.float16) is None  # another dtype: forward casts, direct does not
 
 
 def test_an_input_in_another_dtype_is_cast_in_and_back():

@@ -179,3 +179,22 @@ def test_an_int4_layer_built_on_the_cpu_runs_on_cuda():
     x = torch.randn(3, 256)
     torch.testing.assert_close(layer(x.cuda()).cpu(), Int4Linear.from_linear(linear, 128, kernel="dequantize")(x),
                                atol=1e-2, rtol=1e-2)
+
+
+@settings(max_examples=15, deadline=None)
+@given(i=st.integers(1, 24).map(lambda k: 16 * k), o=st.integers(1, 12).map(lambda k: 16 * k),
+       rows=st.integers(1, 4), group=st.sampled_from([32, 64, 128]), bias=st.booleans())
+def test_direct_is_the_module_bit_for_bit(i, o, rows, group, bias):
+    """``direct(bf16)``: the fused product as one plain function (what the static decoder calls) equals the module's
+    output exactly, padded groups and bias included; None where the fused kernel would not take the input."""
+    torch.manual_seed(0)
+    lin = nn.Linear(i, o, bias=bias)
+    x = torch.randn(1, rows, i).bfloat16()
+    for layer in (Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, group, True)):
+        fn = layer.direct(torch.bfloat16)
+        assert fn is not None and torch.equal(fn(x), layer(x))
+        assert layer.direct(torch.float32) is None  # not its compute dtype: the module casts, direct does not
+    assert Int8Linear.from_linear(lin, "dequantize").direct(torch.bfloat16) is None
+    assert Int4Linear.from_linear(lin, group, True, kernel="dequantize").direct(torch.bfloat16) is None
+    odd = Int8Linear.from_linear(nn.Linear(24, o))  # in_features not a multiple of 16: no fused int8 kernel
+    assert odd.direct(torch.bfloat16) is None

@@ -55,7 +55,7 @@ def test_targets_read_each_pair_at_its_own_width():
     assert got["llama.cpp F32 / kit fp32 batch-1 decode"]["ok"] is None
     assert check(_rec(60.0, 80.0), E.TARGETS)["llama.cpp Q8_0 / kit int8 batch-1 decode"]["ok"] is True
     said = E.headline(_rec(40.0, 80.0))
-    assert "llama.cpp / kit batch-1 decode: 2.00x at 8 bits" in said and "0.50x at float32" in said
+    assert "llama.cpp / kit batch-1 decode: 2x at 8 bits" in said and "0.5x at float32" in said
     rec = _rec(40.0, 80.0)
     rec.variants[0].update(profiled_matmul_ms_per_token=10.0)  # the kit: 25 ms a token; llama.cpp: 12.5
     assert "the gap is the work around them" in E.headline(rec)
