@@ -59,7 +59,7 @@ SLOTS: dict[str, tuple[str, int]] = {  # experiment -> (its part, seconds expect
     "speculative": ("serve", 40),
     "scale": ("compress", 90),  # replicas start as processes: one engine, then three, then a router per policy
     "tensorrt": ("compress", 60),
-    "engines": ("compress", 40),  # the kit's four decode rows on the GPU; llama.cpp and vLLM CPU are said, not run
+    "engines": ("tests-quant", 40),  # the kit's four decode rows on the GPU; llama.cpp and vLLM CPU are said, not run
 }
 NEW_EXPERIMENT_SLOT = ("compress", 60)  # an experiment this table does not name yet: the last part, a guess
 PART_ORDER = ("tests-quant", "serve", "compress")  # the -m gpu tests run first, in the first part
